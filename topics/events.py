@@ -1,0 +1,265 @@
+"""Versioned event schemas and their wire encodings.
+
+Every event is either
+- binary: b"ISV1" | uint32 big-endian header length | JSON header | tensor payload
+  (tensor descriptors in the header carry offsets into the payload), or
+- JSON: the header alone, with tensors inline as `data` lists (small tensors only).
+Request and result events share the framing; consumers detect the form by the first byte.
+Payloads over the claim-check limit travel as an S3 reference (`inputs_ref`/`outputs_ref`) to a
+tensor bundle: the same framing whose header is `{"tensors": [...]}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from topics import tensors as tensor_codec
+from topics.errors import ErrorCode, EventError
+
+MAGIC = b"ISV1"
+_LEN = struct.Struct(">I")
+SCHEMA_VERSION = 1
+CONTENT_TYPE_BINARY = "application/vnd.inferstream.v1+binary"
+CONTENT_TYPE_JSON = "application/json"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Credentials(BaseModel):
+    """Carried unchanged from the caller to the auth stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    authorization: str | None = None  # "Bearer <jwt>"
+    api_key: str | None = None
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    dtype: str
+    shape: list[int]
+    offset: int | None = None  # binary form
+    nbytes: int | None = None  # binary form
+    data: list[Any] | None = None  # JSON form
+
+
+class InferenceRequest(BaseModel):
+    """Header of a request event (topic `<prefix>.requests`, key = request key)."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    # Required: every stage must agree on it, and a redelivered event keeps it.
+    request_id: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=200)
+    version: str | None = None
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    inputs_ref: str | None = None  # s3://bucket/key of a tensor bundle
+    reply_to: str | None = None  # topic for the result; the default replies topic when unset
+    correlation_id: str | None = None
+    deadline_ms: int | None = None  # unix epoch milliseconds
+    tenant: str | None = None
+    credentials: Credentials | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    created_ms: int = Field(default_factory=now_ms)
+
+
+class Status(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class InferenceResult(BaseModel):
+    """Header of a result event (reply topic and `<prefix>.results`, key = request id)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    correlation_id: str | None = None
+    model: str | None = None
+    model_version: str | None = None
+    status: Status
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    outputs_ref: str | None = None
+    error: ErrorInfo | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    batch_size: int | None = None
+    tenant: str | None = None
+    created_ms: int | None = None
+    completed_ms: int = Field(default_factory=now_ms)
+
+
+class DeadLetter(BaseModel):
+    """An event that could not be served (topic `<prefix>.deadletter`)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    reason: ErrorCode
+    message: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    request_id: str | None = None
+    original_b64: str  # the original event bytes, unchanged
+    failed_ms: int = Field(default_factory=now_ms)
+
+    @property
+    def original(self) -> bytes:
+        return base64.b64decode(self.original_b64)
+
+
+@dataclass
+class Request:
+    header: InferenceRequest
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    header: InferenceResult
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# -- framing -------------------------------------------------------------------------------
+
+
+def frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    head = orjson.dumps(header)
+    return b"".join((MAGIC, _LEN.pack(len(head)), head, payload))
+
+
+def unframe(raw: bytes) -> tuple[dict[str, Any], memoryview]:
+    """(header, payload) of a binary or JSON event; raises EventError(UNDECODABLE)."""
+    if raw[:4] == MAGIC:
+        if len(raw) < 8:
+            raise EventError(ErrorCode.UNDECODABLE, "binary event shorter than its frame header")
+        (size,) = _LEN.unpack_from(raw, 4)
+        if 8 + size > len(raw):
+            raise EventError(ErrorCode.UNDECODABLE, "binary event header runs past the end")
+        head, payload = raw[8 : 8 + size], memoryview(raw)[8 + size :]
+    else:
+        head, payload = raw, memoryview(b"")
+    try:
+        header = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(ErrorCode.UNDECODABLE, f"not a binary or JSON event: {exc}") from None
+    if not isinstance(header, dict):
+        raise EventError(ErrorCode.UNDECODABLE, "event must be a JSON object")
+    return header, payload
+
+
+def _tensors(specs: list[TensorSpec], payload: memoryview) -> dict[str, np.ndarray]:
+    binary = [s.model_dump(exclude={"data"}) for s in specs if s.data is None]
+    tensors = tensor_codec.unpack(binary, payload)
+    for spec in specs:
+        if spec.data is not None:
+            if spec.name in tensors:
+                raise EventError(ErrorCode.INVALID_TENSOR, f"tensor {spec.name!r} appears twice")
+            tensors[spec.name] = tensor_codec.from_json(spec.model_dump())
+    return tensors
+
+
+def _header_specs(tensors: dict[str, np.ndarray], binary: bool) -> tuple[list[dict], bytes]:
+    if binary:
+        return tensor_codec.pack(tensors)
+    return [tensor_codec.to_json(n, a) for n, a in tensors.items()], b""
+
+
+def _validate(model: type[BaseModel], header: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(header)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise EventError(ErrorCode.INVALID_SCHEMA, problems) from None
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def encode_request(header: InferenceRequest, tensors: dict[str, np.ndarray], binary: bool = True) -> bytes:
+    specs, payload = _header_specs(tensors, binary)
+    body = header.model_dump(exclude_none=True, exclude={"inputs"})
+    body["inputs"] = specs
+    return frame(body, payload) if binary else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_request_header(raw: bytes) -> tuple[InferenceRequest, memoryview]:
+    header, payload = unframe(raw)
+    return _validate(InferenceRequest, header), payload
+
+
+def decode_request(raw: bytes) -> Request:
+    header, payload = decode_request_header(raw)
+    return Request(header, _tensors(header.inputs, payload))
+
+
+def reply_address(raw: bytes) -> tuple[str | None, str | None, str | None]:
+    """Best-effort (request_id, reply_to, correlation_id) of an event that failed validation, so
+    its caller can still get an error reply."""
+    try:
+        header, _ = unframe(raw)
+    except EventError:
+        return None, None, None
+    fields = (header.get(k) for k in ("request_id", "reply_to", "correlation_id"))
+    return tuple(v if isinstance(v, str) and v else None for v in fields)  # type: ignore[return-value]
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+def encode_result(header: InferenceResult, tensors: dict[str, np.ndarray] | None = None) -> bytes:
+    specs, payload = tensor_codec.pack(tensors or {})
+    body = header.model_dump(mode="json", exclude_none=True, exclude={"outputs"})
+    body["outputs"] = specs
+    return frame(body, payload)
+
+
+def decode_result(raw: bytes) -> Result:
+    header, payload = unframe(raw)
+    result = _validate(InferenceResult, header)
+    return Result(result, _tensors(result.outputs, payload))
+
+
+# -- tensor bundles (claim check) ----------------------------------------------------------
+
+
+def encode_bundle(tensors: dict[str, np.ndarray]) -> bytes:
+    specs, payload = tensor_codec.pack(tensors)
+    return frame({"tensors": specs}, payload)
+
+
+def decode_bundle(raw: bytes) -> tuple[list[TensorSpec], dict[str, np.ndarray]]:
+    header, payload = unframe(raw)
+    specs = [_validate(TensorSpec, s) for s in header.get("tensors") or []]
+    return specs, _tensors(specs, payload)
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+
+def encode_dead_letter(letter: DeadLetter) -> bytes:
+    return orjson.dumps(letter.model_dump(mode="json"))
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    return DeadLetter.model_validate_json(raw)

@@ -1,0 +1,45 @@
+"""Topic names, partition counts and retention: the one place that defines them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from streams.settings import Settings
+
+_VALID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    retention_ms: int
+
+
+def valid_topic(name: str) -> bool:
+    return bool(_VALID.match(name))
+
+
+class Topics:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        prefix = settings.topic_prefix
+        self.requests = f"{prefix}.requests"
+        self.replies = f"{prefix}.replies"
+        self.results = f"{prefix}.results"
+        self.deadletter = f"{prefix}.deadletter"
+
+    def model(self, name: str) -> str:
+        """The per-model topic the intake routes validated requests to."""
+        return f"{self._settings.topic_prefix}.model.{name}"
+
+    def specs(self, models: list[str]) -> list[TopicSpec]:
+        s = self._settings
+        return [
+            TopicSpec(self.requests, s.request_partitions, s.request_retention_ms),
+            TopicSpec(self.replies, s.reply_partitions, s.reply_retention_ms),
+            TopicSpec(self.results, s.result_partitions, s.result_retention_ms),
+            TopicSpec(self.deadletter, s.deadletter_partitions, s.deadletter_retention_ms),
+            *(TopicSpec(self.model(m), s.model_partitions, s.request_retention_ms) for m in models),
+        ]
