@@ -1,12 +1,37 @@
-"""Glue shared by the agents: Faust events to plain messages, and an outbox on Faust's producer."""
+"""Glue shared by the agents: Faust events to plain messages, an outbox on Faust's producer, and
+the error policy around each step."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 
+import asyncpg
 import faust
+import urllib3.exceptions
+from aiokafka.errors import KafkaError
+from minio.error import MinioException
 
-from streams.pipeline import Headers, Message, Outbox
+from streams.pipeline import Headers, Message, Outbox, Pipeline
+from topics.errors import ErrorCode, EventError
+
+log = logging.getLogger(__name__)
+
+# Failures of a service (broker, PostgreSQL, S3) rather than of the data: wait and retry the
+# batch, however long it takes; acknowledging would lose the events.
+TRANSIENT = (
+    OSError, asyncio.TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError, asyncpg.CannotConnectNowError, MinioException, urllib3.exceptions.HTTPError,
+)
+ATTEMPTS_BEFORE_ISOLATING = 3
+MAX_BACKOFF_S = 10.0
+
+def backoff(failures: int) -> float:
+    return min(MAX_BACKOFF_S, 0.5 * 2 ** min(failures, 5))
+
+
+Step = Callable[[Sequence[Message], Outbox], Awaitable[None]]
 
 
 def to_messages(batch: Sequence[faust.EventT]) -> list[Message]:
@@ -24,3 +49,51 @@ def outbox(app: faust.App) -> Outbox:
         return await app.producer.send(topic, key, value, None, None, headers)
 
     return Outbox(send)
+
+
+async def start(pipeline: Pipeline) -> None:
+    """Start the pipeline's connections, waiting out services that are not up yet."""
+    failures = 0
+    while True:
+        try:
+            await pipeline.start()
+            return
+        except TRANSIENT as exc:
+            failures += 1
+            log.warning("services not reachable yet (%r); retrying", exc)
+            await asyncio.sleep(backoff(failures))
+
+
+async def run_step(app: faust.App, pipeline: Pipeline, step: Step, messages: Sequence[Message]) -> None:
+    """Run one agent step until it succeeds. Service outages are retried with backoff; an
+    unexpected error that persists is narrowed down to the messages that cause it, which are
+    dead-lettered (INTERNAL) so that one poison event cannot stall a partition."""
+    failures = 0
+    while True:
+        try:
+            await step(messages, outbox(app))
+            return
+        except TRANSIENT as exc:
+            failures += 1
+            delay = backoff(failures)
+            log.warning("%s: service unavailable (%r); retrying %d events in %.1f s",
+                        step.__name__, exc, len(messages), delay)
+            await asyncio.sleep(delay)
+        except Exception as exc:  # noqa: BLE001 - a bug or a poison event; see below
+            failures += 1
+            log.exception("%s failed on %d events (attempt %d)", step.__name__, len(messages), failures)
+            if failures < ATTEMPTS_BEFORE_ISOLATING:
+                continue
+            if len(messages) == 1:
+                await _dead_letter(app, pipeline, messages[0], exc)
+                return
+            for message in messages:
+                await run_step(app, pipeline, step, [message])
+            return
+
+
+async def _dead_letter(app: faust.App, pipeline: Pipeline, message: Message, exc: Exception) -> None:
+    box = outbox(app)
+    error = EventError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    await pipeline.reject(box, message, error, None)
+    await box.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from agents.common import outbox, to_messages
+from agents.common import run_step, start, to_messages
 from streams.pipeline import Pipeline
 
 
@@ -14,6 +14,6 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
 
     @app.agent(topic, name="intake")
     async def intake(stream: faust.StreamT) -> None:
-        await pipeline.start()
+        await start(pipeline)
         async for batch in stream.take_events(s.take_max, within=s.max_batch_delay_ms / 1000):
-            await pipeline.intake(to_messages(batch), outbox(app))
+            await run_step(app, pipeline, pipeline.intake, to_messages(batch))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from agents.common import outbox, to_messages
+from agents.common import run_step, start, to_messages
 from streams.pipeline import Pipeline
 
 
@@ -14,6 +14,6 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
 
     @app.agent(topic, name="results-sink")
     async def sink(stream: faust.StreamT) -> None:
-        await pipeline.start()
+        await start(pipeline)
         async for batch in stream.take_events(s.sink_batch_size, within=s.sink_max_delay_ms / 1000):
-            await pipeline.sink(to_messages(batch), outbox(app))
+            await run_step(app, pipeline, pipeline.sink, to_messages(batch))

@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Container
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

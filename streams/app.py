@@ -23,12 +23,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
             f"no models in {settings.model_repository}; run `inferstream models build`"
         )
     pipeline = Pipeline(settings, registry, serve=registry.names)
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=broker_url(settings.kafka_bootstrap),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
+        datadir=str(settings.state_dir / "faust" / "{conf.id}"),
         topic_partitions=settings.model_partitions,
         # Faust's 60 s default makes each group join wait ~30 s.
         broker_session_timeout=6,

@@ -185,7 +185,13 @@ def infer(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
 ) -> None:
     """Produce one request event, wait for its reply and print the prediction."""
-    from models.preprocess import image_to_tensor, load_image, load_labels, probabilities, top_k as best
+    from models.preprocess import (
+        image_to_tensor,
+        load_image,
+        load_labels,
+        probabilities,
+    )
+    from models.preprocess import top_k as best
     from streams.client import InferenceClient
     from streams.registry import ModelRegistry
 

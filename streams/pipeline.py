@@ -26,7 +26,13 @@ from streams.routing import Router, check_deadline, check_inputs
 from streams.settings import Settings
 from topics import events
 from topics.errors import ErrorCode, EventError
-from topics.events import DeadLetter, ErrorInfo, InferenceRequest, InferenceResult, Status
+from topics.events import (
+    DeadLetter,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResult,
+    Status,
+)
 from topics.names import Topics, valid_topic
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,12 @@ class Pipeline:
         self.serve = serve  # models whose inference agents run in this worker
         self.store = ObjectStore(settings)
         self.results = ResultsStore(settings.postgres_dsn)
+        # Models load now, so that a broken artifact stops the worker at startup.
+        self._models = {
+            (name, version): OnnxModel(registry.resolve(name, version), settings.onnx_intra_op_threads)
+            for name in serve
+            for version in registry.versions(name)
+        }
         self._batchers: dict[tuple[str, str], AdaptiveBatcher] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -93,19 +105,16 @@ class Pipeline:
                 return
             await asyncio.to_thread(self.store.ensure_bucket)
             await self.results.start()
-            for name in self.serve:
-                for version in self.registry.versions(name):
-                    info = self.registry.resolve(name, version)
-                    model = await asyncio.to_thread(OnnxModel, info, self.settings.onnx_intra_op_threads)
-                    batcher = AdaptiveBatcher(
-                        _timed(model),
-                        max_batch_size=min(self.settings.max_batch_size, info.max_batch_size),
-                        max_delay=self.settings.max_batch_delay_ms / 1000,
-                        max_pending=self.settings.max_inflight,
-                        name=f"{name}-v{version}",
-                    )
-                    await batcher.start()
-                    self._batchers[(name, version)] = batcher
+            for key, model in self._models.items():
+                batcher = AdaptiveBatcher(
+                    _timed(model),
+                    max_batch_size=min(self.settings.max_batch_size, model.info.max_batch_size),
+                    max_delay=self.settings.max_batch_delay_ms / 1000,
+                    max_pending=self.settings.max_inflight,
+                    name=f"{key[0]}-v{key[1]}",
+                )
+                await batcher.start()
+                self._batchers[key] = batcher
             self._started = True
 
     async def stop(self) -> None:

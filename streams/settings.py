@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERSTREAM_", env_file=".env", extra="ignore")
 
     # Kafka (any Kafka-protocol broker)
-    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Unset: the local stack's broker (127.0.0.1:<broker_port>).
+    kafka_bootstrap: str = ""
     app_id: str = "inferstream"
     topic_prefix: str = "inferstream"
     request_partitions: int = 4
@@ -34,7 +35,7 @@ class Settings(BaseSettings):
     deadletter_retention_ms: int = 30 * 24 * 3600 * 1000
 
     # S3 / MinIO
-    s3_endpoint: str = "127.0.0.1:9000"
+    s3_endpoint: str = ""  # unset: the local stack's S3 server (127.0.0.1:<s3_port>)
     s3_access_key: str = "inferstream"
     s3_secret_key: str = "inferstream-secret"
     s3_bucket: str = "inferstream"
@@ -73,6 +74,12 @@ class Settings(BaseSettings):
     # Worker
     worker_web_port: int = 6066
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _local_stack_endpoints(self) -> Settings:
+        self.kafka_bootstrap = self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
+        self.s3_endpoint = self.s3_endpoint or f"127.0.0.1:{self.s3_port}"
+        return self
 
 
 @lru_cache

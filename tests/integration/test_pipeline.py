@@ -13,8 +13,8 @@ import skimage.data
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streams.client import InferenceClient
+from streams.harness import tiny_input, wait_ready
 from streams.objectstore import ObjectStore
-from tests.conftest import tiny_input, wait_ready
 from topics import events
 from topics.names import Topics
 
@@ -60,7 +60,13 @@ async def rows_for(settings, request_ids: list[str], expect: int, timeout: float
 
 
 async def test_chelsea_photo_is_a_cat(start_worker, settings):
-    from models.preprocess import image_to_tensor, load_image, load_labels, probabilities, top_k
+    from models.preprocess import (
+        image_to_tensor,
+        load_image,
+        load_labels,
+        probabilities,
+        top_k,
+    )
     from streams.registry import ModelRegistry
 
     info = ModelRegistry.load(settings.model_repository).resolve("efficientnet-lite0")
