@@ -7,13 +7,10 @@ import logging
 import faust
 
 from agents import inference, intake, sink
+from streams.kafka_transport import broker_url
 from streams.pipeline import Pipeline
 from streams.registry import ModelRegistry
 from streams.settings import Settings
-
-
-def broker_url(bootstrap: str) -> str:
-    return ";".join(f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip())
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
@@ -26,7 +23,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
-        broker=broker_url(settings.kafka_bootstrap),
+        broker=broker_url(settings.kafka_bootstrap, settings.kafka_fetch_max_wait_ms),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",

@@ -146,6 +146,7 @@ def up(
         _fail(str(exc))
     worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], start_new_session=True)
     console.print(f"   worker: pid {worker_proc.pid}; Ctrl-C stops everything")
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C too
     try:
         worker_proc.wait()
     except KeyboardInterrupt:
@@ -160,6 +161,10 @@ def up(
                 worker_proc.wait()
         stack.down()
         console.print("stopped")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -194,9 +199,13 @@ def infer(
     from models.preprocess import top_k as best
     from streams.client import InferenceClient
     from streams.registry import ModelRegistry
+    from topics.errors import EventError
 
     settings = get_settings()
-    info = ModelRegistry.load(settings.model_repository).resolve(model, version)
+    try:
+        info = ModelRegistry.load(settings.model_repository).resolve(model, version)
+    except EventError as exc:
+        _fail(exc.message)
     if image is not None:
         if not info.preprocessing:
             _fail(f"model {model} takes no images")

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     # Kafka (any Kafka-protocol broker)
     # Unset: the local stack's broker (127.0.0.1:<broker_port>).
     kafka_bootstrap: str = ""
+    kafka_fetch_max_wait_ms: int = 100  # consumer fetch long-poll: bounds per-hop latency
     app_id: str = "inferstream"
     topic_prefix: str = "inferstream"
     request_partitions: int = 4
