@@ -6,7 +6,7 @@ import logging
 
 import faust
 
-from agents import inference, intake, sink
+from agents import batches, inference, intake, sink
 from streams.kafka_transport import broker_url
 from streams.pipeline import Pipeline
 from streams.registry import ModelRegistry
@@ -47,6 +47,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
     for model in pipeline.serve:
         inference.register(app, pipeline, model)
     sink.register(app, pipeline)
+    batches.register(app, pipeline)
     return app, pipeline
 
 

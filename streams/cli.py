@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -125,11 +126,20 @@ def worker() -> None:
 
 
 @app.command()
+def bridge() -> None:
+    """Run the HTTP bridge in the foreground."""
+    from streams.bridge import run_bridge
+
+    run_bridge(get_settings())
+
+
+@app.command()
 def up(
     build: Annotated[bool, typer.Option(help="build missing models first")] = True,
     storage: Annotated[Optional[str], typer.Option(help="broker storage: s3 or memory")] = None,
 ) -> None:
-    """The main job: build models if missing, start the local stack, create topics, run a worker.
+    """The main job: build models if missing, start the local stack, create topics, run a worker
+    and the HTTP bridge.
     Ctrl-C stops what it started; the next run reuses the stored data."""
     from streams.stack import StackError
 
@@ -144,23 +154,39 @@ def up(
     except StackError as exc:
         stack.down()
         _fail(str(exc))
-    worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], start_new_session=True)
-    console.print(f"   worker: pid {worker_proc.pid}; Ctrl-C stops everything")
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C too
+    children = {
+        name: subprocess.Popen([sys.executable, "-m", "streams.cli", name], start_new_session=True)
+        for name in ("worker", "bridge")
+    }
+    console.print(f"   worker: pid {children['worker'].pid}")
+    console.print(f"   bridge: http://{settings.bridge_host}:{settings.bridge_port} (pid {children['bridge'].pid})")
+    console.print("Ctrl-C stops everything")
+    # Ctrl-C, and a service manager's stop, end the job (also where SIGINT came in ignored).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
-        worker_proc.wait()
+        while all(child.poll() is None for child in children.values()):
+            time.sleep(0.5)
+        for name, child in children.items():
+            if child.poll() is not None:
+                console.print(f"[red]{name} exited with {child.returncode}[/red]")
     except KeyboardInterrupt:
         pass
     finally:
-        if worker_proc.poll() is None:
-            os.kill(worker_proc.pid, signal.SIGTERM)
-            try:
-                worker_proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_proc.kill()
-                worker_proc.wait()
+        for child in children.values():
+            _stop_child(child)
         stack.down()
         console.print("stopped")
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _interrupt(signum: int, frame: object) -> None:

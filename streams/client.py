@@ -1,20 +1,38 @@
 """A Kafka client for inferstream: produce request events and await their results on a reply
-topic, correlated by id (one future per request). Used by the CLI, the tests and benchmarks."""
+topic, correlated by id (one future per request). Used by the HTTP bridge, the CLI, the tests and
+the benchmarks.
+
+Each client reads its reply topic's partitions by assignment, not through a consumer group, so
+a rebalance can never move its replies to another process; a bridge instance gives each client
+a reply topic of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
+from collections import OrderedDict
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streams.objectstore import ObjectStore
 from streams.settings import Settings
 from topics import events
 from topics.events import InferenceRequest, Result
 from topics.names import Topics
+
+_EXPIRED_MEMORY = 100_000  # correlation ids remembered after a timeout, to count late replies
+
+
+class UpstreamUnavailable(RuntimeError):
+    """The broker did not take the request in time."""
+
+
+class ReplyTimeout(TimeoutError):
+    """No reply before the request's deadline."""
 
 
 class InferenceClient:
@@ -26,13 +44,17 @@ class InferenceClient:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks="all",
             max_request_size=settings.max_message_bytes + 64 * 1024,
+            request_timeout_ms=int(settings.produce_timeout_s * 1000),
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
             fetch_max_wait_ms=50,
         )
         self._waiters: dict[str, asyncio.Future[Result]] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
         self._reader: asyncio.Task[None] | None = None
+        self.late_replies = 0  # replies that came after their caller gave up
+        self.foreign_replies = 0  # replies for no request of this client
 
     async def start(self) -> None:
         await self._producer.start()
@@ -69,58 +91,109 @@ class InferenceClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    @property
+    def pending(self) -> int:
+        """Requests still waiting for a reply."""
+        return len(self._waiters)
+
     async def _read_replies(self) -> None:
         while True:
             batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
             for records in batches.values():
                 for record in records:
-                    correlation = (record.key or b"").decode()
-                    waiter = self._waiters.pop(correlation, None)
-                    if waiter is None or waiter.done():
-                        continue  # another client's reply, or one we stopped waiting for
-                    try:
-                        waiter.set_result(events.decode_result(record.value))
-                    except events.EventError as exc:
-                        waiter.set_exception(exc)
+                    self._deliver((record.key or b"").decode(), record.value)
+
+    def _deliver(self, correlation: str, value: bytes) -> None:
+        waiter = self._waiters.pop(correlation, None)
+        if waiter is None:
+            if correlation in self._expired:
+                self.late_replies += 1
+            else:
+                self.foreign_replies += 1  # includes duplicates of an at-least-once redelivery
+            return
+        if waiter.done():
+            return
+        try:
+            waiter.set_result(events.decode_result(value))
+        except events.EventError as exc:
+            waiter.set_exception(exc)
 
     def request(
         self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        timeout: float = 30.0, parameters: dict | None = None, tenant: str | None = None,
+        timeout: float = 30.0, **fields: object,
     ) -> InferenceRequest:
         return InferenceRequest(
             request_id=events.new_request_id(), model=model, version=version,
             reply_to=self.reply_topic, correlation_id=uuid.uuid4().hex,
-            deadline_ms=events.now_ms() + int(timeout * 1000), parameters=parameters or {},
-            tenant=tenant,
+            deadline_ms=events.now_ms() + int(timeout * 1000), **fields,
         )
 
-    async def send(self, request: InferenceRequest, inputs: dict[str, np.ndarray]) -> asyncio.Future[Result]:
-        """Produce one request; the returned future resolves with its result."""
-        bundle_size = sum(a.nbytes for a in inputs.values())
-        if bundle_size > self.settings.claim_check_bytes:
+    async def send(
+        self, request: InferenceRequest, inputs: dict[str, np.ndarray], *, delivered: bool = False,
+    ) -> asyncio.Future[Result]:
+        """Produce one request; the returned future resolves with its result (when it has a
+        correlation id and replies to this client's topic). `delivered`: return only once the
+        broker has confirmed the event."""
+        if sum(a.nbytes for a in inputs.values()) > self.settings.claim_check_bytes:
             request.inputs_ref = await self.store.aput(
                 f"requests/{request.request_id}.bin", events.encode_bundle(inputs)
             )
             inputs = {}
         waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiters[request.correlation_id] = waiter
-        await self._producer.send(
-            self.topics.requests, events.encode_request(request, inputs),
-            key=request.request_id.encode(),
-        )
+        if request.correlation_id:
+            self._waiters[request.correlation_id] = waiter
+        try:
+            await self.produce(
+                self.topics.requests, request.request_id.encode(), events.encode_request(request, inputs),
+                delivered=delivered,
+            )
+        except UpstreamUnavailable:
+            self._waiters.pop(request.correlation_id or "", None)
+            raise
         return waiter
+
+    async def produce(self, topic: str, key: bytes, value: bytes, *, delivered: bool = True) -> None:
+        """Bounded in time: with the broker down, aiokafka would otherwise wait for metadata."""
+        try:
+            delivery = await asyncio.wait_for(
+                self._producer.send(topic, value, key=key), self.settings.produce_timeout_s
+            )
+            if delivered:
+                await asyncio.wait_for(delivery, self.settings.produce_timeout_s)
+        except (TimeoutError, KafkaError) as exc:
+            raise UpstreamUnavailable(f"the broker did not accept the event: {exc!r}") from None
+
+    async def broker_ready(self) -> bool:
+        try:
+            await asyncio.wait_for(self._producer.partitions_for(self.topics.requests), 2.0)
+        except (TimeoutError, KafkaError):
+            return False
+        return True
+
+    async def wait(self, request: InferenceRequest, waiter: asyncio.Future[Result]) -> Result:
+        """The reply, or ReplyTimeout at the request's deadline (the waiter is dropped then)."""
+        remaining = (request.deadline_ms - events.now_ms()) / 1000 if request.deadline_ms else None
+        try:
+            return await asyncio.wait_for(waiter, remaining)
+        except TimeoutError:
+            self._forget(request.correlation_id)
+            raise ReplyTimeout(f"no reply for request {request.request_id} before its deadline") from None
+        except asyncio.CancelledError:
+            self._forget(request.correlation_id)  # the caller went away
+            raise
+
+    def _forget(self, correlation: str | None) -> None:
+        if correlation and self._waiters.pop(correlation, None) is not None:
+            self._expired[correlation] = None
+            if len(self._expired) > _EXPIRED_MEMORY:
+                self._expired.popitem(last=False)
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        timeout: float = 30.0, parameters: dict | None = None,
+        timeout: float = 30.0, **fields: object,
     ) -> Result:
-        request = self.request(model, inputs, version=version, timeout=timeout, parameters=parameters)
-        waiter = await self.send(request, inputs)
-        try:
-            return await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            self._waiters.pop(request.correlation_id, None)
-            raise TimeoutError(f"no reply for request {request.request_id} within {timeout} s") from None
+        request = self.request(model, inputs, version=version, timeout=timeout, **fields)
+        return await self.wait(request, await self.send(request, inputs))
 
     def outputs(self, result: Result) -> dict[str, np.ndarray]:
         """The result's tensors, fetched from S3 when they came by reference."""

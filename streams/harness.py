@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 
 from streams.settings import PROJECT_ROOT, Settings
@@ -52,19 +54,21 @@ def settings_env(settings: Settings) -> dict[str, str]:
     }
 
 
-class Worker:
-    """An `inferstream worker` process, stopped by its PID."""
+class Service:
+    """An `inferstream <command>` process (worker, bridge), stopped by its PID."""
+
+    command = ""
 
     def __init__(self, settings: Settings, log_path: Path, **overrides: object) -> None:
         self.settings = settings.model_copy(update=overrides)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Worker:
+    def start(self) -> Service:
         env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], cwd=PROJECT_ROOT, env=env,
+            [sys.executable, "-m", "streams.cli", self.command], cwd=PROJECT_ROOT, env=env,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self
@@ -86,6 +90,38 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def check_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = self.proc.returncode if self.proc else None
+            raise RuntimeError(f"{self.command} exited with {code}:\n{self.log()[-3000:]}")
+
+
+class Worker(Service):
+    command = "worker"
+
+
+class BridgeProcess(Service):
+    command = "bridge"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.bridge_host}:{self.settings.bridge_port}"
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /v2/health/ready answers 200."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                self.check_running()
+                try:
+                    async with session.get(f"{self.url}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"bridge not ready after {timeout} s:\n{self.log()[-3000:]}")
+
 
 def tiny_input(rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((rows, 16), dtype=np.float32)}
@@ -95,8 +131,7 @@ async def wait_ready(client, worker: Worker, timeout: float = 90.0) -> None:
     """Until the worker answers a tiny request (its consumers have joined their groups)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if worker.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}")
+        worker.check_running()
         try:
             await client.infer("tiny", tiny_input(), timeout=3)
             return

@@ -197,6 +197,7 @@ class Pipeline:
             status=Status.OK,
             batch_size=outcome.batch_size,
             tenant=request.tenant,
+            batch_id=request.batch_id,
             created_ms=request.created_ms,
         )
         outputs = outcome.outputs
@@ -251,6 +252,7 @@ class Pipeline:
             model=request.model if request else None, status=Status.ERROR,
             error=ErrorInfo(code=error.code, message=error.message),
             tenant=request.tenant if request else None,
+            batch_id=request.batch_id if request else None,
             created_ms=request.created_ms if request else None,
         )
         await self._emit_result(outbox, result, None, reply_to)

@@ -36,13 +36,37 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX inference_results_model_completed ON inference_results (model, completed_at);
     """,
+    """
+    ALTER TABLE inference_results ADD COLUMN batch_id text;
+    CREATE INDEX inference_results_batch ON inference_results (batch_id) WHERE batch_id IS NOT NULL;
+    CREATE TABLE inference_jobs (
+        job_id      text PRIMARY KEY,
+        model       text NOT NULL,
+        version     text,
+        created_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE inference_batches (
+        batch_id    text PRIMARY KEY,
+        model       text NOT NULL,
+        version     text,
+        input       text NOT NULL,
+        rate        real NOT NULL,
+        status      text NOT NULL,
+        total       integer,
+        published   integer NOT NULL DEFAULT 0,
+        output_ref  text,
+        error       text,
+        created_at  timestamptz NOT NULL DEFAULT now(),
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 ]
 
 _UPSERT = """
 INSERT INTO inference_results (request_id, correlation_id, model, model_version, status,
     error_code, error_message, outputs, outputs_ref, timings_ms, batch_size, tenant,
-    created_at, completed_at, source_partition, source_offset)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15, $16)
+    created_at, completed_at, source_partition, source_offset, batch_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15, $16, $17)
 ON CONFLICT (request_id) DO UPDATE SET
     correlation_id = EXCLUDED.correlation_id, model = EXCLUDED.model,
     model_version = EXCLUDED.model_version, status = EXCLUDED.status,
@@ -51,7 +75,7 @@ ON CONFLICT (request_id) DO UPDATE SET
     timings_ms = EXCLUDED.timings_ms, batch_size = EXCLUDED.batch_size, tenant = EXCLUDED.tenant,
     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
     source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
-    stored_at = now()
+    batch_id = EXCLUDED.batch_id, stored_at = now()
 """
 
 _LOCK_ID = 0x1F5E_A3  # advisory lock: one migrator at a time across workers
@@ -75,7 +99,7 @@ def _row(item: StoredResult) -> tuple[Any, ...]:
         r.request_id, r.correlation_id, r.model, r.model_version, r.status.value,
         r.error.code.value if r.error else None, r.error.message if r.error else None,
         item.outputs, r.outputs_ref, orjson.dumps(r.timings_ms).decode(), r.batch_size, r.tenant,
-        _ts(r.created_ms), _ts(r.completed_ms), item.partition, item.offset,
+        _ts(r.created_ms), _ts(r.completed_ms), item.partition, item.offset, r.batch_id,
     )
 
 

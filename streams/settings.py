@@ -72,6 +72,19 @@ class Settings(BaseSettings):
     s3_port: int = 9000
     broker_storage: str = "s3"  # "s3" (durable, on the S3 server) or "memory"
 
+    # Clients and the HTTP bridge
+    produce_timeout_s: float = 3.0  # a broker that takes longer is reported as unavailable
+    bridge_host: str = "127.0.0.1"
+    bridge_port: int = 8000
+    bridge_instance: str = ""  # names the bridge's own reply topic; unset: random per process
+    bridge_timeout_s: float = 30.0  # default request deadline
+    bridge_max_body_bytes: int = 64 * 1024 * 1024
+    bridge_max_elements: int = 16_000_000
+    bridge_max_json_depth: int = 32
+    batch_max_items: int = 100_000
+    batch_rate: float = 200.0  # items per second fanned out per batch, by default
+    batch_timeout_s: float = 3600.0  # a batch not complete by then is marked incomplete
+
     # Worker
     worker_web_port: int = 6066
     log_level: str = "info"

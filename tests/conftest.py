@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 
 from models.build import build_models
-from streams.harness import Worker, isolated_settings
+from streams.harness import BridgeProcess, Worker, isolated_settings
 from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import LocalStack
+from streams.stack import LocalStack, free_port
 from topics.admin import ensure_topics
 
 
@@ -75,3 +75,20 @@ def start_worker(topics_ready: Settings, tmp_path: Path):
     yield start
     for worker in workers:
         worker.stop()
+
+
+@pytest.fixture
+def start_bridge(topics_ready: Settings, tmp_path: Path):
+    """Start bridges (each on a free port) on the test's settings; stopped at the end."""
+    bridges: list[BridgeProcess] = []
+
+    async def start(**overrides: object) -> BridgeProcess:
+        overrides = {"bridge_port": free_port(), **overrides}
+        bridge = BridgeProcess(topics_ready, tmp_path / f"bridge-{len(bridges)}.log", **overrides).start()
+        bridges.append(bridge)
+        await bridge.wait_ready()
+        return bridge
+
+    yield start
+    for bridge in bridges:
+        bridge.stop()

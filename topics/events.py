@@ -76,6 +76,7 @@ class InferenceRequest(BaseModel):
     tenant: str | None = None
     credentials: Credentials | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    batch_id: str | None = None  # set on the items of a batch job
     created_ms: int = Field(default_factory=now_ms)
 
 
@@ -104,6 +105,7 @@ class InferenceResult(BaseModel):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     batch_size: int | None = None
     tenant: str | None = None
+    batch_id: str | None = None
     created_ms: int | None = None
     completed_ms: int = Field(default_factory=now_ms)
 

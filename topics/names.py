@@ -29,6 +29,11 @@ class Topics:
         self.replies = f"{prefix}.replies"
         self.results = f"{prefix}.results"
         self.deadletter = f"{prefix}.deadletter"
+        self.batches = f"{prefix}.batches"  # batch job commands (key: batch id)
+
+    def bridge_replies(self, instance: str) -> str:
+        """The reply topic of one bridge instance: it alone reads it."""
+        return f"{self._settings.topic_prefix}.replies.bridge.{instance}"
 
     def model(self, name: str) -> str:
         """The per-model topic the intake routes validated requests to."""
@@ -41,5 +46,6 @@ class Topics:
             TopicSpec(self.replies, s.reply_partitions, s.reply_retention_ms),
             TopicSpec(self.results, s.result_partitions, s.result_retention_ms),
             TopicSpec(self.deadletter, s.deadletter_partitions, s.deadletter_retention_ms),
+            TopicSpec(self.batches, s.request_partitions, s.request_retention_ms),
             *(TopicSpec(self.model(m), s.model_partitions, s.request_retention_ms) for m in models),
         ]

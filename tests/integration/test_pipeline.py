@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -13,7 +15,7 @@ import skimage.data
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streams.client import InferenceClient
-from streams.harness import tiny_input, wait_ready
+from streams.harness import settings_env, tiny_input, wait_ready
 from streams.objectstore import ObjectStore
 from topics import events
 from topics.names import Topics
@@ -247,3 +249,21 @@ async def test_worker_restart_mid_stream_loses_and_duplicates_nothing(start_work
     assert {r.header.request_id for r in results} == {r.request_id for r in requests}
     rows = await rows_for(settings, [r.request_id for r in requests], expect=total)
     assert len(rows) == total
+
+
+async def test_cli_infer_prints_the_top_labels(start_worker, settings):
+    """The README's `inferstream infer` against a running worker."""
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+    env = {**os.environ, **settings_env(settings), "COLUMNS": "200"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streams.cli", "infer", "--model", "efficientnet-lite0",
+        "--image", str(CHELSEA), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    first = next(line for line in text.splitlines() if line.strip("│ ").startswith("1 "))
+    assert "cat" in first, text
+    assert sum(1 for line in text.splitlines() if line.strip("│ ")[:2] in {"1 ", "2 ", "3 ", "4 ", "5 "}) == 5

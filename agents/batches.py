@@ -1,0 +1,28 @@
+"""Batch agent: batch job commands → items fanned out as request events → output in S3."""
+
+from __future__ import annotations
+
+import faust
+import orjson
+
+from agents.common import run_step, start, to_messages
+from streams.batches import BatchRunner
+from streams.jobs import JobStore
+from streams.pipeline import Message, Outbox, Pipeline
+
+
+def register(app: faust.App, pipeline: Pipeline) -> None:
+    topic = app.topic(pipeline.topics.batches, partitions=pipeline.settings.request_partitions)
+
+    async def run_batches(messages: list[Message], box: Outbox) -> None:
+        runner = BatchRunner(pipeline.settings, pipeline.registry, pipeline.store, JobStore(pipeline.results.pool))
+        for message in messages:
+            await runner.run(orjson.loads(message.value)["batch_id"], box)
+        await box.flush()
+
+    # One command at a time: a batch holds its command until its output is written.
+    @app.agent(topic, name="batches")
+    async def batches(stream: faust.StreamT) -> None:
+        await start(pipeline)
+        async for batch in stream.take_events(1, within=1.0):
+            await run_step(app, pipeline, run_batches, to_messages(batch))

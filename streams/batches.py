@@ -1,0 +1,200 @@
+"""Batch jobs: an input in S3 (a JSONL of requests, or a prefix of images) fanned out as request
+events at a controlled rate, then collected into one JSONL output object in S3.
+
+Restart-safe without writing anything twice: item i of batch B is always request `B-<i>`, the
+publish cursor is checkpointed in PostgreSQL after the broker confirmed the items before it, and
+the output is built from the results table, which holds one row per request id. A worker that
+dies mid-batch leaves the command unacknowledged; the next worker resumes from the checkpoint
+(re-publishing at most one checkpoint interval, which only rewrites the same rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from models.preprocess import image_to_tensor, load_image
+from streams.jobs import Batch, BatchStatus, JobStore
+from streams.kserve import Limits, ProtocolError, dtype_to_datatype, parse_infer_request
+from streams.objectstore import ObjectStore, parse_uri
+from streams.pipeline import Outbox
+from streams.registry import ModelInfo, ModelRegistry
+from streams.settings import Settings
+from topics import events
+from topics.errors import ErrorCode, EventError
+from topics.events import ErrorInfo, InferenceRequest, InferenceResult, Status
+from topics.names import Topics
+
+log = logging.getLogger(__name__)
+CHECKPOINT_EVERY = 50
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class Item:
+    """One batch item: its caller-given id and how to get its input tensors."""
+
+    item_id: str
+    load: Callable[[], dict[str, np.ndarray]]  # raises EventError for a bad item
+
+
+def item_request_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index:07d}"
+
+
+def list_items(store: ObjectStore, uri: str, model: ModelInfo, limits: Limits) -> list[Item]:
+    """The batch's items in a fixed order: JSONL lines in file order, images by key."""
+    bucket, key = parse_uri(uri)
+    if key.endswith(".jsonl"):
+        return _jsonl_items(store.get(uri), limits)
+    if not model.preprocessing:
+        raise EventError(ErrorCode.INVALID_SCHEMA, f"model {model.name} takes no images; give a .jsonl input")
+    keys = sorted(
+        o.object_name for o in store.client.list_objects(bucket, prefix=key, recursive=True)
+        if o.object_name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    return [Item(k.rsplit("/", 1)[-1], _image_loader(store, f"s3://{bucket}/{k}", model)) for k in keys]
+
+
+def _jsonl_items(data: bytes, limits: Limits) -> list[Item]:
+    items = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if line.strip():
+            items.append(Item(_line_id(line) or str(number), _line_loader(line, number, limits)))
+    return items
+
+
+def _line_id(line: bytes) -> str | None:
+    """The line's own "id", when it has one (a bad line is reported when it is loaded)."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    item_id = value.get("id") if isinstance(value, dict) else None
+    return item_id if isinstance(item_id, str) and item_id else None
+
+
+def _line_loader(line: bytes, number: int, limits: Limits) -> Callable[[], dict[str, np.ndarray]]:
+    def load() -> dict[str, np.ndarray]:
+        try:
+            return parse_infer_request(line, None, limits).inputs
+        except ProtocolError as exc:
+            raise EventError(ErrorCode.INVALID_TENSOR, f"line {number}: {exc}") from None
+
+    return load
+
+
+def _image_loader(store: ObjectStore, uri: str, model: ModelInfo) -> Callable[[], dict[str, np.ndarray]]:
+    def load() -> dict[str, np.ndarray]:
+        try:
+            image = load_image(store.get(uri))
+        except (OSError, ValueError) as exc:
+            raise EventError(ErrorCode.INVALID_TENSOR, f"{uri} is not a readable image: {exc}") from None
+        return {model.inputs[0].name: image_to_tensor(image, model.preprocessing)}
+
+    return load
+
+
+class BatchRunner:
+    """Runs one batch to the end (used by the batch agent of a worker)."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: ObjectStore, jobs: JobStore) -> None:
+        self.settings = settings
+        self.topics = Topics(settings)
+        self.registry = registry
+        self.store = store
+        self.jobs = jobs
+        self.limits = Limits(settings.bridge_max_elements, settings.bridge_max_json_depth)
+
+    async def run(self, batch_id: str, outbox: Outbox) -> None:
+        batch = await self.jobs.batch(batch_id)
+        if batch is None or batch.status in BatchStatus.FINAL:
+            return
+        try:
+            model = self.registry.resolve(batch.model, batch.version)
+            items = await asyncio.to_thread(list_items, self.store, batch.input, model, self.limits)
+        except EventError as exc:
+            await self.jobs.update_batch(batch_id, status=BatchStatus.FAILED, error=exc.message)
+            return
+        await self.jobs.update_batch(batch_id, status=BatchStatus.RUNNING, total=len(items))
+        await self._publish(batch, items, outbox)
+        await self._collect(batch, len(items))
+
+    async def _publish(self, batch: Batch, items: list[Item], outbox: Outbox) -> None:
+        interval = 1.0 / batch.rate if batch.rate > 0 else 0.0
+        started, sent = time.monotonic(), 0
+        for index in range(batch.published, len(items)):
+            await self._publish_item(batch, index, items[index], outbox)
+            sent += 1
+            if (index + 1) % CHECKPOINT_EVERY == 0 or index + 1 == len(items):
+                await outbox.flush()  # confirmed by the broker before the cursor moves past them
+                await self.jobs.update_batch(batch.batch_id, published=index + 1)
+            ahead = started + sent * interval - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+    async def _publish_item(self, batch: Batch, index: int, item: Item, outbox: Outbox) -> None:
+        request = InferenceRequest(
+            request_id=item_request_id(batch.batch_id, index), model=batch.model, version=batch.version,
+            correlation_id=item.item_id, batch_id=batch.batch_id,
+        )
+        key = request.request_id.encode()
+        try:
+            inputs = await asyncio.to_thread(item.load)
+        except EventError as exc:
+            # A bad item is answered (as an error) right here, so the batch still completes.
+            result = InferenceResult(
+                request_id=request.request_id, correlation_id=item.item_id, model=batch.model,
+                status=Status.ERROR, error=ErrorInfo(code=exc.code, message=exc.message), batch_id=batch.batch_id,
+            )
+            await outbox.put(self.topics.results, key, events.encode_result(result))
+            return
+        if sum(a.nbytes for a in inputs.values()) > self.settings.claim_check_bytes:
+            request.inputs_ref = await self.store.aput(f"requests/{request.request_id}.bin", events.encode_bundle(inputs))
+            inputs = {}
+        await outbox.put(self.topics.requests, key, events.encode_request(request, inputs))
+
+    async def _collect(self, batch: Batch, total: int) -> None:
+        deadline = time.monotonic() + self.settings.batch_timeout_s
+        while True:
+            done, failed = await self.jobs.batch_progress(batch.batch_id)
+            if done + failed >= total:
+                status = BatchStatus.COMPLETED
+                break
+            if time.monotonic() > deadline:
+                status = BatchStatus.INCOMPLETE
+                break
+            await asyncio.sleep(0.5)
+        rows = await self.jobs.batch_results(batch.batch_id)
+        output = b"".join(orjson.dumps(_output_line(batch.batch_id, row)) + b"\n" for row in rows)
+        uri = await self.store.aput(f"batches/{batch.batch_id}/output.jsonl", output)
+        await self.jobs.update_batch(batch.batch_id, status=status, output_ref=uri)
+
+
+def _output_line(batch_id: str, row) -> dict:
+    line = {
+        "index": int(row["request_id"][len(batch_id) + 1 :]),
+        "id": row["correlation_id"],
+        "request_id": row["request_id"],
+        "status": row["status"],
+    }
+    if row["status"] != "ok":
+        line["error"] = {"code": row["error_code"], "message": row["error_message"]}
+    elif row["outputs_ref"]:
+        line["outputs_ref"] = row["outputs_ref"]
+    elif row["outputs"]:
+        _, tensors = events.decode_bundle(row["outputs"])
+        line["outputs"] = [tensor_json(name, array) for name, array in tensors.items()]
+    return line
+
+
+def tensor_json(name: str, array: np.ndarray) -> dict:
+    """An output tensor in the Open Inference Protocol's JSON form."""
+    return {"name": name, "datatype": dtype_to_datatype(array.dtype), "shape": list(array.shape),
+            "data": array.reshape(-1).tolist()}

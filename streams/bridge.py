@@ -1,0 +1,470 @@
+"""The HTTP bridge: turns HTTP calls into request events and waits for their replies. It holds
+no model and runs no inference.
+
+- Open Inference Protocol (KServe v2 / Triton HTTP, with the binary tensor extension), so
+  `tritonclient.http` works against it unchanged.
+- `/v1/models/{model}/classify`: an image in, top-k labels out.
+- `/v1/jobs` and `/v1/batches`: work that should not hold a connection open; results come from
+  PostgreSQL and S3.
+
+Each bridge instance reads replies from a reply topic of its own, by partition assignment, so
+several instances behind a load balancer never see each other's replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from aiohttp import web
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+
+from models.preprocess import (
+    image_to_tensor,
+    load_image,
+    load_labels,
+    probabilities,
+    top_k,
+)
+from streams.batches import list_items, tensor_json
+from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
+from streams.jobs import JobStore
+from streams.kserve import (
+    InferBody,
+    Limits,
+    ProtocolError,
+    build_infer_response,
+    model_metadata,
+    parse_infer_request,
+)
+from streams.objectstore import parse_uri
+from streams.registry import ModelInfo, ModelRegistry
+from streams.results_store import ResultsStore
+from streams.routing import check_inputs
+from streams.settings import Settings
+from topics import events
+from topics.admin import ensure_topics
+from topics.errors import ErrorCode, EventError
+from topics.events import Credentials, InferenceRequest, Result
+from topics.names import Topics, TopicSpec
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    ErrorCode.UNDECODABLE: 400, ErrorCode.INVALID_SCHEMA: 400, ErrorCode.INVALID_TENSOR: 400,
+    ErrorCode.UNKNOWN_MODEL: 404, ErrorCode.UNKNOWN_VERSION: 404, ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.PAYLOAD_UNAVAILABLE: 502, ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
+}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+TIMEOUT_HEADER = "X-Inferstream-Timeout"  # seconds; the request's deadline
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    """Every error is JSON: a stable code and a message (`error` is what tritonclient shows)."""
+    return web.json_response({"error": message, "code": code}, status=status, dumps=_dumps)
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def from_event_error(exc: EventError) -> HTTPError:
+    return HTTPError(HTTP_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: str
+    summary: str
+
+
+ROUTES = [
+    Route("GET", "/v2/health/live", "live", "Liveness"),
+    Route("GET", "/v2/health/ready", "ready", "Readiness: the broker takes requests"),
+    Route("GET", "/v2", "server_metadata", "Server metadata"),
+    Route("GET", "/v2/models/{model}", "model_metadata", "Model metadata (newest version)"),
+    Route("GET", "/v2/models/{model}/versions/{version}", "model_metadata", "Model metadata"),
+    Route("GET", "/v2/models/{model}/ready", "model_ready", "Model readiness"),
+    Route("GET", "/v2/models/{model}/versions/{version}/ready", "model_ready", "Model version readiness"),
+    Route("POST", "/v2/models/{model}/infer", "infer", "Inference (Open Inference Protocol, binary tensors too)"),
+    Route("POST", "/v2/models/{model}/versions/{version}/infer", "infer", "Inference on a version"),
+    Route("POST", "/v1/models/{model}/classify", "classify", "Classify an image (raw bytes or multipart 'image')"),
+    Route("POST", "/v1/jobs", "create_job", "Submit an inference job; answers 202 with its id"),
+    Route("GET", "/v1/jobs/{job_id}", "get_job", "Job status and result"),
+    Route("POST", "/v1/batches", "create_batch", "Submit a batch job over an S3 input; answers 202"),
+    Route("GET", "/v1/batches/{batch_id}", "get_batch", "Batch progress and output"),
+    Route("GET", "/openapi.json", "openapi", "This document"),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics"),
+]
+
+
+class Bridge:
+    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.instance = settings.bridge_instance or uuid.uuid4().hex[:12]
+        self.client = InferenceClient(settings, reply_topic=Topics(settings).bridge_replies(self.instance))
+        self.db = ResultsStore(settings.postgres_dsn)
+        self.limits = Limits(settings.bridge_max_elements, settings.bridge_max_json_depth)
+        self.prometheus = CollectorRegistry()
+        self.requests = Counter("inferstream_bridge_requests", "HTTP requests", ["route", "status"],
+                                registry=self.prometheus)
+        self.latency = Histogram("inferstream_bridge_request_seconds", "HTTP request latency", ["route"],
+                                 registry=self.prometheus,
+                                 buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
+        Gauge("inferstream_bridge_pending_replies", "requests waiting for their reply",
+              registry=self.prometheus).set_function(lambda: self.client.pending)
+        self.prometheus.register(_ReplyCounters(self.client))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        own = TopicSpec(self.client.reply_topic, self.settings.reply_partitions, self.settings.reply_retention_ms)
+        await ensure_topics(self.settings, self.registry.names, extra=[own])
+        await self.client.start()
+        await self.db.start()
+        self.jobs = JobStore(self.db.pool)
+        log.info("bridge %s reads replies from %s", self.instance, self.client.reply_topic)
+
+    async def stop(self) -> None:
+        await self.client.stop()
+        await self.db.stop()
+        if not self.settings.bridge_instance:  # a random instance's topic is never read again
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.delete_topics([self.client.reply_topic])
+            except Exception as exc:  # noqa: BLE001 - leaving the topic behind is harmless
+                log.warning("could not delete %s: %r", self.client.reply_topic, exc)
+            finally:
+                await admin.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.bridge_max_body_bytes, middlewares=[self._errors])
+        for route in ROUTES:
+            app.router.add_route(route.method, route.path, getattr(self, route.handler), name=None)
+        app.on_startup.append(lambda _: self.start())
+        app.on_cleanup.append(lambda _: self.stop())
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        with self.latency.labels(route).time():
+            try:
+                response = await handler(request)
+            except HTTPError as exc:
+                response = error(exc.status, exc.code, exc.message)
+            except EventError as exc:
+                response = error(HTTP_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+            except ProtocolError as exc:
+                response = error(400, "INVALID_REQUEST", str(exc))
+            except web.HTTPRequestEntityTooLarge:
+                response = error(413, ErrorCode.PAYLOAD_TOO_LARGE.value,
+                                 f"request body over {self.settings.bridge_max_body_bytes} bytes")
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = error(exc.status, "HTTP_" + str(exc.status), exc.reason)
+            except Exception:  # noqa: BLE001 - logged here; the caller gets no stack trace
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                response = error(500, ErrorCode.INTERNAL.value, "internal error")
+        self.requests.labels(route, str(response.status)).inc()
+        return response
+
+    # -- the request/reply core -------------------------------------------------------------
+
+    def _model(self, request: web.Request) -> ModelInfo:
+        try:
+            return self.registry.resolve(request.match_info["model"], request.match_info.get("version"))
+        except EventError as exc:
+            raise from_event_error(exc) from None
+
+    def _timeout(self, request: web.Request) -> float:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.settings.bridge_timeout_s
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1
+        if not 0 < value <= 3600:
+            raise HTTPError(400, "INVALID_REQUEST", f"{TIMEOUT_HEADER} must be seconds in (0, 3600]")
+        return value
+
+    def _new_request(self, request: web.Request, info: ModelInfo, pinned_version: str | None, **fields) -> InferenceRequest:
+        auth, key = request.headers.get("Authorization"), request.headers.get("X-API-Key")
+        return self.client.request(
+            info.name, {}, version=pinned_version, timeout=self._timeout(request),
+            credentials=Credentials(authorization=auth, api_key=key) if auth or key else None, **fields,
+        )
+
+    async def _call(self, request: web.Request, info: ModelInfo, inputs: dict[str, np.ndarray],
+                    request_id: str | None = None) -> tuple[Result, dict[str, np.ndarray]]:
+        check_inputs(info, inputs)  # refuse at the edge what the worker would refuse
+        event = self._new_request(request, info, request.match_info.get("version"))
+        if request_id:
+            event.parameters["client_request_id"] = request_id
+        try:
+            waiter = await self.client.send(event, inputs)
+            result = await self.client.wait(event, waiter)
+        except UpstreamUnavailable as exc:
+            raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
+        except ReplyTimeout as exc:
+            raise HTTPError(504, ErrorCode.DEADLINE_EXCEEDED.value, str(exc)) from None
+        if result.header.error:
+            raise HTTPError(HTTP_STATUS.get(result.header.error.code, 500), result.header.error.code.value,
+                            result.header.error.message)
+        outputs = await asyncio.to_thread(self.client.outputs, result)
+        return result, outputs
+
+    # -- Open Inference Protocol ------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if not await self.client.broker_ready():
+            return error(503, "UNAVAILABLE", "the broker is not reachable")
+        return web.json_response({"ready": True})
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "inferstream", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        info = self._model(request)
+        return web.json_response(model_metadata(info, self.registry.versions(info.name)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._model(request)
+        return web.json_response({"name": request.match_info["model"], "ready": True})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        info = self._model(request)
+        header_length = request.headers.get(HEADER_LENGTH)
+        try:
+            length = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise HTTPError(400, "INVALID_REQUEST", f"{HEADER_LENGTH} must be an integer") from None
+        body: InferBody = parse_infer_request(await request.read(), length, self.limits)
+        result, outputs = await self._call(request, info, body.inputs, body.id)
+        payload, json_length = build_infer_response(
+            info.name, result.header.model_version or info.version, body.id, outputs, body
+        )
+        response = web.Response(body=payload, content_type="application/octet-stream" if json_length else "application/json")
+        if json_length is not None:
+            response.headers[HEADER_LENGTH] = str(json_length)
+        return response
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def classify(self, request: web.Request) -> web.Response:
+        info = self._model(request)
+        labels = load_labels(info.model_dir, info.model_dump())
+        if not info.preprocessing or not labels:
+            raise HTTPError(400, "INVALID_REQUEST", f"model {info.name} does not classify images")
+        k = _int_param(request, "top_k", 5, 1, len(labels))
+        data = await _image_bytes(request)
+        try:
+            tensor = await asyncio.to_thread(lambda: image_to_tensor(load_image(data), info.preprocessing))
+        except (OSError, ValueError) as exc:
+            raise HTTPError(400, "INVALID_IMAGE", f"not a readable image: {exc}") from None
+        result, outputs = await self._call(request, info, {info.inputs[0].name: tensor})
+        probs = probabilities(outputs[info.outputs[0].name], info.postprocessing)[0]
+        return web.json_response({
+            "model": info.name, "model_version": result.header.model_version,
+            "request_id": result.header.request_id, "timings_ms": result.header.timings_ms,
+            "predictions": [{"class": i, "label": label, "probability": round(float(p), 6)}
+                            for i, label, p in top_k(probs, labels, k)],
+        })
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        model_name = body.get("model")
+        if not isinstance(model_name, str):
+            raise HTTPError(400, "INVALID_REQUEST", "a job needs a 'model'")
+        try:
+            info = self.registry.resolve(model_name, body.get("version"))
+        except EventError as exc:
+            raise from_event_error(exc) from None
+        inputs = parse_infer_request(orjson.dumps({"inputs": body.get("inputs")}), None, self.limits).inputs
+        check_inputs(info, inputs)
+        job = InferenceRequest(request_id=events.new_request_id(), model=info.name, version=body.get("version"))
+        await self.jobs.add_job(job.request_id, info.name, job.version)
+        try:
+            # No correlation id: nobody waits; the result lands in PostgreSQL.
+            await self.client.send(job, inputs, delivered=True)
+        except UpstreamUnavailable as exc:
+            raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
+        return web.json_response({"job_id": job.request_id, "status": "pending",
+                                  "href": f"/v1/jobs/{job.request_id}"}, status=202)
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        row = await self.db.get(job_id)
+        if row is None:
+            if await self.jobs.job_exists(job_id):
+                return web.json_response({"job_id": job_id, "status": "pending"})
+            raise HTTPError(404, "NOT_FOUND", f"no job {job_id}")
+        answer = {"job_id": job_id, "model": row["model"], "model_version": row["model_version"],
+                  "timings_ms": orjson.loads(row["timings_ms"])}
+        if row["status"] != "ok":
+            answer |= {"status": "failed", "error": {"code": row["error_code"], "message": row["error_message"]}}
+        elif row["outputs_ref"]:
+            answer |= {"status": "completed", "outputs_ref": row["outputs_ref"],
+                       "outputs_url": self.client.store.presigned_get(row["outputs_ref"])}
+        else:
+            _, tensors = events.decode_bundle(row["outputs"])
+            answer |= {"status": "completed", "outputs": [tensor_json(n, a) for n, a in tensors.items()]}
+        return web.json_response(answer, dumps=_dumps)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        model_name, input_uri = body.get("model"), body.get("input")
+        if not isinstance(model_name, str) or not isinstance(input_uri, str):
+            raise HTTPError(400, "INVALID_REQUEST", "a batch needs a 'model' and an 'input' (s3://bucket/key.jsonl or s3://bucket/prefix/)")
+        rate = body.get("rate", self.settings.batch_rate)
+        if not isinstance(rate, (int, float)) or not 0 < rate <= 100_000:
+            raise HTTPError(400, "INVALID_REQUEST", "'rate' is items per second in (0, 100000]")
+        try:
+            info = self.registry.resolve(model_name, body.get("version"))
+            parse_uri(input_uri)
+            items = await asyncio.to_thread(list_items, self.client.store, input_uri, info, self.limits)
+        except EventError as exc:
+            raise from_event_error(exc) from None
+        if not items:
+            raise HTTPError(400, "EMPTY_BATCH", f"no items in {input_uri}")
+        if len(items) > self.settings.batch_max_items:
+            raise HTTPError(413, "BATCH_TOO_LARGE", f"{len(items)} items; the limit is {self.settings.batch_max_items}")
+        batch_id = "b" + uuid.uuid4().hex
+        await self.jobs.add_batch(batch_id, info.name, body.get("version"), input_uri, float(rate), len(items))
+        try:
+            await self.client.produce(self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id}))
+        except UpstreamUnavailable as exc:
+            raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
+        return web.json_response({"batch_id": batch_id, "status": "pending", "total": len(items),
+                                  "href": f"/v1/batches/{batch_id}"}, status=202)
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        batch_id = request.match_info["batch_id"]
+        batch = await self.jobs.batch(batch_id)
+        if batch is None:
+            raise HTTPError(404, "NOT_FOUND", f"no batch {batch_id}")
+        done, failed = await self.jobs.batch_progress(batch_id)
+        answer = {"batch_id": batch_id, "model": batch.model, "status": batch.status, "total": batch.total,
+                  "published": batch.published, "done": done, "failed": failed, "error": batch.error}
+        if batch.output_ref:
+            answer |= {"output": batch.output_ref, "output_url": self.client.store.presigned_get(batch.output_ref)}
+        return web.json_response(answer)
+
+    # -- documents --------------------------------------------------------------------------
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.prometheus), content_type="text/plain")
+
+
+class _ReplyCounters:
+    """Exports the client's reply counters as Prometheus counters."""
+
+    def __init__(self, client: InferenceClient) -> None:
+        self.client = client
+
+    def collect(self):
+        late = CounterMetricFamily("inferstream_bridge_late_replies", "replies after their deadline, dropped")
+        late.add_metric([], self.client.late_replies)
+        foreign = CounterMetricFamily("inferstream_bridge_unmatched_replies", "replies for no waiting request")
+        foreign.add_metric([], self.client.foreign_replies)
+        return [late, foreign]
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise HTTPError(400, "INVALID_REQUEST", f"{name} must be an integer in [{low}, {high}]")
+    return int(raw)
+
+
+async def _image_bytes(request: web.Request) -> bytes:
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name in ("image", "file"):
+                return bytes(await part.read())
+        raise HTTPError(400, "INVALID_REQUEST", "multipart body has no 'image' part")
+    data = await request.read()
+    if not data:
+        raise HTTPError(400, "INVALID_REQUEST", "empty body: send the image bytes")
+    return data
+
+
+async def _json_object(request: web.Request) -> dict:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, "INVALID_REQUEST", f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "INVALID_REQUEST", "body must be a JSON object")
+    return body
+
+
+def openapi_document() -> dict:
+    paths: dict[str, dict] = {}
+    for route in ROUTES:
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in ("model", "version", "job_id", "batch_id") if "{" + p + "}" in route.path]
+        paths.setdefault(route.path, {})[route.method.lower()] = {
+            "summary": route.summary, "operationId": f"{route.handler}_{route.method.lower()}_{len(paths)}",
+            "parameters": params,
+            "responses": {"200": {"description": "OK"}, "default": {"description": "Error",
+                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+        }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "inferstream bridge", "version": "0.1.0"},
+        "paths": paths,
+        "components": {"schemas": {"Error": {"type": "object", "required": ["error", "code"], "properties": {
+            "error": {"type": "string", "description": "what went wrong"},
+            "code": {"type": "string", "description": "stable error code"}}}}},
+    }
+
+
+def run_bridge(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    registry = ModelRegistry.load(settings.model_repository, settings.models or None)
+
+    async def make_app() -> web.Application:  # Kafka clients must be made inside the loop
+        return Bridge(settings, registry).app()
+
+    web.run_app(make_app(), host=settings.bridge_host, port=settings.bridge_port,
+                print=lambda _: log.info("bridge listening on http://%s:%d", settings.bridge_host, settings.bridge_port))

@@ -1,0 +1,308 @@
+"""Codec for the Open Inference Protocol (KServe v2 / Triton HTTP): request bodies to numpy
+tensors and result tensors to response bodies. Pure functions, no I/O.
+
+A body is a JSON header, optionally followed by raw tensor bytes (the binary tensor extension):
+the `Inference-Header-Content-Length` HTTP header then gives the JSON header's size, and each
+binary tensor names its size in `parameters.binary_data_size`, in tensor order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streams.registry import ModelInfo, TensorSignature
+from topics.tensors import DTYPES, check_dtype
+
+_DATATYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16", "INT32": "int32",
+    "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
+}
+_DTYPE_NAMES = {dtype: datatype for datatype, dtype in _DATATYPES.items()}
+# In the protocol but not in inferstream: told apart from typos for a clearer error.
+_UNSUPPORTED_DATATYPES = {"BYTES", "BF16", "UINT16", "UINT32", "UINT64"}
+_MAX_RANK = 32  # numpy 1.x's limit; no served model comes close
+
+# JSON values each kind of numpy dtype accepts: numbers for floats, integers only for integers.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_JSON_KIND_NAMES = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NESTING_STEP = np.zeros(256, dtype=np.int8)
+_NESTING_STEP[list(b"[{")] = 1
+_NESTING_STEP[list(b"]}")] = -1
+
+
+class ProtocolError(ValueError):
+    """A malformed inference body; the bridge answers 400."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_elements: int = 16_000_000  # total tensor elements per request
+    max_json_depth: int = 32  # nesting of the JSON header
+
+
+@dataclass
+class InferBody:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    requested_outputs: list[str] | None  # None = all outputs
+    # Requested outputs to return in binary form (their own `binary_data`, else the request's
+    # `binary_data_output`); `binary_default` decides for outputs returned without being named.
+    binary_outputs: set[str]
+    binary_default: bool
+    parameters: dict
+
+
+def datatype_to_dtype(datatype: str) -> np.dtype:
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"'datatype' must be a string; use one of {list(_DATATYPES)}")
+    if datatype in _DATATYPES:
+        return DTYPES[_DATATYPES[datatype]]
+    if datatype in _UNSUPPORTED_DATATYPES:
+        raise ProtocolError(f"datatype {datatype!r} is not supported; use one of {list(_DATATYPES)}")
+    raise ProtocolError(f"unknown datatype {datatype!r}; use one of {list(_DATATYPES)}")
+
+
+def dtype_to_datatype(dtype: np.dtype | str) -> str:
+    """Raises EventError(INVALID_TENSOR) for dtypes inferstream does not serve."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return _DTYPE_NAMES[check_dtype(name).name]
+
+
+def parse_infer_request(body: bytes, header_length: int | None, limits: Limits = Limits()) -> InferBody:
+    header, payload = _split(body, header_length)
+    request = _load_header(header, limits.max_json_depth)
+    inputs = _inputs(request.get("inputs"), payload, limits)
+    parameters = _parameters(request)
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise ProtocolError("parameter 'binary_data_output' must be a boolean")
+    requested, binary = _requested_outputs(request.get("outputs"), binary_default)
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("'id' must be a string")
+    return InferBody(request_id, inputs, requested, binary, binary_default, parameters)
+
+
+def build_infer_response(
+    model_name: str, model_version: str, request_id: str | None,
+    outputs: dict[str, np.ndarray], body: InferBody,
+) -> tuple[bytes, int | None]:
+    """(response body, JSON header length or None when the body is all JSON)."""
+    names = list(outputs) if body.requested_outputs is None else body.requested_outputs
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name in names:
+        if name not in outputs:
+            raise ProtocolError(f"requested output {name!r} is not among the outputs {list(outputs)}")
+        array = outputs[name]
+        entry = {"name": name, "datatype": dtype_to_datatype(array.dtype), "shape": list(array.shape)}
+        if name in body.binary_outputs or (body.requested_outputs is None and body.binary_default):
+            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.ravel()
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = entries
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+def model_metadata(info: ModelInfo, versions: list[str]) -> dict:
+    """The /v2/models/{name}[/versions/{v}] response."""
+
+    def signature(tensor: TensorSignature) -> dict:
+        return {"name": tensor.name, "datatype": dtype_to_datatype(tensor.dtype), "shape": tensor.shape}
+
+    return {
+        "name": info.name,
+        "versions": versions,
+        "platform": "onnxruntime_onnx",
+        "inputs": [signature(t) for t in info.inputs],
+        "outputs": [signature(t) for t in info.outputs],
+    }
+
+
+@contextmanager
+def _about(what: str) -> Iterator[None]:
+    """Prefix protocol errors with the tensor they concern."""
+    try:
+        yield
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: {exc.message}") from None
+
+
+def _split(body: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    if not 0 <= header_length <= len(body):
+        raise ProtocolError(
+            f"Inference-Header-Content-Length {header_length} does not fit a {len(body)}-byte body"
+        )
+    # A view, so binary tensors are read without copying them.
+    return body[:header_length], memoryview(body)[header_length:]
+
+
+def _json_depth(text: bytes) -> int:
+    """Nesting depth of a JSON text, found without parsing it, so without recursion."""
+    brackets = _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    steps = _NESTING_STEP[np.frombuffer(brackets, dtype=np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+
+
+def _load_header(header: bytes, max_depth: int) -> dict:
+    if _json_depth(header) > max_depth:
+        raise ProtocolError(f"the JSON header nests deeper than {max_depth} levels")
+    try:
+        request = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"the JSON header is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("the JSON header must be an object")
+    return request
+
+
+def _name(spec: Any, where: str) -> str:
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"{where} must be an object with a non-empty string 'name'")
+    return name
+
+
+def _parameters(spec: dict) -> dict:
+    parameters = spec.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be an object")
+    return parameters
+
+
+def _tensor_parameters(spec: dict) -> dict:
+    parameters = _parameters(spec)
+    # Extensions inferstream does not implement; ignoring them would return wrong results.
+    for key in ("shared_memory_region", "classification"):
+        if key in parameters:
+            raise ProtocolError(f"parameter {key!r} is not supported")
+    return parameters
+
+
+def _shape(shape: Any, max_dim: int) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, list) or len(shape) > _MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= max_dim for d in shape)
+    ):
+        raise ProtocolError(f"'shape' must be a list of at most {_MAX_RANK} integers from 0 to {max_dim}")
+    return tuple(shape)
+
+
+def _binary_size(spec: dict) -> int | None:
+    size = _tensor_parameters(spec).get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError("'binary_data_size' must be a non-negative integer")
+    if "data" in spec:
+        raise ProtocolError("has both 'data' and 'binary_data_size'")
+    return size
+
+
+def _inputs(specs: Any, payload: memoryview, limits: Limits) -> dict[str, np.ndarray]:
+    if not isinstance(specs, list):
+        raise ProtocolError("the request needs an 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    budget = limits.max_elements
+    offset = 0  # binary tensors follow the header back to back, in input order
+    for index, spec in enumerate(specs):
+        name = _name(spec, f"inputs[{index}]")
+        if name in inputs:
+            raise ProtocolError(f"input {name!r} appears twice")
+        with _about(f"input {name!r}"):
+            dtype = datatype_to_dtype(spec.get("datatype"))
+            shape = _shape(spec.get("shape"), limits.max_elements)
+            count = math.prod(shape)
+            budget -= count
+            if budget < 0:
+                raise ProtocolError(f"the request holds more than {limits.max_elements} tensor elements")
+            size = _binary_size(spec)
+            if size is None:
+                array = _json_tensor(spec.get("data"), dtype, count)
+            else:
+                array = _binary_tensor(payload[offset:offset + size], size, dtype, count)
+                offset += size
+            inputs[name] = array.reshape(shape)
+    if offset != len(payload):
+        raise ProtocolError(f"{len(payload) - offset} bytes after the JSON header belong to no input")
+    return inputs
+
+
+def _requested_outputs(specs: Any, binary_default: bool) -> tuple[list[str] | None, set[str]]:
+    if specs is None or specs == []:  # Triton returns every output for an absent or empty list
+        return None, set()
+    if not isinstance(specs, list):
+        raise ProtocolError("'outputs' must be a list")
+    names: list[str] = []
+    binary: set[str] = set()
+    for index, spec in enumerate(specs):
+        name = _name(spec, f"outputs[{index}]")
+        if name in names:
+            raise ProtocolError(f"output {name!r} is requested twice")
+        with _about(f"output {name!r}"):
+            wanted = _tensor_parameters(spec).get("binary_data", binary_default)
+            if not isinstance(wanted, bool):
+                raise ProtocolError("'binary_data' must be a boolean")
+        names.append(name)
+        if wanted:
+            binary.add(name)
+    return names, binary
+
+
+def _binary_tensor(raw: memoryview, size: int, dtype: np.dtype, count: int) -> np.ndarray:
+    expected = count * dtype.itemsize
+    if size != expected:
+        raise ProtocolError(f"binary_data_size is {size} bytes but the shape needs {expected}")
+    if len(raw) < size:
+        raise ProtocolError("binary data runs past the end of the body")
+    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=count)
+    if dtype.kind == "b" and array.view(np.uint8).max(initial=0) > 1:
+        raise ProtocolError("BOOL bytes must be 0 or 1")
+    return array.astype(dtype, copy=False)  # the wire is little-endian; a no-op on such hosts
+
+
+def _json_tensor(data: Any, dtype: np.dtype, count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ProtocolError("needs a 'data' list or parameters.binary_data_size")
+    try:
+        # No dtype here: numpy would coerce strings and nulls and truncate floats to integers.
+        values = np.asarray(data)
+    except ValueError:
+        raise ProtocolError("'data' is a ragged nested list") from None
+    if values.size != count:
+        raise ProtocolError(f"'data' has {values.size} values but the shape needs {count}")
+    if count == 0:
+        return np.empty(0, dtype=dtype)
+    if values.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        raise ProtocolError(f"'data' must hold {_JSON_KIND_NAMES[dtype.kind]} for {_DTYPE_NAMES[dtype.name]}")
+    if dtype.kind in "iu":
+        bounds = np.iinfo(dtype)
+        if values.min() < bounds.min or values.max() > bounds.max:
+            raise ProtocolError(f"'data' values fall outside the range of {_DTYPE_NAMES[dtype.name]}")
+    return values.astype(dtype)
