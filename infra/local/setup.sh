@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 
-EXTRAS=${INFERSTREAM_EXTRAS:-cpu,stack,models,dev}
+EXTRAS=${INFERSTREAM_EXTRAS:-cpu,stack,models,triton,dev}
 stamp=".venv/.inferstream-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS//,/-}"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
