@@ -143,32 +143,42 @@ class InferenceClient:
         if request.correlation_id:
             self._waiters[request.correlation_id] = waiter
         try:
-            await self.produce(
+            delivery = await self.produce(
                 self.topics.requests, request.request_id.encode(), events.encode_request(request, inputs),
                 delivered=delivered,
             )
         except UpstreamUnavailable:
             self._waiters.pop(request.correlation_id or "", None)
             raise
+        # A send that fails later (the broker went away) fails the waiter now, not at the deadline.
+        delivery.add_done_callback(lambda sent: self._on_delivery(request, waiter, sent))
         return waiter
 
-    async def produce(self, topic: str, key: bytes, value: bytes, *, delivered: bool = True) -> None:
-        """Bounded in time: with the broker down, aiokafka would otherwise wait for metadata."""
+    def _on_delivery(self, request: InferenceRequest, waiter: asyncio.Future, sent: asyncio.Future) -> None:
+        if sent.cancelled() or sent.exception() is None or waiter.done():
+            return
+        self._waiters.pop(request.correlation_id or "", None)
+        waiter.set_exception(UpstreamUnavailable(f"the broker did not accept the request: {sent.exception()!r}"))
+
+    async def produce(self, topic: str, key: bytes, value: bytes, *, delivered: bool = True) -> asyncio.Future:
+        """Bounded in time: with the broker down, aiokafka would otherwise wait for metadata.
+        Returns the delivery future (already resolved when `delivered`)."""
         try:
             delivery = await asyncio.wait_for(
                 self._producer.send(topic, value, key=key), self.settings.produce_timeout_s
             )
             if delivered:
-                await asyncio.wait_for(delivery, self.settings.produce_timeout_s)
+                await asyncio.wait_for(asyncio.shield(delivery), self.settings.produce_timeout_s)
         except (TimeoutError, KafkaError) as exc:
             raise UpstreamUnavailable(f"the broker did not accept the event: {exc!r}") from None
+        return delivery
 
     async def broker_ready(self) -> bool:
+        """A fresh metadata round trip: cached metadata would hide a broker that went away."""
         try:
-            await asyncio.wait_for(self._producer.partitions_for(self.topics.requests), 2.0)
+            return bool(await asyncio.wait_for(self._producer.client.force_metadata_update(), 2.0))
         except (TimeoutError, KafkaError):
             return False
-        return True
 
     async def wait(self, request: InferenceRequest, waiter: asyncio.Future[Result]) -> Result:
         """The reply, or ReplyTimeout at the request's deadline (the waiter is dropped then)."""

@@ -163,10 +163,25 @@ class LocalStack:
     def down(self) -> None:
         """Stop the processes this stack started; the broker first, as it writes to S3."""
         for service in (self._kafka_service(), self._s3_service()):
-            pid = self._live_pid(service)
-            if pid is not None:
-                seconds = self._stop(service, pid)
-                log.info("%s stopped (pid %d) in %.1f s", service.name, pid, seconds)
+            self._stop_if_running(service)
+
+    def broker_up(self) -> str:
+        """Only the broker (memory storage needs nothing else): for tests of broker outages."""
+        (self.state_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        kafka = self._kafka_service()
+        self._check_ports_free([kafka])
+        self._ensure_running(kafka)
+        return kafka.endpoint
+
+    def broker_down(self) -> None:
+        self._stop_if_running(self._kafka_service())
+
+    def _stop_if_running(self, service: _Service) -> None:
+        pid = self._live_pid(service)
+        if pid is not None:
+            seconds = self._stop(service, pid)
+            log.info("%s stopped (pid %d) in %.1f s", service.name, pid, seconds)
 
     def status(self) -> dict[str, dict]:
         """Per service: running (a live process, or for PostgreSQL/Redis: reachable), pid,

@@ -282,3 +282,27 @@ async def test_batch_finishes_after_its_worker_is_killed_midway(start_worker, st
     lines = read_output(settings, batch["output"])
     assert sorted(line["index"] for line in lines) == list(range(500))  # every item exactly once
     assert len({line["request_id"] for line in lines}) == 500
+
+
+async def test_broker_outage_gives_503_quickly(start_bridge, stack_settings, tmp_path):
+    """A bridge whose broker goes away answers 503 within seconds instead of hanging."""
+    from streams.stack import LocalStack, free_port
+
+    broker_port = free_port()
+    own = stack_settings.model_copy(update={"broker_port": broker_port, "kafka_bootstrap": f"127.0.0.1:{broker_port}"})
+    broker = LocalStack(own, broker_storage="memory", state_dir=tmp_path / "broker")
+    broker.broker_up()
+    try:
+        bridge = await start_bridge(broker_port=broker_port, kafka_bootstrap=own.kafka_bootstrap, produce_timeout_s=2.0)
+        broker.broker_down()
+        async with aiohttp.ClientSession() as session:
+            started = asyncio.get_running_loop().time()
+            status, body = await infer_json(session, bridge.url, tiny_input()["x"])
+            elapsed = asyncio.get_running_loop().time() - started
+            async with session.get(f"{bridge.url}/v2/health/ready") as r:
+                ready_status = r.status
+    finally:
+        broker.broker_down()
+    assert (status, body["code"]) == (503, "UNAVAILABLE"), body
+    assert elapsed < 10, f"503 took {elapsed:.1f} s"
+    assert ready_status == 503
