@@ -2,24 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import faust
+import redis.asyncio as aioredis
 
 from agents import batches, inference, intake, sink
+from streams.gatekeeper import Gatekeeper
 from streams.kafka_transport import broker_url
 from streams.pipeline import Pipeline
 from streams.registry import ModelRegistry
+from streams.registry_store import RegistryStore
+from streams.results_store import ResultsStore
 from streams.settings import Settings
+from topics.admin import ensure_topics
 
 
-def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
-    registry = ModelRegistry.load(settings.model_repository, settings.models or None)
-    if not registry.names:
-        raise FileNotFoundError(
-            f"no models in {settings.model_repository}; run `inferstream models build`"
-        )
-    pipeline = Pipeline(settings, registry, serve=registry.names)
+async def bootstrap_registry(settings: Settings) -> list[str]:
+    """Register the built models that the registry lacks, republish every record (so a new
+    registry topic starts complete), and return the model names to serve."""
+    results = ResultsStore(settings.postgres_dsn)
+    await results.start()  # creates or migrates the schema
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        store = RegistryStore(settings, results.pool, redis)
+        await ensure_topics(settings, [])
+        await store.register_repository(settings.model_repository)
+        records = await store.list()
+        await store.publish(records)
+        names = sorted({r.name for r in records if r.status != "retired"})
+        serve = [n for n in names if n in settings.models] if settings.models else names
+        await ensure_topics(settings, serve)
+    finally:
+        await redis.aclose()
+        await results.stop()
+    return serve
+
+
+def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipeline]:
+    if not serve:
+        raise FileNotFoundError(f"no models to serve; run `inferstream models build` (repository: "
+                                f"{settings.model_repository})")
+    pipeline = Pipeline(settings, ModelRegistry(), serve=serve, gatekeeper=Gatekeeper(settings))
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
@@ -44,7 +69,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
         web_enabled=False,
     )
     intake.register(app, pipeline)
-    for model in pipeline.serve:
+    for model in serve:
         inference.register(app, pipeline, model)
     sink.register(app, pipeline)
     batches.register(app, pipeline)
@@ -53,7 +78,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Pipeline]:
 
 def run_worker(settings: Settings) -> None:
     """Run a worker in the foreground until SIGINT/SIGTERM."""
-    app, _ = create_app(settings)
+    loop = asyncio.new_event_loop()  # Faust runs on the current loop
+    asyncio.set_event_loop(loop)
+    serve = loop.run_until_complete(bootstrap_registry(settings))
+    app, _ = create_app(settings, serve)
     worker = faust.Worker(app, loglevel=settings.log_level)
     # Faust's terminal spinner sets the root logger to DEBUG, which makes every debug record of
     # faust and aiokafka cost CPU; keep the root at the configured level.

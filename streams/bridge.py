@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import (
@@ -52,6 +53,12 @@ from streams.kserve import (
 )
 from streams.objectstore import parse_uri
 from streams.registry import ModelInfo, ModelRegistry
+from streams.registry_store import (
+    RegistryError,
+    RegistryFollower,
+    RegistryStore,
+    info_from_artifact,
+)
 from streams.results_store import ResultsStore
 from streams.routing import check_inputs
 from streams.settings import Settings
@@ -67,6 +74,8 @@ HTTP_STATUS = {
     ErrorCode.UNDECODABLE: 400, ErrorCode.INVALID_SCHEMA: 400, ErrorCode.INVALID_TENSOR: 400,
     ErrorCode.UNKNOWN_MODEL: 404, ErrorCode.UNKNOWN_VERSION: 404, ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.PAYLOAD_UNAVAILABLE: 502, ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.UNAUTHENTICATED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
 }
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -115,15 +124,20 @@ ROUTES = [
     Route("GET", "/v1/jobs/{job_id}", "get_job", "Job status and result"),
     Route("POST", "/v1/batches", "create_batch", "Submit a batch job over an S3 input; answers 202"),
     Route("GET", "/v1/batches/{batch_id}", "get_batch", "Batch progress and output"),
+    Route("GET", "/v1/models", "list_models", "Registered models and versions"),
+    Route("POST", "/v1/models", "register_model", "Register a model version (validated: the artifact must load and match)"),
+    Route("PATCH", "/v1/models/{model}/versions/{version}", "update_model", "Change weight, status, shadow, batching or backends"),
+    Route("DELETE", "/v1/models/{model}/versions/{version}", "retire_model", "Retire a version"),
     Route("GET", "/openapi.json", "openapi", "This document"),
     Route("GET", "/metrics", "metrics", "Prometheus metrics"),
 ]
 
 
 class Bridge:
-    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = registry
+        self.registry = ModelRegistry()  # kept current by the follower
+        self.follower = RegistryFollower(settings, self.registry)
         self.instance = settings.bridge_instance or uuid.uuid4().hex[:12]
         self.client = InferenceClient(settings, reply_topic=Topics(settings).bridge_replies(self.instance))
         self.db = ResultsStore(settings.postgres_dsn)
@@ -142,14 +156,19 @@ class Bridge:
 
     async def start(self) -> None:
         own = TopicSpec(self.client.reply_topic, self.settings.reply_partitions, self.settings.reply_retention_ms)
-        await ensure_topics(self.settings, self.registry.names, extra=[own])
+        await ensure_topics(self.settings, [], extra=[own])
+        await self.follower.start()
         await self.client.start()
         await self.db.start()
         self.jobs = JobStore(self.db.pool)
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        self.models = RegistryStore(self.settings, self.db.pool, self.redis)
         log.info("bridge %s reads replies from %s", self.instance, self.client.reply_topic)
 
     async def stop(self) -> None:
+        await self.follower.stop()
         await self.client.stop()
+        await self.redis.aclose()
         await self.db.stop()
         if not self.settings.bridge_instance:  # a random instance's topic is never read again
             admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
@@ -383,6 +402,50 @@ class Bridge:
             answer |= {"output": batch.output_ref, "output_url": self.client.store.presigned_get(batch.output_ref)}
         return web.json_response(answer)
 
+    # -- registry ---------------------------------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response([_public(i) for i in await self.models.list()])
+
+    async def register_model(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        try:
+            fields = {k: v for k, v in body.items() if k not in ("name", "version", "artifact")}
+            info = await asyncio.to_thread(
+                info_from_artifact, str(body["name"]), str(body["version"]), str(body["artifact"]),
+                self.client.store, self.settings.state_dir / "artifacts", **fields,
+            )
+            saved = await self.models.save(info)
+        except KeyError as exc:
+            raise HTTPError(400, "INVALID_REQUEST", f"missing field {exc}") from None
+        except (RegistryError, ValueError) as exc:
+            raise HTTPError(400, "INVALID_MODEL", str(exc)) from None
+        return web.json_response(_public(saved), status=201)
+
+    async def update_model(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["model"], request.match_info["version"]
+        current = await self.models.get(name, version)
+        if current is None:
+            raise HTTPError(404, ErrorCode.UNKNOWN_VERSION.value, f"no registered version {name}/{version}")
+        changes = await _json_object(request)
+        allowed = {"weight", "status", "shadow", "max_batch_delay_ms", "backends", "description"}
+        if set(changes) - allowed:
+            raise HTTPError(400, "INVALID_REQUEST", f"can change only {sorted(allowed)}")
+        try:
+            updated = ModelInfo.model_validate({**current.model_dump(), **changes})
+            saved = await self.models.save(updated)
+        except (RegistryError, ValueError) as exc:
+            raise HTTPError(400, "INVALID_MODEL", str(exc)) from None
+        return web.json_response(_public(saved))
+
+    async def retire_model(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["model"], request.match_info["version"]
+        current = await self.models.get(name, version)
+        if current is None:
+            raise HTTPError(404, ErrorCode.UNKNOWN_VERSION.value, f"no registered version {name}/{version}")
+        saved = await self.models.save(current.model_copy(update={"status": "retired"}), validate=False)
+        return web.json_response(_public(saved))
+
     # -- documents --------------------------------------------------------------------------
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -404,6 +467,10 @@ class _ReplyCounters:
         foreign = CounterMetricFamily("inferstream_bridge_unmatched_replies", "replies for no waiting request")
         foreign.add_metric([], self.client.foreign_replies)
         return [late, foreign]
+
+
+def _public(info: ModelInfo) -> dict:
+    return info.model_dump(mode="json", exclude={"path"})
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -461,10 +528,9 @@ def openapi_document() -> dict:
 
 def run_bridge(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
-    registry = ModelRegistry.load(settings.model_repository, settings.models or None)
 
     async def make_app() -> web.Application:  # Kafka clients must be made inside the loop
-        return Bridge(settings, registry).app()
+        return Bridge(settings).app()
 
     web.run_app(make_app(), host=settings.bridge_host, port=settings.bridge_port,
                 print=lambda _: log.info("bridge listening on http://%s:%d", settings.bridge_host, settings.bridge_port))

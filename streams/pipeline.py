@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from streams.batcher import AdaptiveBatcher
+from streams.gatekeeper import Gatekeeper
 from streams.objectstore import ObjectStore
-from streams.onnx_backend import OnnxModel
 from streams.registry import ModelInfo, ModelRegistry
+from streams.registry_store import RegistryFollower, fetch_artifact
 from streams.results_store import ResultsStore, StoredResult
 from streams.routing import Router, check_deadline, check_inputs
+from streams.serving import Outcome, VersionServer
 from streams.settings import Settings
 from topics import events
 from topics.errors import ErrorCode, EventError
@@ -68,31 +68,24 @@ class Outbox:
         await asyncio.gather(*pending)
 
 
-@dataclass
-class Outcome:
-    """What the backend produced for one request."""
-
-    outputs: dict[str, np.ndarray]
-    inference_ms: float
-    batch_size: int
+VERSION_HEADER = "inferstream-version"  # the version the intake routed a request to
+TENANT_HEADER = "inferstream-tenant"  # the tenant the auth stage established
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, registry: ModelRegistry, serve: list[str]) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, serve: list[str],
+                 gatekeeper: Gatekeeper | None = None) -> None:
         self.settings = settings
         self.topics = Topics(settings)
         self.registry = registry
         self.router = Router(registry, self.topics)
         self.serve = serve  # models whose inference agents run in this worker
+        self.gatekeeper = gatekeeper
         self.store = ObjectStore(settings)
         self.results = ResultsStore(settings.postgres_dsn)
-        # Models load now, so that a broken artifact stops the worker at startup.
-        self._models = {
-            (name, version): OnnxModel(registry.resolve(name, version), settings.onnx_intra_op_threads)
-            for name in serve
-            for version in registry.versions(name)
-        }
-        self._batchers: dict[tuple[str, str], AdaptiveBatcher] = {}
+        self.follower = RegistryFollower(settings, registry, self._on_registry_change)
+        self._servers: dict[str, VersionServer] = {}  # by "name/version"
+        self._server_lock = asyncio.Lock()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -103,46 +96,108 @@ class Pipeline:
         async with self._start_lock:
             if self._started:
                 return
-            await asyncio.to_thread(self.store.ensure_bucket)
-            await self.results.start()
-            for key, model in self._models.items():
-                batcher = AdaptiveBatcher(
-                    _timed(model),
-                    max_batch_size=min(self.settings.max_batch_size, model.info.max_batch_size),
-                    max_delay=self.settings.max_batch_delay_ms / 1000,
-                    max_pending=self.settings.max_inflight,
-                    name=f"{key[0]}-v{key[1]}",
-                )
-                await batcher.start()
-                self._batchers[key] = batcher
+            try:
+                await asyncio.to_thread(self.store.ensure_bucket)
+                await self.results.start()
+                if self.gatekeeper is not None:
+                    await self.gatekeeper.start(self.results.pool)
+                await self.follower.start()  # replays the registry: loads every served version
+            except BaseException:
+                await self._release()  # a retried start must not pile up connections
+                raise
             self._started = True
 
     async def stop(self) -> None:
-        for batcher in self._batchers.values():
-            await batcher.stop()
-        self._batchers.clear()
-        await self.results.stop()
+        await self._release()
         self._started = False
+
+    async def _release(self) -> None:
+        await self.follower.stop()
+        for server in self._servers.values():
+            await server.stop()
+        self._servers.clear()
+        if self.gatekeeper is not None:
+            await self.gatekeeper.stop()
+        await self.results.stop()
+
+    async def _on_registry_change(self, info: ModelInfo) -> None:
+        """Load, reload or drop a version's backends when its record changes."""
+        if info.name not in self.serve:
+            return
+        async with self._server_lock:
+            current = self._servers.get(info.key)
+            if info.status == "retired":
+                if current is not None:
+                    await self._servers.pop(info.key).stop()
+                return
+            if current is not None and _same_serving(current.info, info):
+                current.info = info  # weights and status: the router reads the registry
+                return
+            try:
+                local = await asyncio.to_thread(fetch_artifact, info, self.store, self.settings.state_dir / "artifacts")
+                server = await VersionServer.create(local, self.settings)
+            except Exception:  # noqa: BLE001 - a bad version must not take the worker down
+                log.exception("cannot serve %s", info.key)
+                return
+            self._servers[info.key] = server
+            if current is not None:
+                await current.stop()
+            log.info("serving %s on %s", info.key, [b.name for b in server.backends])
 
     # -- intake ------------------------------------------------------------------------------
 
     async def intake(self, messages: Sequence[Message], outbox: Outbox) -> None:
-        """Validate and route each request to its model's topic, unchanged."""
+        """Authenticate, rate-limit, validate and route each request to its model's topic."""
         now = events.now_ms()
+        decoded: list[tuple[Message, events.Request]] = []
         for msg in messages:
             request: InferenceRequest | None = None
             try:
                 self._check_size(msg)
-                decoded = events.decode_request(msg.value)
-                request = decoded.header
-                route = self.router.route(request, now)
-                if decoded.tensors:
-                    check_inputs(route.model, decoded.tensors)
-                key = msg.key or request.request_id.encode()
-                await outbox.put(route.topic, key, msg.value, msg.headers)
+                parsed = events.decode_request(msg.value)
+                request = parsed.header
+                check_deadline(request, now)
+                decoded.append((msg, parsed))
             except EventError as error:
                 await self.reject(outbox, msg, error, request)
+        admitted = await self._admit(decoded)
+        for (msg, parsed), principal in zip(decoded, admitted):
+            request = parsed.header
+            if isinstance(principal, EventError):
+                await self.refuse(outbox, request, principal)
+                continue
+            try:
+                key = msg.key or request.request_id.encode()
+                route = self.router.route(request, now, key=key.decode(errors="replace"))
+                if parsed.tensors:
+                    check_inputs(route.model, parsed.tensors)
+            except EventError as error:
+                await self.reject(outbox, msg, error, request)
+                continue
+            headers = [*msg.headers, (VERSION_HEADER, route.model.version.encode())]
+            if principal is not None:
+                headers.append((TENANT_HEADER, principal.tenant.encode()))
+            await outbox.put(route.topic, key, msg.value, headers)
+            for shadow in self.registry.shadows(route.model.name):
+                await self._mirror(outbox, parsed, route.topic, shadow, headers)
         await outbox.flush()
+
+    async def _admit(self, decoded: list[tuple[Message, events.Request]]) -> list:
+        """Per request: the caller's Principal (None without a gatekeeper) or the EventError
+        that refuses it. Checked concurrently: each may wait on Redis."""
+        if self.gatekeeper is None:
+            return [None] * len(decoded)
+        return await asyncio.gather(*(self.gatekeeper.admit(parsed.header) for _, parsed in decoded))
+
+    async def _mirror(self, outbox: Outbox, parsed: events.Request, topic: str, shadow: ModelInfo,
+                      headers: Headers) -> None:
+        """A copy for a shadow version: its own request id, no reply, result stored only."""
+        header = parsed.header.model_copy(update={
+            "request_id": f"{parsed.header.request_id}.shadow.{shadow.version}", "version": shadow.version,
+            "shadow_of": parsed.header.request_id, "reply_to": None, "correlation_id": None,
+        })
+        headers = [(k, v) for k, v in headers if k != VERSION_HEADER] + [(VERSION_HEADER, shadow.version.encode())]
+        await outbox.put(topic, header.request_id.encode(), events.encode_request(header, parsed.tensors), headers)
 
     def _check_size(self, msg: Message) -> None:
         if len(msg.value) > self.settings.max_message_bytes:
@@ -155,7 +210,7 @@ class Pipeline:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, messages: Sequence[Message], outbox: Outbox) -> None:
-        """Run every valid request through its model's micro-batcher, then reply."""
+        """Run every valid request on its version's backends (micro-batched), then reply."""
         started = events.now_ms()
         accepted: list[tuple[Message, InferenceRequest, ModelInfo, Awaitable[Outcome]]] = []
         for msg in messages:
@@ -164,20 +219,26 @@ class Pipeline:
                 decoded = events.decode_request(msg.value)
                 request = decoded.header
                 check_deadline(request, started)
-                info = self.registry.resolve(request.model, request.version)
+                info = self.registry.resolve(request.model, _header(msg, VERSION_HEADER) or request.version)
+                request.tenant = _header(msg, TENANT_HEADER) or request.tenant
                 tensors = decoded.tensors
                 if request.inputs_ref:
                     _, tensors = events.decode_bundle(await self.store.aget(request.inputs_ref))
                 check_inputs(info, tensors)
-                batcher = self._batchers[(info.name, info.version)]
-                accepted.append((msg, request, info, asyncio.ensure_future(batcher.submit(tensors))))
+                server = self._servers.get(info.key)
+                if server is None:
+                    raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
+                accepted.append((msg, request, info, asyncio.ensure_future(server.submit(tensors))))
             except EventError as error:
                 await self.reject(outbox, msg, error, request)
         for msg, request, info, pending in accepted:
             try:
                 outcome = await pending
             except EventError as error:
-                await self.reject(outbox, msg, error, request)
+                if error.code == ErrorCode.UNAVAILABLE:
+                    await self.refuse(outbox, request, error)  # an outage, not a bad event
+                else:
+                    await self.reject(outbox, msg, error, request)
                 continue
             except Exception as error:  # noqa: BLE001 - one bad batch must not stop the agent
                 log.exception("inference failed for %s", request.request_id)
@@ -196,8 +257,10 @@ class Pipeline:
             model_version=info.version,
             status=Status.OK,
             batch_size=outcome.batch_size,
+            backend=outcome.backend,
             tenant=request.tenant,
             batch_id=request.batch_id,
+            shadow_of=request.shadow_of,
             created_ms=request.created_ms,
         )
         outputs = outcome.outputs
@@ -211,13 +274,13 @@ class Pipeline:
             "inference": round(outcome.inference_ms, 3),
             "total": max(0.0, events.now_ms() - request.created_ms),
         }
-        await self._emit_result(outbox, result, outputs, request.reply_to)
+        await self._emit_result(outbox, result, outputs, request.reply_to, reply=request.shadow_of is None)
 
     # -- results -----------------------------------------------------------------------------
 
     async def _emit_result(
         self, outbox: Outbox, result: InferenceResult, outputs: dict[str, np.ndarray] | None,
-        reply_to: str | None,
+        reply_to: str | None, reply: bool = True,
     ) -> None:
         value = events.encode_result(result, outputs)
         key = result.request_id.encode()
@@ -226,9 +289,22 @@ class Pipeline:
             headers.append(("correlation_id", result.correlation_id.encode()))
         # An invalid reply_to was already rejected; its error goes to the default replies topic.
         reply_topic = reply_to if reply_to and valid_topic(reply_to) else self.topics.replies
-        reply_key = (result.correlation_id or result.request_id).encode()
-        await outbox.put(reply_topic, reply_key, value, headers)
+        if reply:
+            reply_key = (result.correlation_id or result.request_id).encode()
+            await outbox.put(reply_topic, reply_key, value, headers)
         await outbox.put(self.topics.results, key, value, headers)
+
+    async def refuse(self, outbox: Outbox, request: InferenceRequest, error: EventError) -> None:
+        """An error result for a request refused by policy or an outage (auth, rate limit, no
+        backend): the caller and the results table hear of it; it is no bad event to dead-letter."""
+        log.info("refused %s: %s", request.request_id, error)
+        result = InferenceResult(
+            request_id=request.request_id, correlation_id=request.correlation_id, model=request.model,
+            status=Status.ERROR, error=ErrorInfo(code=error.code, message=error.message),
+            tenant=request.tenant, batch_id=request.batch_id, shadow_of=request.shadow_of,
+            created_ms=request.created_ms,
+        )
+        await self._emit_result(outbox, result, None, request.reply_to, reply=request.shadow_of is None)
 
     async def reject(
         self, outbox: Outbox, msg: Message, error: EventError, request: InferenceRequest | None
@@ -253,9 +329,10 @@ class Pipeline:
             error=ErrorInfo(code=error.code, message=error.message),
             tenant=request.tenant if request else None,
             batch_id=request.batch_id if request else None,
+            shadow_of=request.shadow_of if request else None,
             created_ms=request.created_ms if request else None,
         )
-        await self._emit_result(outbox, result, None, reply_to)
+        await self._emit_result(outbox, result, None, reply_to, reply=not (request and request.shadow_of))
 
     # -- sink --------------------------------------------------------------------------------
 
@@ -275,13 +352,14 @@ class Pipeline:
         await outbox.flush()
 
 
-def _timed(model: OnnxModel) -> Callable[[list], list]:
-    """Wrap the backend so each outcome records the batch's inference time and size."""
+def _header(msg: Message, name: str) -> str | None:
+    for key, value in msg.headers:
+        if key == name:
+            return value.decode()
+    return None
 
-    def run(batch: list) -> list:
-        t0 = time.perf_counter()
-        results = model.run_batch(batch)
-        elapsed = (time.perf_counter() - t0) * 1000
-        return [r if isinstance(r, BaseException) else Outcome(r, elapsed, len(batch)) for r in results]
 
-    return run
+def _same_serving(old: ModelInfo, new: ModelInfo) -> bool:
+    """Whether the loaded backends still fit the new record (weights/status need no reload)."""
+    fields = ("artifact", "path", "backends", "max_batch_size", "max_batch_delay_ms", "inputs", "outputs")
+    return all(getattr(old, f) == getattr(new, f) for f in fields)

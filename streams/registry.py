@@ -1,7 +1,11 @@
-"""The model registry of a worker: what models and versions exist and their signatures.
+"""The model registry: models, their versions and how requests reach them.
 
-Read from the model repository (Triton layout): `<repo>/<name>/<version>/model.onnx` beside
-`<repo>/<name>/inferstream.json`, which holds the signature and pre/post-processing.
+A version record (`ModelInfo`) holds the artifact, backends, signature, pre/post-processing,
+status (active, draft, retired), batching settings and routing weight. PostgreSQL is the
+source of truth (`streams.registry_store`); every change is also published on a compacted
+topic, from which every worker and bridge keeps its in-memory `ModelRegistry` current.
+Built models are registered from the model repository (Triton layout:
+`<repo>/<name>/<version>/model.onnx` beside `<repo>/<name>/inferstream.json`).
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from streams import weighted
 from topics.errors import ErrorCode, EventError
+
+Status = Literal["active", "draft", "retired"]
 
 
 class TensorSignature(BaseModel):
@@ -21,10 +28,22 @@ class TensorSignature(BaseModel):
     shape: list[int]  # -1 marks a dynamic axis (the batch axis first)
 
 
+class BackendSpec(BaseModel):
+    """Where a version runs: in the worker (onnxruntime) or on a Triton server."""
+
+    kind: Literal["onnxruntime", "triton"] = "onnxruntime"
+    url: str | None = None  # triton: host:port
+    protocol: Literal["grpc", "http"] = "grpc"
+    model_name: str | None = None  # the model's name on the Triton server, when it differs
+
+    @property
+    def label(self) -> str:
+        return "onnxruntime" if self.kind == "onnxruntime" else f"triton-{self.protocol}://{self.url}"
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
-    backend: Literal["onnxruntime"] = "onnxruntime"
     max_batch_size: int
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]
@@ -32,58 +51,104 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any] | None = None
     postprocessing: str | None = None
     description: str = ""
-    path: Path  # the version's model.onnx
+    path: Path  # the version's model.onnx (downloaded here when the artifact is in S3)
+    artifact: str | None = None  # where the model came from: a local path or s3://bucket/key
+    backends: list[BackendSpec] = Field(default_factory=lambda: [BackendSpec()])
+    status: Status = "active"
+    weight: int = Field(100, ge=0)  # share of unversioned requests among active versions
+    shadow: bool = False  # mirror unversioned requests here; results stored, never returned
+    max_batch_delay_ms: float | None = None  # batching override for this version
+    revision: int = 0  # raised on every change; a stale copy never overwrites a newer one
 
     @property
     def model_dir(self) -> Path:
         return self.path.parent.parent
 
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def load_repository(repository: Path, only: list[str] | None = None) -> list[ModelInfo]:
+    """The versions built in a model repository, as registry records."""
+    found: list[ModelInfo] = []
+    if repository.is_dir():
+        for meta in sorted(repository.glob("*/inferstream.json")):
+            name = meta.parent.name
+            if only and name not in only:
+                continue
+            base = {k: v for k, v in json.loads(meta.read_text()).items() if k != "backend"}
+            for onnx in sorted(meta.parent.glob("*/model.onnx")):
+                if onnx.parent.name.isdigit():
+                    found.append(ModelInfo(**{**base, "name": name, "version": onnx.parent.name,
+                                              "path": onnx, "artifact": str(onnx)}))
+    missing = sorted(set(only or []) - {m.name for m in found})
+    if missing:
+        raise FileNotFoundError(f"models {missing} are not built in {repository}; run `inferstream models build`")
+    return found
+
 
 class ModelRegistry:
-    def __init__(self, models: dict[str, dict[str, ModelInfo]]) -> None:
-        self._models = models
+    def __init__(self, models: list[ModelInfo] = ()) -> None:
+        self._models: dict[str, dict[str, ModelInfo]] = {}
+        for info in models:
+            self.apply(info)
 
     @classmethod
     def load(cls, repository: Path, only: list[str] | None = None) -> ModelRegistry:
-        models: dict[str, dict[str, ModelInfo]] = {}
-        if repository.is_dir():
-            for meta in sorted(repository.glob("*/inferstream.json")):
-                name = meta.parent.name
-                if only and name not in only:
-                    continue
-                base = json.loads(meta.read_text())
-                versions = {
-                    onnx.parent.name: ModelInfo(**{**base, "name": name, "version": onnx.parent.name, "path": onnx})
-                    for onnx in meta.parent.glob("*/model.onnx")
-                    if onnx.parent.name.isdigit()
-                }
-                if versions:
-                    models[name] = versions
-        missing = sorted(set(only or []) - set(models))
-        if missing:
-            raise FileNotFoundError(
-                f"models {missing} are not built in {repository}; run `inferstream models build`"
-            )
-        return cls(models)
+        return cls(load_repository(repository, only))
+
+    def apply(self, info: ModelInfo) -> bool:
+        """Take a record unless a newer revision is already here; True when it changed."""
+        current = self._models.get(info.name, {}).get(info.version)
+        if current is not None and current.revision > info.revision:
+            return False
+        self._models.setdefault(info.name, {})[info.version] = info
+        return current != info
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._models)
+        return sorted(name for name, versions in self._models.items() if self._live(versions))
+
+    def all(self) -> list[ModelInfo]:
+        return [info for name in sorted(self._models) for _, info in sorted(self._models[name].items())]
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=int)
+        """Versions that can serve (active or draft), in numeric order."""
+        return sorted(self._live(self._models.get(name, {})), key=_version_order)
 
-    def resolve(self, name: str, version: str | None = None) -> ModelInfo:
-        """The requested version, or the newest one when none is named."""
-        versions = self._models.get(name)
+    @staticmethod
+    def _live(versions: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
+        return {v: info for v, info in versions.items() if info.status != "retired"}
+
+    def get(self, name: str, version: str) -> ModelInfo | None:
+        return self._models.get(name, {}).get(version)
+
+    def resolve(self, name: str, version: str | None = None, key: str | None = None) -> ModelInfo:
+        """A named version (active or draft), or, when none is named, an active version chosen
+        by weight, sticky per `key` (the newest active version when there is no key)."""
+        versions = self._live(self._models.get(name, {}))
         if not versions:
             raise EventError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}; served: {self.names}")
-        if version is None:
-            return versions[max(versions, key=int)]
-        try:
-            return versions[version]
-        except KeyError:
-            raise EventError(
-                ErrorCode.UNKNOWN_VERSION,
-                f"model {name!r} has no version {version!r}; versions: {self.versions(name)}",
-            ) from None
+        if version is not None:
+            try:
+                return versions[version]
+            except KeyError:
+                raise EventError(
+                    ErrorCode.UNKNOWN_VERSION,
+                    f"model {name!r} has no version {version!r}; versions: {self.versions(name)}",
+                ) from None
+        active = {v: info for v, info in versions.items() if info.status == "active" and not info.shadow}
+        weights = {v: info.weight for v, info in active.items() if info.weight > 0}
+        if not weights:
+            raise EventError(ErrorCode.UNKNOWN_VERSION, f"model {name!r} has no active version with weight")
+        if key is None or len(weights) == 1:
+            return active[max(weights, key=_version_order)]
+        return active[weighted.choose(weights, key)]
+
+    def shadows(self, name: str) -> list[ModelInfo]:
+        return [i for i in self._live(self._models.get(name, {})).values() if i.shadow and i.status == "active"]
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (1 << 62, version)

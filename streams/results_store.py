@@ -10,6 +10,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from streams.auth import API_KEYS_DDL
+from streams.ratelimit import TENANT_LIMITS_DDL
 from topics.events import InferenceResult
 
 # Each entry runs once, in order, recorded in inferstream_schema.
@@ -60,13 +62,25 @@ MIGRATIONS: list[str] = [
         updated_at  timestamptz NOT NULL DEFAULT now()
     );
     """,
+    """
+    CREATE TABLE model_versions (
+        name        text NOT NULL,
+        version     text NOT NULL,
+        revision    integer NOT NULL,
+        doc         jsonb NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (name, version)
+    );
+    ALTER TABLE inference_results ADD COLUMN shadow_of text;
+    """,
+    API_KEYS_DDL + TENANT_LIMITS_DDL,
 ]
 
 _UPSERT = """
 INSERT INTO inference_results (request_id, correlation_id, model, model_version, status,
     error_code, error_message, outputs, outputs_ref, timings_ms, batch_size, tenant,
-    created_at, completed_at, source_partition, source_offset, batch_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15, $16, $17)
+    created_at, completed_at, source_partition, source_offset, batch_id, shadow_of)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15, $16, $17, $18)
 ON CONFLICT (request_id) DO UPDATE SET
     correlation_id = EXCLUDED.correlation_id, model = EXCLUDED.model,
     model_version = EXCLUDED.model_version, status = EXCLUDED.status,
@@ -75,7 +89,7 @@ ON CONFLICT (request_id) DO UPDATE SET
     timings_ms = EXCLUDED.timings_ms, batch_size = EXCLUDED.batch_size, tenant = EXCLUDED.tenant,
     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
     source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
-    batch_id = EXCLUDED.batch_id, stored_at = now()
+    batch_id = EXCLUDED.batch_id, shadow_of = EXCLUDED.shadow_of, stored_at = now()
 """
 
 _LOCK_ID = 0x1F5E_A3  # advisory lock: one migrator at a time across workers
@@ -99,7 +113,7 @@ def _row(item: StoredResult) -> tuple[Any, ...]:
         r.request_id, r.correlation_id, r.model, r.model_version, r.status.value,
         r.error.code.value if r.error else None, r.error.message if r.error else None,
         item.outputs, r.outputs_ref, orjson.dumps(r.timings_ms).decode(), r.batch_size, r.tenant,
-        _ts(r.created_ms), _ts(r.completed_ms), item.partition, item.offset, r.batch_id,
+        _ts(r.created_ms), _ts(r.completed_ms), item.partition, item.offset, r.batch_id, r.shadow_of,
     )
 
 

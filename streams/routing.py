@@ -24,13 +24,14 @@ class Router:
         self.registry = registry
         self.topics = topics
 
-    def route(self, request: InferenceRequest, now_ms: int) -> Route:
+    def route(self, request: InferenceRequest, now_ms: int, key: str | None = None) -> Route:
+        """`key` makes the choice among weighted versions sticky (the request's Kafka key)."""
         check_deadline(request, now_ms)
         if request.reply_to is not None and not valid_topic(request.reply_to):
             raise EventError(ErrorCode.INVALID_SCHEMA, f"reply_to {request.reply_to!r} is not a valid topic name")
         if not request.inputs and request.inputs_ref is None:
             raise EventError(ErrorCode.INVALID_TENSOR, "request has no inputs and no inputs_ref")
-        model = self.registry.resolve(request.model, request.version)
+        model = self.registry.resolve(request.model, request.version, key)
         return Route(self.topics.model(model.name), model)
 
 

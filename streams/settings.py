@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     model_repository: Path = PROJECT_ROOT / "models" / "repository"
     models: list[str] = Field(default_factory=list, description="models to serve; empty = all built")
     onnx_intra_op_threads: int = 0  # 0 = onnxruntime's default (one per core)
+    registry_cache_ttl_s: int = 60
 
     # Micro-batching and flow control
     max_batch_size: int = 32
@@ -84,6 +85,24 @@ class Settings(BaseSettings):
     batch_max_items: int = 100_000
     batch_rate: float = 200.0  # items per second fanned out per batch, by default
     batch_timeout_s: float = 3600.0  # a batch not complete by then is marked incomplete
+
+    # Auth and rate limits (the intake's gatekeeping stage)
+    auth_required: bool = False  # False: requests without credentials pass as tenant "anonymous"
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256"])
+    jwt_hs_secret: str = ""
+    jwt_public_key: str = ""  # PEM text, or a path to a PEM file
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: float = 0.0
+    api_key_pepper: str = "inferstream-dev-pepper"
+    api_key_cache_ttl_s: float = 30.0
+    rate_limit_per_minute: int = 100  # per authenticated tenant; overridable per tenant
+    rate_limit_fail_open: bool = False  # when Redis is unreachable: refuse (default) or admit
+
+    # Backends
+    triton_timeout_s: float = 10.0
+    breaker_failures: int = 3  # consecutive failures that open a backend's breaker
+    breaker_cooldown_s: float = 5.0  # before a half-open probe
 
     # Worker
     worker_web_port: int = 6066

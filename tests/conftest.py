@@ -12,10 +12,10 @@ import asyncpg
 import pytest
 
 from models.build import build_models
+from streams.app import bootstrap_registry
 from streams.harness import BridgeProcess, Worker, isolated_settings
 from streams.settings import PROJECT_ROOT, Settings
 from streams.stack import LocalStack, free_port
-from topics.admin import ensure_topics
 
 
 @pytest.fixture(scope="session")
@@ -49,16 +49,31 @@ async def drop_database(dsn: str) -> None:
         await conn.close()
 
 
+async def create_database(dsn: str) -> None:
+    base, _, name = dsn.rpartition("/")
+    conn = await asyncpg.connect(f"{base}/postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
-def settings(stack_settings: Settings) -> Settings:
-    """Per test: fresh topics (prefix) and consumer groups (app id)."""
+def settings(stack_settings: Settings) -> Iterator[Settings]:
+    """Per test: fresh topics (prefix), consumer groups (app id) and database."""
     tag = uuid.uuid4().hex[:8]
-    return stack_settings.model_copy(update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}"})
+    dsn = f"{stack_settings.postgres_dsn}_{tag}"
+    asyncio.run(create_database(dsn))
+    try:
+        yield stack_settings.model_copy(update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "postgres_dsn": dsn})
+    finally:
+        asyncio.run(drop_database(dsn))
 
 
 @pytest.fixture
 def topics_ready(settings: Settings) -> Settings:
-    asyncio.run(ensure_topics(settings, ["tiny", "resnet18", "efficientnet-lite0"]))
+    """Topics created and the built models registered (as a worker does at start)."""
+    asyncio.run(bootstrap_registry(settings))
     return settings
 
 

@@ -21,7 +21,8 @@ async def ensure_topics(settings: Settings, models: list[str], extra: list[Topic
                 [
                     NewTopic(
                         s.name, s.partitions, 1,
-                        topic_configs={"retention.ms": str(s.retention_ms)},
+                        topic_configs={"cleanup.policy": "compact"} if s.compacted
+                        else {"retention.ms": str(s.retention_ms)},
                     )
                     for s in missing
                 ]

@@ -14,6 +14,10 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     PAYLOAD_UNAVAILABLE = "PAYLOAD_UNAVAILABLE"  # an S3 reference that cannot be read
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no, or invalid, credentials
+    FORBIDDEN = "FORBIDDEN"  # valid credentials without the right to this model
+    RATE_LIMITED = "RATE_LIMITED"
+    UNAVAILABLE = "UNAVAILABLE"  # every backend of the version is down, or the limiter's store is
     INFERENCE_FAILED = "INFERENCE_FAILED"
     INTERNAL = "INTERNAL"
 

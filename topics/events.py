@@ -77,6 +77,7 @@ class InferenceRequest(BaseModel):
     credentials: Credentials | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     batch_id: str | None = None  # set on the items of a batch job
+    shadow_of: str | None = None  # set on a shadow copy: the request id it mirrors
     created_ms: int = Field(default_factory=now_ms)
 
 
@@ -104,8 +105,10 @@ class InferenceResult(BaseModel):
     error: ErrorInfo | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     batch_size: int | None = None
+    backend: str | None = None  # which backend served it
     tenant: str | None = None
     batch_id: str | None = None
+    shadow_of: str | None = None
     created_ms: int | None = None
     completed_ms: int = Field(default_factory=now_ms)
 

@@ -15,6 +15,7 @@ class TopicSpec:
     name: str
     partitions: int
     retention_ms: int
+    compacted: bool = False  # keep the latest record per key, forever
 
 
 def valid_topic(name: str) -> bool:
@@ -30,6 +31,7 @@ class Topics:
         self.results = f"{prefix}.results"
         self.deadletter = f"{prefix}.deadletter"
         self.batches = f"{prefix}.batches"  # batch job commands (key: batch id)
+        self.registry = f"{prefix}.registry"  # model version records (key: name/version)
 
     def bridge_replies(self, instance: str) -> str:
         """The reply topic of one bridge instance: it alone reads it."""
@@ -47,5 +49,6 @@ class Topics:
             TopicSpec(self.results, s.result_partitions, s.result_retention_ms),
             TopicSpec(self.deadletter, s.deadletter_partitions, s.deadletter_retention_ms),
             TopicSpec(self.batches, s.request_partitions, s.request_retention_ms),
+            TopicSpec(self.registry, 1, -1, compacted=True),
             *(TopicSpec(self.model(m), s.model_partitions, s.request_retention_ms) for m in models),
         ]

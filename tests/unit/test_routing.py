@@ -11,9 +11,9 @@ from topics.events import InferenceRequest, TensorSpec
 from topics.names import Topics
 
 
-def info(name: str, version: str) -> ModelInfo:
+def info(name: str, version: str, **fields) -> ModelInfo:
     return ModelInfo(
-        name=name, version=version, max_batch_size=8,
+        name=name, version=version, max_batch_size=8, **fields,
         inputs=[TensorSignature(name="x", dtype="float32", shape=[-1, 4])],
         outputs=[TensorSignature(name="y", dtype="float32", shape=[-1, 4])],
         path=Path(f"/repo/{name}/{version}/model.onnx"),
@@ -22,8 +22,7 @@ def info(name: str, version: str) -> ModelInfo:
 
 @pytest.fixture
 def router() -> Router:
-    registry = ModelRegistry({"tiny": {"1": info("tiny", "1"), "2": info("tiny", "2"), "10": info("tiny", "10")},
-                              "other": {"3": info("other", "3")}})
+    registry = ModelRegistry([info("tiny", "1"), info("tiny", "2"), info("tiny", "10"), info("other", "3")])
     return Router(registry, Topics(Settings(topic_prefix="t")))
 
 
@@ -90,3 +89,33 @@ def test_registry_loads_the_repository_layout(tmp_path):
     assert registry.names == ["m"] and registry.versions("m") == ["1"]
     with pytest.raises(FileNotFoundError):
         ModelRegistry.load(tmp_path, only=["absent"])
+
+
+def test_weights_split_unversioned_requests_and_stick_per_key():
+    registry = ModelRegistry([info("m", "1", weight=90), info("m", "2", weight=10)])
+    chosen = [registry.resolve("m", key=f"request-{i}").version for i in range(2000)]
+    assert 0.07 <= chosen.count("2") / 2000 <= 0.13
+    assert all(registry.resolve("m", key=f"request-{i}").version == chosen[i] for i in range(100))
+    assert registry.resolve("m").version == "2"  # no key: the newest active version
+
+
+def test_draft_retired_and_shadow_versions():
+    registry = ModelRegistry([
+        info("m", "1"), info("m", "2", status="draft"), info("m", "3", status="retired"),
+        info("m", "4", shadow=True),
+    ])
+    assert {registry.resolve("m", key=str(i)).version for i in range(200)} == {"1"}
+    assert registry.resolve("m", "2").version == "2"  # a draft answers when named
+    with pytest.raises(EventError) as e:
+        registry.resolve("m", "3")
+    assert e.value.code == ErrorCode.UNKNOWN_VERSION
+    assert [s.version for s in registry.shadows("m")] == ["4"]
+    assert registry.versions("m") == ["1", "2", "4"]
+
+
+def test_a_stale_record_never_overwrites_a_newer_one():
+    registry = ModelRegistry([info("m", "1", weight=5, revision=3)])
+    assert not registry.apply(info("m", "1", weight=50, revision=2))
+    assert registry.get("m", "1").weight == 5
+    assert registry.apply(info("m", "1", weight=70, revision=4))
+    assert registry.get("m", "1").weight == 70

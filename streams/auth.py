@@ -1,0 +1,344 @@
+"""Who sent a request, and may they call this model: JWT bearer tokens and API keys both resolve
+to a Principal (tenant, subject, scopes).
+
+Scopes: "infer" allows every model, "infer:<model>" one model.
+API keys look like `isk_<key_id>_<secret>`; only an HMAC-SHA256 of the secret (keyed by a server
+pepper) is stored. Keys are random and high-entropy, so a fast keyed hash is enough; a slow
+password hash would only cost latency on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import jwt
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from topics.errors import ErrorCode, EventError
+from topics.events import Credentials
+
+log = logging.getLogger(__name__)
+
+INFER_SCOPE = "infer"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    subject: str
+    scopes: frozenset[str]
+    method: str  # "jwt" | "api_key" | "anonymous"
+
+    def allows(self, model: str) -> bool:
+        return INFER_SCOPE in self.scopes or f"{INFER_SCOPE}:{model}" in self.scopes
+
+    def authorize(self, model: str) -> None:
+        """Raise FORBIDDEN unless the principal may call `model`."""
+        if not self.allows(model):
+            raise EventError(ErrorCode.FORBIDDEN, f"{self.method} principal {self.subject!r} of tenant"
+                             f" {self.tenant!r} has no {INFER_SCOPE!r} scope for model {model!r}")
+
+
+ANONYMOUS = Principal(tenant="anonymous", subject="anonymous", scopes=frozenset({INFER_SCOPE}), method="anonymous")
+
+
+def _unauthenticated(reason: str) -> EventError:
+    return EventError(ErrorCode.UNAUTHENTICATED, reason)
+
+
+# -- JWT -----------------------------------------------------------------------------------
+
+
+def _prepare_key(alg: str, hs_secret: str | None, rs_public_key: str | None) -> Any:
+    """The verification key for one configured algorithm, checked once at startup. HS* use the
+    shared secret and every other algorithm the public key, so a token can never make one be
+    read as the other (PyJWT also refuses PEM material as an HMAC secret)."""
+    if alg.lower() == "none":
+        raise ValueError("the 'none' JWT algorithm cannot be configured")
+    try:
+        algorithm = jwt.get_algorithm_by_name(alg)
+    except NotImplementedError:
+        raise ValueError(f"unsupported JWT algorithm {alg!r}") from None
+    symmetric = alg.startswith("HS")
+    material = hs_secret if symmetric else rs_public_key
+    if not material:
+        raise ValueError(f"JWT algorithm {alg} needs {'hs_secret' if symmetric else 'rs_public_key'}")
+    try:
+        return algorithm.prepare_key(material)
+    except (jwt.InvalidKeyError, ValueError) as exc:
+        raise ValueError(f"the key configured for {alg} cannot be used: {exc}") from None
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    """Why PyJWT rejected a token, in our words: its messages may quote token contents."""
+    match exc:
+        case jwt.ExpiredSignatureError():
+            return "token expired"
+        case jwt.ImmatureSignatureError():
+            return "token not yet valid (nbf or iat in the future)"
+        case jwt.MissingRequiredClaimError():
+            return f"token lacks the {exc.claim!r} claim"
+        case jwt.InvalidAudienceError():
+            return "token audience does not match"
+        case jwt.InvalidIssuerError():
+            return "token issuer does not match"
+        case jwt.InvalidSignatureError():  # before DecodeError: it is a subclass
+            return "bad token signature"
+        case jwt.DecodeError():
+            return "malformed token"
+        case _:
+            return f"invalid token ({type(exc).__name__})"
+
+
+def _scopes(value: Any) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return frozenset(value)
+    raise _unauthenticated("token scope claim must be a space-separated string or a list of strings")
+
+
+class JwtVerifier:
+    def __init__(
+        self,
+        algorithms: list[str],
+        *,
+        hs_secret: str | None = None,
+        rs_public_key: str | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_s: float = 0,
+        tenant_claim: str = "tenant",
+        scope_claim: str = "scope",
+    ) -> None:
+        if not algorithms:
+            raise ValueError("configure at least one JWT algorithm")
+        self._keys = {alg: _prepare_key(alg, hs_secret, rs_public_key) for alg in algorithms}
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway_s = leeway_s
+        self.tenant_claim = tenant_claim
+        self.scope_claim = scope_claim
+
+    def verify(self, token: str) -> Principal:
+        alg = self._algorithm(token)
+        try:
+            # Exactly the header's algorithm, and only because it is configured: the key is the
+            # one configured for it, never one chosen by the token.
+            claims = jwt.decode(
+                token, self._keys[alg], algorithms=[alg],
+                issuer=self.issuer, audience=self.audience, leeway=self.leeway_s,
+            )
+        except jwt.PyJWTError as exc:
+            raise _unauthenticated(_reason(exc)) from None
+        return self._principal(claims)
+
+    def _algorithm(self, token: str) -> str:
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise _unauthenticated("malformed token") from None
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise _unauthenticated("unsigned tokens (alg none) are not accepted")
+        if alg not in self._keys:
+            raise _unauthenticated(f"token algorithm {alg[:16]!r} is not accepted")
+        return alg
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        tenant = claims.get(self.tenant_claim)
+        if not isinstance(tenant, str) or not tenant:
+            raise _unauthenticated(f"token lacks the {self.tenant_claim!r} claim")
+        return Principal(
+            tenant=tenant,
+            subject=claims.get("sub") or tenant,  # PyJWT has checked that a present sub is a str
+            scopes=_scopes(claims.get(self.scope_claim)),
+            method="jwt",
+        )
+
+
+# -- API keys ------------------------------------------------------------------------------
+
+API_KEY_PREFIX = "isk"
+_API_KEY = re.compile(rf"{API_KEY_PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43,128}})")
+
+
+def new_api_key() -> tuple[str, str, str]:
+    """(key_id, secret, full key): a 48-bit id to look the key up, a 256-bit secret."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return key_id, secret, f"{API_KEY_PREFIX}_{key_id}_{secret}"
+
+
+def parse_api_key(full: str) -> tuple[str, str]:
+    match = _API_KEY.fullmatch(full)
+    if match is None:
+        raise _unauthenticated(f"malformed API key (expected {API_KEY_PREFIX}_<key id>_<secret>)")
+    return match.group(1), match.group(2)
+
+
+def hash_secret(secret: str, pepper: str) -> str:
+    return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def secret_matches(secret: str, stored: str, pepper: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret, pepper), stored)
+
+
+API_KEYS_DDL = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      text PRIMARY KEY,
+    tenant      text NOT NULL,
+    scopes      text[] NOT NULL,
+    name        text NOT NULL DEFAULT '',
+    secret_hash text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
+);
+CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
+"""
+
+# Cache entries: {"state": "active", "tenant", "scopes", "hash"} | {"state": "revoked"} |
+# {"state": "unknown"}. Unknown ids are cached briefly so guessing does not hammer PostgreSQL.
+_NEGATIVE_TTL_S = 5.0
+
+
+class ApiKeyStore:
+    """API keys in PostgreSQL, looked up through a Redis cache.
+
+    Revocation wins over the cache: revoke writes a "revoked" entry over whatever is cached,
+    and lookups fill the cache only where nothing is (SET NX), so a lookup that read the row
+    just before the revoke cannot put the key back."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        pepper: str,
+        cache_ttl_s: float = 30,
+        key_prefix: str = "inferstream",
+    ) -> None:
+        if not pepper:
+            raise ValueError("API keys need a non-empty pepper")
+        self._pool = pool
+        self._redis = redis
+        self._pepper = pepper
+        self._ttl_ms = int(cache_ttl_s * 1000)
+        self._negative_ttl_ms = int(min(cache_ttl_s, _NEGATIVE_TTL_S) * 1000)
+        self._prefix = key_prefix
+
+    async def ensure_schema(self) -> None:
+        await self._pool.execute(API_KEYS_DDL)
+
+    async def create(self, tenant: str, scopes: list[str], name: str = "") -> str:
+        """A new key; the full key is returned only here, the table keeps its hash."""
+        key_id, secret, full = new_api_key()
+        await self._pool.execute(
+            "INSERT INTO api_keys (key_id, tenant, scopes, name, secret_hash) VALUES ($1, $2, $3, $4, $5)",
+            key_id, tenant, list(scopes), name, hash_secret(secret, self._pepper),
+        )
+        return full
+
+    async def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        rows = await self._pool.fetch(
+            "SELECT key_id, tenant, scopes, name, created_at, revoked_at FROM api_keys"
+            " WHERE $1::text IS NULL OR tenant = $1 ORDER BY created_at, key_id",
+            tenant,
+        )
+        return [dict(row) for row in rows]
+
+    async def revoke(self, key_id: str) -> bool:
+        """True when the key was active. Raises if Redis cannot take the "revoked" entry: the key
+        is then revoked in PostgreSQL, but a cached copy may serve for up to cache_ttl_s."""
+        status = await self._pool.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL", key_id
+        )
+        await self._redis.set(self._cache_key(key_id), orjson.dumps({"state": "revoked"}), px=self._ttl_ms)
+        return status == "UPDATE 1"
+
+    async def verify(self, full_key: str) -> Principal:
+        key_id, secret = parse_api_key(full_key)
+        entry = await self._entry(key_id)
+        if entry["state"] == "unknown":
+            raise _unauthenticated("unknown key")
+        if entry["state"] == "revoked":
+            raise _unauthenticated("revoked")
+        if not secret_matches(secret, entry["hash"], self._pepper):
+            raise _unauthenticated("invalid key")
+        return Principal(tenant=entry["tenant"], subject=key_id, scopes=frozenset(entry["scopes"]), method="api_key")
+
+    def _cache_key(self, key_id: str) -> str:
+        return f"{self._prefix}:apikey:{key_id}"
+
+    async def _entry(self, key_id: str) -> dict[str, Any]:
+        cache_key = self._cache_key(key_id)
+        try:
+            cached = await self._redis.get(cache_key)
+        except RedisError as exc:
+            log.warning("API key cache unavailable, reading PostgreSQL: %s", exc)
+            return await self._load(key_id)
+        if cached is not None:
+            return orjson.loads(cached)
+        entry = await self._load(key_id)
+        ttl = self._negative_ttl_ms if entry["state"] == "unknown" else self._ttl_ms
+        try:
+            await self._redis.set(cache_key, orjson.dumps(entry), px=ttl, nx=True)
+        except RedisError as exc:
+            log.warning("API key cache unavailable: %s", exc)
+        return entry
+
+    async def _load(self, key_id: str) -> dict[str, Any]:
+        row = await self._pool.fetchrow(
+            "SELECT tenant, scopes, secret_hash, revoked_at FROM api_keys WHERE key_id = $1", key_id
+        )
+        if row is None:
+            return {"state": "unknown"}
+        if row["revoked_at"] is not None:
+            return {"state": "revoked"}
+        return {"state": "active", "tenant": row["tenant"], "scopes": list(row["scopes"]), "hash": row["secret_hash"]}
+
+
+# -- the auth stage ------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Credentials to a Principal. Absent credentials are anonymous unless auth is required;
+    credentials that are present but invalid are always rejected."""
+
+    def __init__(self, jwt: JwtVerifier | None, keys: ApiKeyStore | None, required: bool) -> None:
+        self.jwt = jwt
+        self.keys = keys
+        self.required = required
+
+    async def authenticate(self, credentials: Credentials | None) -> Principal:
+        authorization = credentials.authorization if credentials else None
+        api_key = credentials.api_key if credentials else None
+        if authorization is not None and api_key is not None:
+            raise _unauthenticated("send a bearer token or an API key, not both")
+        if authorization is not None:
+            return self._bearer(authorization)
+        if api_key is not None:
+            if self.keys is None:
+                raise _unauthenticated("API keys are not accepted here")
+            return await self.keys.verify(api_key)
+        if self.required:
+            raise _unauthenticated("credentials required: a bearer token or an API key")
+        return ANONYMOUS
+
+    def _bearer(self, authorization: str) -> Principal:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthenticated("authorization must be 'Bearer <token>'")
+        if self.jwt is None:
+            raise _unauthenticated("bearer tokens are not accepted here")
+        return self.jwt.verify(token.strip())

@@ -1,0 +1,217 @@
+"""Request rate limits per subject (an API key or a tenant), shared by every worker through Redis.
+
+Each subject has a sliding log: a sorted set whose members are request ids scored by arrival
+time in ms. One Lua script drops the entries that left the window, lets a request id already in
+the log through again (a redelivered event is counted once), refuses a new id when the log holds
+`limit` entries, and otherwise adds it. Being one script it is atomic across workers, and being a
+log rather than a counter it is exact at the window's boundary.
+
+`SlidingLog` is the same semantics in pure Python, for unit tests and as the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from topics.errors import ErrorCode, EventError
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the subject's log. ARGV: now_ms ("" = the Redis server's clock, one clock for every
+# worker), window_ms, limit, request id. Returns {allowed 0|1, entries in the window, oldest
+# entry's ms or -1, now_ms}. An entry scored t is in the window while now - t < window.
+RATE_LIMIT_LUA = """
+local key, window, limit, member = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local now = tonumber(ARGV[1])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local count = redis.call('ZCARD', key)
+local function oldest()
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) end
+  return -1
+end
+if redis.call('ZSCORE', key, member) then
+  return {1, count, oldest(), now}
+end
+if count >= limit then
+  return {0, count, oldest(), now}
+end
+redis.call('ZADD', key, now, member)
+redis.call('PEXPIRE', key, window)
+return {1, count + 1, oldest(), now}
+"""
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_s: float  # 0 when allowed
+
+
+def decide(allowed: bool, count: int, oldest_ms: int | None, limit: int, now_ms: int, window_ms: int) -> Decision:
+    """A Decision from one step of the log: `count` entries in the window after it."""
+    if allowed:
+        retry_ms = 0
+    elif oldest_ms is None:  # a limit of 0: nothing will ever leave to make room
+        retry_ms = window_ms
+    else:
+        retry_ms = oldest_ms + window_ms - now_ms  # when the oldest entry leaves the window
+    return Decision(allowed, limit, max(limit - count, 0), retry_ms / 1000)
+
+
+class SlidingLog:
+    """The Lua script's semantics for one subject, in memory."""
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self._entries: dict[str, int] = {}  # request id -> arrival ms
+
+    def hit(self, member: str, limit: int, now_ms: int) -> tuple[bool, int, int | None]:
+        """(allowed, entries in the window after this hit, oldest entry's ms)."""
+        self._entries = {m: t for m, t in self._entries.items() if now_ms - t < self.window_ms}
+        if member not in self._entries:
+            if len(self._entries) >= limit:
+                return False, len(self._entries), self._oldest()
+            self._entries[member] = now_ms
+        return True, len(self._entries), self._oldest()
+
+    def check(self, member: str, limit: int, now_ms: int) -> Decision:
+        return decide(*self.hit(member, limit, now_ms), limit=limit, now_ms=now_ms, window_ms=self.window_ms)
+
+    def _oldest(self) -> int | None:
+        return min(self._entries.values(), default=None)
+
+
+class RateLimiter:
+    """Sliding-log limits in Redis. When Redis cannot answer, `fail_open` lets requests through
+    unlimited (counted in `unavailable_count`); otherwise they fail with UNAVAILABLE."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        default_limit: int = 100,
+        window_s: float = 60.0,
+        fail_open: bool = False,
+        key_prefix: str = "inferstream",
+    ) -> None:
+        self.default_limit = default_limit
+        self.window_ms = int(window_s * 1000)
+        self.fail_open = fail_open
+        self.unavailable_count = 0  # checks Redis could not answer
+        self._prefix = key_prefix
+        self._script = redis.register_script(RATE_LIMIT_LUA)
+        self._store_up = True
+
+    async def check(
+        self, subject: str, request_id: str, limit: int | None = None, now_ms: int | None = None
+    ) -> Decision:
+        """Count `request_id` against `subject`'s limit (the default unless given). `now_ms` is
+        for tests; by default the Redis server's clock is used."""
+        limit = self.default_limit if limit is None else limit
+        args = ["" if now_ms is None else now_ms, self.window_ms, limit, request_id]
+        try:
+            allowed, count, oldest, now = await self._script(keys=[self._key(subject)], args=args)
+        except RedisError as exc:
+            return self._store_down(limit, exc)
+        if not self._store_up:
+            self._store_up = True
+            log.warning("rate limiter store available again; limits are enforced")
+        return decide(bool(allowed), count, None if oldest < 0 else oldest, limit, now, self.window_ms)
+
+    def _key(self, subject: str) -> str:
+        return f"{self._prefix}:ratelimit:{subject}"
+
+    def _store_down(self, limit: int, exc: RedisError) -> Decision:
+        self.unavailable_count += 1
+        if self._store_up:
+            self._store_up = False
+            policy = "open: requests pass unlimited" if self.fail_open else "closed: requests are refused"
+            log.warning("rate limiter store unavailable (%s); failing %s", exc, policy)
+        if self.fail_open:
+            return Decision(True, limit, limit, 0.0)
+        raise EventError(ErrorCode.UNAVAILABLE, f"rate limiter unavailable ({type(exc).__name__}); try again later")
+
+
+TENANT_LIMITS_DDL = """
+CREATE TABLE IF NOT EXISTS tenant_limits (
+    tenant              text PRIMARY KEY,
+    requests_per_minute integer NOT NULL CHECK (requests_per_minute >= 0),
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class TenantLimits:
+    """Per-tenant overrides of the default limit (requests per limiter window, a minute by
+    default), in PostgreSQL behind a Redis cache. Writes overwrite the cached value and lookups
+    fill it only where nothing is cached (SET NX), so a change is never undone by a stale read."""
+
+    _NONE = b""  # cached "no override"
+
+    def __init__(
+        self, pool: asyncpg.Pool, redis: aioredis.Redis, cache_ttl_s: float = 30, key_prefix: str = "inferstream"
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._ttl_ms = int(cache_ttl_s * 1000)
+        self._prefix = key_prefix
+
+    async def ensure_schema(self) -> None:
+        await self._pool.execute(TENANT_LIMITS_DDL)
+
+    async def get(self, tenant: str) -> int | None:
+        key = self._cache_key(tenant)
+        try:
+            cached = await self._redis.get(key)
+        except RedisError as exc:
+            log.warning("tenant limit cache unavailable, reading PostgreSQL: %s", exc)
+            return await self._load(tenant)
+        if cached is not None:
+            return int(cached) if cached else None  # bytes or str, as the client decodes
+        limit = await self._load(tenant)
+        try:
+            await self._redis.set(key, self._encode(limit), px=self._ttl_ms, nx=True)
+        except RedisError as exc:
+            log.warning("tenant limit cache unavailable: %s", exc)
+        return limit
+
+    async def set(self, tenant: str, requests_per_minute: int) -> None:
+        if requests_per_minute < 0:
+            raise ValueError("a limit cannot be negative")
+        await self._pool.execute(
+            "INSERT INTO tenant_limits (tenant, requests_per_minute) VALUES ($1, $2) ON CONFLICT (tenant)"
+            " DO UPDATE SET requests_per_minute = EXCLUDED.requests_per_minute, updated_at = now()",
+            tenant, requests_per_minute,
+        )
+        await self._redis.set(self._cache_key(tenant), self._encode(requests_per_minute), px=self._ttl_ms)
+
+    async def clear(self, tenant: str) -> bool:
+        """True when the tenant had an override."""
+        status = await self._pool.execute("DELETE FROM tenant_limits WHERE tenant = $1", tenant)
+        await self._redis.set(self._cache_key(tenant), self._NONE, px=self._ttl_ms)
+        return status == "DELETE 1"
+
+    async def list(self) -> dict[str, int]:
+        rows = await self._pool.fetch("SELECT tenant, requests_per_minute FROM tenant_limits ORDER BY tenant")
+        return {row["tenant"]: row["requests_per_minute"] for row in rows}
+
+    def _cache_key(self, tenant: str) -> str:
+        return f"{self._prefix}:tenantlimit:{tenant}"
+
+    def _encode(self, limit: int | None) -> bytes:
+        return self._NONE if limit is None else str(limit).encode()
+
+    async def _load(self, tenant: str) -> int | None:
+        return await self._pool.fetchval("SELECT requests_per_minute FROM tenant_limits WHERE tenant = $1", tenant)

@@ -1,0 +1,139 @@
+"""Serving one model version on its backends: in-process onnxruntime and/or Triton servers,
+each behind its own micro-batcher, picked by least outstanding requests, each with a circuit
+breaker. A backend failure retries the request on another backend; with every breaker open the
+request fails at once (UNAVAILABLE) instead of queueing until its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from streams.batcher import AdaptiveBatcher
+from streams.breaker import CircuitBreaker
+from streams.onnx_backend import OnnxModel
+from streams.registry import BackendSpec, ModelInfo
+from streams.settings import Settings
+from streams.weighted import Balancer
+from topics.errors import ErrorCode, EventError
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass
+class Outcome:
+    """What a backend produced for one request."""
+
+    outputs: Tensors
+    inference_ms: float
+    batch_size: int
+    backend: str
+
+
+@dataclass
+class Backend:
+    spec: BackendSpec
+    batcher: AdaptiveBatcher
+    close: Callable[[], object] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.label
+
+
+def _timed(run_batch, label: str):
+    """Wrap a backend's batch call so each outcome records the batch's time, size and backend."""
+
+    def outcomes(results: list, elapsed_ms: float, size: int) -> list:
+        return [r if isinstance(r, BaseException) else Outcome(r, elapsed_ms, size, label) for r in results]
+
+    if asyncio.iscoroutinefunction(run_batch):
+        async def run_async(batch: list) -> list:
+            t0 = time.perf_counter()
+            results = await run_batch(batch)
+            return outcomes(results, (time.perf_counter() - t0) * 1000, len(batch))
+
+        return run_async
+
+    def run(batch: list) -> list:
+        t0 = time.perf_counter()
+        results = run_batch(batch)
+        return outcomes(results, (time.perf_counter() - t0) * 1000, len(batch))
+
+    return run
+
+
+async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) -> Backend:
+    if spec.kind == "onnxruntime":
+        model = await asyncio.to_thread(OnnxModel, info, settings.onnx_intra_op_threads)
+        run_batch, close = model.run_batch, None
+    else:
+        from streams.triton_backend import TritonModel
+
+        model = TritonModel(info, spec, timeout_s=settings.triton_timeout_s)
+        await model.start()
+        run_batch, close = model.run_batch, model.stop
+    batcher = AdaptiveBatcher(
+        _timed(run_batch, spec.label),
+        max_batch_size=min(settings.max_batch_size, info.max_batch_size),
+        max_delay=(info.max_batch_delay_ms if info.max_batch_delay_ms is not None else settings.max_batch_delay_ms) / 1000,
+        max_pending=settings.max_inflight,
+        name=f"{info.key}@{spec.label}",
+    )
+    await batcher.start()
+    return Backend(spec, batcher, close)
+
+
+class VersionServer:
+    def __init__(self, info: ModelInfo, backends: list[Backend], settings: Settings) -> None:
+        self.info = info
+        self.backends = backends
+        self.balancer: Balancer[Backend] = Balancer(
+            {b.name: b for b in backends},
+            lambda: CircuitBreaker(failure_threshold=settings.breaker_failures,
+                                   cooldown_s=settings.breaker_cooldown_s),
+        )
+
+    @classmethod
+    async def create(cls, info: ModelInfo, settings: Settings) -> VersionServer:
+        backends = [await _make_backend(info, spec, settings) for spec in info.backends]
+        return cls(info, backends, settings)
+
+    async def stop(self) -> None:
+        for backend in self.backends:
+            await backend.batcher.stop()
+            if backend.close is not None:
+                await backend.close()
+
+    async def submit(self, tensors: Tensors) -> Outcome:
+        """Run one request; a backend that fails is skipped for the next attempt."""
+        last_error: BaseException | None = None
+        for _ in range(len(self.backends)):
+            backend = self.balancer.pick()
+            if backend is None:
+                break
+            self.balancer.begin(backend)
+            ok = True
+            try:
+                return await backend.batcher.submit(tensors)
+            except EventError:
+                raise  # the request's own fault: the backend is fine
+            except asyncio.CancelledError:
+                raise  # the caller went away: no verdict on the backend
+            except Exception as exc:  # noqa: BLE001 - a backend fault: try another
+                ok, last_error = False, exc
+                log.warning("%s failed on %s: %r", self.info.key, backend.name, exc)
+            finally:
+                self.balancer.end(backend, ok=ok)
+        states = ", ".join(f"{name}: {state}" for name, state in self.balancer.states().items())
+        raise EventError(
+            ErrorCode.UNAVAILABLE,
+            f"no backend of {self.info.key} is available ({states})"
+            + (f"; last error: {last_error!r}" if last_error else ""),
+        )
