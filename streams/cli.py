@@ -25,6 +25,10 @@ topics_app = typer.Typer(help="Kafka topics of the contract.", no_args_is_help=T
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
 app.add_typer(topics_app, name="topics")
+keys_app = typer.Typer(help="API keys: issue, list, revoke.", no_args_is_help=True)
+limits_app = typer.Typer(help="Per-tenant rate limits.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(limits_app, name="limits")
 console = Console()
 
 
@@ -101,16 +105,168 @@ def models_build(
         console.print(f"model ready: {path}")
 
 
+async def _with_stores(work):
+    """Run `work(settings, pool, redis)` with the registry/keys/limits stores' connections."""
+    import redis.asyncio as aioredis
+
+    from streams.results_store import ResultsStore
+
+    settings = get_settings()
+    results = ResultsStore(settings.postgres_dsn)
+    await results.start()  # creates or migrates the schema
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        return await work(settings, results.pool, redis)
+    finally:
+        await redis.aclose()
+        await results.stop()
+
+
+def _registry_call(method: str, *args, **kwargs):
+    from streams.registry_store import RegistryError, RegistryStore
+
+    async def work(settings, pool, redis):
+        return await getattr(RegistryStore(settings, pool, redis), method)(*args, **kwargs)
+
+    try:
+        return asyncio.run(_with_stores(work))
+    except RegistryError as exc:
+        _fail(str(exc))
+
+
 @models_app.command("list")
 def models_list() -> None:
-    from streams.registry import ModelRegistry
+    """Registered versions: status, routing weight, shadow, backends."""
+    table = Table("model", "version", "status", "weight", "shadow", "backends", "inputs", "artifact")
+    for info in _registry_call("list"):
+        sig = ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in info.inputs)
+        table.add_row(info.name, info.version, info.status, str(info.weight), str(info.shadow),
+                      ", ".join(b.label for b in info.backends), sig, info.artifact or "")
+    console.print(table)
 
-    registry = ModelRegistry.load(get_settings().model_repository)
-    table = Table("model", "versions", "inputs", "outputs")
-    for name in registry.names:
-        info = registry.resolve(name)
-        sig = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
-        table.add_row(name, ", ".join(registry.versions(name)), sig(info.inputs), sig(info.outputs))
+
+@models_app.command("register")
+def models_register(
+    name: str,
+    version: str,
+    artifact: Annotated[str, typer.Option(help="model.onnx: a local path or s3://bucket/key")],
+    status: Annotated[str, typer.Option(help="active, draft or retired")] = "draft",
+    weight: Annotated[int, typer.Option(help="share of unversioned requests")] = 0,
+    shadow: Annotated[bool, typer.Option(help="mirror requests here; results stored, never returned")] = False,
+    triton: Annotated[Optional[list[str]], typer.Option(help="a Triton backend host:port (grpc), repeatable")] = None,
+    onnxruntime: Annotated[bool, typer.Option(help="also serve in the workers' onnxruntime")] = True,
+    max_batch_size: int = 64,
+) -> None:
+    """Register a model version; the artifact must load and match its signature."""
+    from streams.registry import BackendSpec
+    from streams.registry_store import RegistryError, info_from_artifact
+
+    settings = get_settings()
+    backends = ([BackendSpec()] if onnxruntime else []) + [BackendSpec(kind="triton", url=u) for u in triton or []]
+    if not backends:
+        _fail("a version needs a backend: onnxruntime and/or --triton")
+    try:
+        info = info_from_artifact(name, version, artifact, _object_store(settings), settings.state_dir / "artifacts",
+                                  status=status, weight=weight, shadow=shadow, backends=backends,
+                                  max_batch_size=max_batch_size)
+    except RegistryError as exc:
+        _fail(str(exc))
+    saved = _registry_call("save", info)
+    console.print(f"registered {saved.key} (revision {saved.revision}, {saved.status}, weight {saved.weight})")
+
+
+@models_app.command("set")
+def models_set(
+    name: str,
+    version: str,
+    status: Annotated[Optional[str], typer.Option(help="active, draft or retired")] = None,
+    weight: Annotated[Optional[int], typer.Option()] = None,
+    shadow: Annotated[Optional[bool], typer.Option("--shadow/--no-shadow")] = None,
+) -> None:
+    """Change a version's status, routing weight or shadow flag (live: workers follow)."""
+    current = _registry_call("get", name, version)
+    if current is None:
+        _fail(f"no registered version {name}/{version}")
+    changes = {k: v for k, v in {"status": status, "weight": weight, "shadow": shadow}.items() if v is not None}
+    saved = _registry_call("save", current.model_copy(update=changes), validate=False)
+    console.print(f"{saved.key}: revision {saved.revision}, {saved.status}, weight {saved.weight}, shadow {saved.shadow}")
+
+
+def _object_store(settings: Settings):
+    from streams.objectstore import ObjectStore
+
+    return ObjectStore(settings)
+
+
+# -- API keys and limits ------------------------------------------------------------------------
+
+
+def _keys_call(method: str, *args):
+    from streams.auth import ApiKeyStore
+
+    async def work(settings, pool, redis):
+        keys = ApiKeyStore(pool, redis, settings.api_key_pepper, settings.api_key_cache_ttl_s,
+                           key_prefix=settings.topic_prefix)
+        return await getattr(keys, method)(*args)
+
+    return asyncio.run(_with_stores(work))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option()],
+    scope: Annotated[list[str], typer.Option(help="'infer' (any model) or 'infer:<model>'; repeatable")] = ["infer"],  # noqa: B006
+    name: Annotated[str, typer.Option(help="a label for the key")] = "",
+) -> None:
+    """Issue an API key. It is shown once; only its hash is stored."""
+    console.print(_keys_call("create", tenant, scope, name))
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[Optional[str], typer.Option()] = None) -> None:
+    table = Table("key id", "tenant", "scopes", "name", "created", "revoked")
+    for key in _keys_call("list", tenant):
+        table.add_row(key["key_id"], key["tenant"], " ".join(key["scopes"]), key["name"],
+                      str(key["created_at"]), str(key["revoked_at"] or ""))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key (by its id, the part after `isk_`); it stops working at once."""
+    if not _keys_call("revoke", key_id):
+        _fail(f"no key {key_id}")
+    console.print(f"revoked {key_id}")
+
+
+def _limits_call(method: str, *args):
+    from streams.ratelimit import TenantLimits
+
+    async def work(settings, pool, redis):
+        limits = TenantLimits(pool, redis, settings.api_key_cache_ttl_s, key_prefix=settings.topic_prefix)
+        return await getattr(limits, method)(*args)
+
+    return asyncio.run(_with_stores(work))
+
+
+@limits_app.command("set")
+def limits_set(tenant: str, requests_per_minute: int) -> None:
+    """Override the default rate limit for one tenant."""
+    _limits_call("set", tenant, requests_per_minute)
+    console.print(f"{tenant}: {requests_per_minute} requests per minute")
+
+
+@limits_app.command("clear")
+def limits_clear(tenant: str) -> None:
+    _limits_call("clear", tenant)
+    console.print(f"{tenant}: default limit ({get_settings().rate_limit_per_minute} per minute)")
+
+
+@limits_app.command("list")
+def limits_list() -> None:
+    table = Table("tenant", "requests per minute")
+    for tenant, limit in sorted(_limits_call("list").items()):
+        table.add_row(tenant, str(limit))
     console.print(table)
 
 
@@ -214,6 +370,8 @@ def infer(
     version: Annotated[Optional[str], typer.Option()] = None,
     top_k: Annotated[int, typer.Option(help="labels to show for image models")] = 5,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_API_KEY", help="an API key")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_TOKEN", help="a JWT bearer token")] = None,
 ) -> None:
     """Produce one request event, wait for its reply and print the prediction."""
     from models.preprocess import (
@@ -226,6 +384,7 @@ def infer(
     from streams.client import InferenceClient
     from streams.registry import ModelRegistry
     from topics.errors import EventError
+    from topics.events import Credentials
 
     settings = get_settings()
     try:
@@ -241,9 +400,12 @@ def infer(
     else:
         _fail("give --image or --input")
 
+    credentials = Credentials(api_key=api_key, authorization=f"Bearer {token}" if token else None)
+
     async def call():
         async with InferenceClient(settings) as client:
-            result = await client.infer(model, inputs, version=version, timeout=timeout)
+            result = await client.infer(model, inputs, version=version, timeout=timeout,
+                                        credentials=credentials if api_key or token else None)
             return result, client.outputs(result) if result.header.status == "ok" else {}
 
     try:

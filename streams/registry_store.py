@@ -203,8 +203,8 @@ class RegistryFollower:
 def info_from_artifact(name: str, version: str, artifact: str, store: ObjectStore, cache_dir: Path,
                        **fields) -> ModelInfo:
     """A version record whose signature is read from its ONNX artifact (unless given)."""
-    draft = ModelInfo(name=name, version=version, artifact=artifact, path=Path(artifact),
-                      max_batch_size=fields.pop("max_batch_size", 64), inputs=[], outputs=[], **fields)
+    fields = {"max_batch_size": 64, "inputs": [], "outputs": [], **fields}
+    draft = ModelInfo(name=name, version=version, artifact=artifact, path=Path(artifact), **fields)
     local = fetch_artifact(draft, store, cache_dir)
     if draft.inputs and draft.outputs:
         return local

@@ -284,15 +284,17 @@ async def test_batch_finishes_after_its_worker_is_killed_midway(start_worker, st
     assert len({line["request_id"] for line in lines}) == 500
 
 
-async def test_broker_outage_gives_503_quickly(start_bridge, stack_settings, tmp_path):
+async def test_broker_outage_gives_503_quickly(start_bridge, settings, tmp_path):
     """A bridge whose broker goes away answers 503 within seconds instead of hanging."""
+    from streams.app import bootstrap_registry
     from streams.stack import LocalStack, free_port
 
     broker_port = free_port()
-    own = stack_settings.model_copy(update={"broker_port": broker_port, "kafka_bootstrap": f"127.0.0.1:{broker_port}"})
+    own = settings.model_copy(update={"broker_port": broker_port, "kafka_bootstrap": f"127.0.0.1:{broker_port}"})
     broker = LocalStack(own, broker_storage="memory", state_dir=tmp_path / "broker")
     broker.broker_up()
     try:
+        await bootstrap_registry(own)  # the bridge learns the models from this broker's registry topic
         bridge = await start_bridge(broker_port=broker_port, kafka_bootstrap=own.kafka_bootstrap, produce_timeout_s=2.0)
         broker.broker_down()
         async with aiohttp.ClientSession() as session:

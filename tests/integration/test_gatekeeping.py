@@ -1,0 +1,204 @@
+"""Auth, rate limits, the registry and routing, end to end on the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import asyncpg
+import jwt
+import pytest
+import redis.asyncio as aioredis
+
+from streams.auth import ApiKeyStore
+from streams.client import InferenceClient
+from streams.harness import tiny_input, wait_ready
+from streams.registry_store import RegistryStore, info_from_artifact
+from topics.events import Credentials
+
+pytestmark = pytest.mark.integration
+SECRET = "test-hs256-secret-of-enough-length-0123456789"
+AUTH = {"auth_required": True, "jwt_hs_secret": SECRET, "jwt_issuer": "inferstream-tests",
+        "jwt_audience": "inferstream", "jwt_algorithms": ["HS256"]}
+
+
+def token(**claims) -> str:
+    now = int(time.time())
+    body = {"iss": "inferstream-tests", "aud": "inferstream", "tenant": "acme", "scope": "infer",
+            "sub": "alice", "iat": now, "exp": now + 300, **claims}
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, SECRET, algorithm="HS256")
+
+
+class Stores:
+    """The test's own PostgreSQL pool and Redis client, for keys and registry records."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+
+    async def __aenter__(self) -> Stores:
+        self.pool = await asyncpg.create_pool(self.settings.postgres_dsn, min_size=1, max_size=2)
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        self.keys = ApiKeyStore(self.pool, self.redis, self.settings.api_key_pepper,
+                                key_prefix=self.settings.topic_prefix)
+        self.registry = RegistryStore(self.settings, self.pool, self.redis)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.redis.aclose()
+        await self.pool.close()
+
+
+async def call(client: InferenceClient, credentials: Credentials | None, seed: int = 0, **fields):
+    request = client.request("tiny", {}, timeout=30, credentials=credentials, **fields)
+    return await client.wait(request, await client.send(request, tiny_input(seed=seed)))
+
+
+async def call_many(client: InferenceClient, count: int, credentials: Credentials | None = None):
+    """Send `count` requests one after another, then wait for all replies."""
+    pending = []
+    for i in range(count):
+        request = client.request("tiny", {}, timeout=60, credentials=credentials)
+        pending.append((request, await client.send(request, tiny_input(seed=i))))
+    return await asyncio.gather(*(client.wait(r, w) for r, w in pending))
+
+
+async def ready_with(client, worker, credentials) -> None:
+    """Until the worker answers (its consumers have joined their groups)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        worker.check_running()
+        request = client.request("tiny", {}, timeout=3, credentials=credentials)
+        try:
+            await client.wait(request, await client.send(request, tiny_input()))
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(worker.log()[-3000:])
+
+
+async def test_jwt_and_api_keys_accepted_bad_credentials_rejected(start_worker, settings):
+    worker = start_worker(**AUTH)
+    async with Stores(worker.settings) as stores, InferenceClient(settings) as client:
+        key = await stores.keys.create("acme", ["infer"], name="ci")
+        revoked = await stores.keys.create("acme", ["infer"], name="old")
+        await ready_with(client, worker, Credentials(authorization=f"Bearer {token()}"))
+        await stores.keys.revoke(revoked.split("_")[1])
+        cases = {
+            "valid jwt": (Credentials(authorization=f"Bearer {token()}"), None),
+            "valid key": (Credentials(api_key=key), None),
+            "expired": (Credentials(authorization=f"Bearer {token(exp=int(time.time()) - 10)}"), "UNAUTHENTICATED"),
+            "audience": (Credentials(authorization=f"Bearer {token(aud='someone-else')}"), "UNAUTHENTICATED"),
+            "signature": (Credentials(authorization=f"Bearer {token()[:-4]}AAAA"), "UNAUTHENTICATED"),
+            "alg none": (Credentials(authorization="Bearer " + jwt.encode(
+                {"tenant": "acme", "scope": "infer", "aud": "inferstream", "iss": "inferstream-tests"},
+                None, algorithm="none")), "UNAUTHENTICATED"),
+            "revoked key": (Credentials(api_key=revoked), "UNAUTHENTICATED"),
+            "no credentials": (None, "UNAUTHENTICATED"),
+            "no scope": (Credentials(authorization=f"Bearer {token(scope='read')}"), "FORBIDDEN"),
+        }
+        results = {name: await call(client, creds) for name, (creds, _) in cases.items()}
+    for name, (_, code) in cases.items():
+        header = results[name].header
+        if code is None:
+            assert header.status == "ok", (name, header.error)
+            assert header.tenant == "acme", name
+        else:
+            assert header.error is not None and header.error.code == code, (name, header)
+            assert "Bearer" not in header.error.message and SECRET not in header.error.message
+
+
+async def test_the_101st_request_in_a_minute_is_refused_across_two_workers(start_worker, settings):
+    first = start_worker(**AUTH)
+    second = start_worker(**AUTH)
+    async with Stores(first.settings) as stores, InferenceClient(settings) as client:
+        key = await stores.keys.create("limited", ["infer"])
+        warm = await stores.keys.create("warm-up", ["infer"])
+        for worker in (first, second):
+            await ready_with(client, worker, Credentials(api_key=warm))
+        # One consumer group: the requests topic's partitions are split between the two workers,
+        # so both intakes count these requests against the same Redis limit.
+        results = await call_many(client, 101, Credentials(api_key=key))
+        first.check_running()
+        second.check_running()
+    codes = Counter(r.header.error.code if r.header.error else "ok" for r in results)
+    assert codes == {"ok": 100, "RATE_LIMITED": 1}, codes
+
+
+async def test_canary_split_shadow_and_a_live_registry_change(start_worker, settings):
+    worker = start_worker()
+    async with Stores(worker.settings) as stores, InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        v1 = await stores.registry.get("tiny", "1")
+        artifact = str(v1.path)
+        cache = settings.state_dir / "artifacts"
+        v2 = await asyncio.to_thread(info_from_artifact, "tiny", "2", artifact, stores.registry.store, cache,
+                                     weight=10, max_batch_size=v1.max_batch_size)
+        v3 = await asyncio.to_thread(info_from_artifact, "tiny", "3", artifact, stores.registry.store, cache,
+                                     shadow=True, max_batch_size=v1.max_batch_size)
+        await stores.registry.save(v1.model_copy(update={"weight": 90}))
+        await stores.registry.save(v2)
+        await stores.registry.save(v3)
+        await asyncio.sleep(3)  # the worker follows the registry topic
+
+        results = await call_many(client, 2000)
+        versions = Counter(r.header.model_version for r in results)
+        assert all(r.header.status == "ok" for r in results), [r.header.error for r in results if r.header.error][:3]
+        assert abs(versions["2"] / 2000 - 0.10) < 0.03, versions
+        assert versions["3"] == 0 and client.foreign_replies == 0  # shadow results never come back
+
+        shadow_rows = 0
+        for _ in range(60):
+            shadow_rows = await stores.pool.fetchval(
+                "SELECT count(*) FROM inference_results WHERE shadow_of IS NOT NULL AND model_version = '3'")
+            if shadow_rows >= 2000:
+                break
+            await asyncio.sleep(1)
+        assert shadow_rows == 2000
+
+        # A registry change reaches the running worker within seconds, without a restart.
+        await stores.registry.save(v1.model_copy(update={"weight": 0}))
+        changed_at = time.monotonic()
+        while time.monotonic() - changed_at < 20:
+            batch = await call_many(client, 50)
+            if {r.header.model_version for r in batch} == {"2"}:
+                break
+            await asyncio.sleep(0.2)
+        assert {r.header.model_version for r in batch} == {"2"}
+        assert time.monotonic() - changed_at < 20
+
+
+async def test_registration_is_validated(start_bridge, start_worker, settings, tmp_path):
+    import aiohttp
+
+    start_worker()
+    bridge = await start_bridge()
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    async with Stores(settings) as stores, aiohttp.ClientSession() as session:
+        artifact = str((await stores.registry.get("tiny", "1")).path)
+        resnet = str((await stores.registry.get("resnet18", "1")).path)
+        cases = [
+            ({"name": "tiny", "version": "9", "artifact": str(garbage)}, 400, "does not load"),
+            ({"name": "tiny", "version": "9", "artifact": artifact,
+              "inputs": [{"name": "x", "dtype": "int64", "shape": [-1, 16]}],
+              "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 16]}]}, 400, "int64"),
+            ({"name": "tiny", "version": "9", "artifact": resnet,
+              "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 16]}],
+              "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 16]}]}, 400, "differ"),
+            ({"name": "tiny", "version": "9", "artifact": artifact, "status": "draft"}, 201, None),
+        ]
+        for body, status, reason in cases:
+            async with session.post(f"{bridge.url}/v1/models", json=body) as r:
+                answer = await r.json()
+                assert r.status == status, answer
+                if reason:
+                    assert reason in answer["error"], answer
+        async with session.patch(f"{bridge.url}/v1/models/tiny/versions/9", json={"weight": 5}) as r:
+            assert r.status == 200 and (await r.json())["weight"] == 5
+        async with session.get(f"{bridge.url}/v1/models") as r:
+            listed = {(m["name"], m["version"], m["status"]) for m in await r.json()}
+        assert ("tiny", "9", "draft") in listed
+        async with session.delete(f"{bridge.url}/v1/models/tiny/versions/9") as r:
+            assert (await r.json())["status"] == "retired"
+
