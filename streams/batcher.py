@@ -1,6 +1,7 @@
 """Adaptive micro-batcher: callers submit one item and await its result; a single loop groups
 queued items into batches of at most `max_batch_size`, waiting at most `max_delay` after the
-first item of a batch, and runs each batch in a worker thread.
+first item of a batch, and runs each batch: awaited when `run_batch` is a coroutine function
+(a remote backend's client), else in a worker thread (so a CPU-bound call leaves the loop free).
 
 - The queue is bounded (`max_pending`): `submit` waits for room, which pushes back on the
   stream instead of buffering without limit.
@@ -11,14 +12,16 @@ first item of a batch, and runs each batch in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-RunBatch = Callable[[list[T]], Sequence["R | BaseException"]]
+Results = Sequence["R | BaseException"]
+RunBatch = Callable[[list[T]], Results | Awaitable[Results]]
 
 
 class BatcherStopped(RuntimeError):
@@ -38,6 +41,7 @@ class AdaptiveBatcher(Generic[T, R]):
         if max_batch_size < 1 or max_pending < 1 or max_delay < 0:
             raise ValueError("max_batch_size and max_pending must be >= 1, max_delay >= 0")
         self._run_batch = run_batch
+        self._is_async = inspect.iscoroutinefunction(run_batch)
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
         self.name = name
@@ -84,6 +88,11 @@ class AdaptiveBatcher(Generic[T, R]):
                 break
         return batch
 
+    async def _call(self, items: list[T]) -> Results:
+        if self._is_async:
+            return await self._run_batch(items)
+        return await asyncio.to_thread(self._run_batch, items)
+
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
@@ -94,7 +103,7 @@ class AdaptiveBatcher(Generic[T, R]):
             self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
             items = [item for item, _ in batch]
             try:
-                results = await asyncio.to_thread(self._run_batch, items)
+                results = await self._call(items)
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"{self.name}: run_batch returned {len(results)} results for {len(batch)} items"

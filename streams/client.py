@@ -48,7 +48,7 @@ class InferenceClient:
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         )
         self._waiters: dict[str, asyncio.Future[Result]] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
@@ -164,11 +164,10 @@ class InferenceClient:
         """Bounded in time: with the broker down, aiokafka would otherwise wait for metadata.
         Returns the delivery future (already resolved when `delivered`)."""
         try:
-            delivery = await asyncio.wait_for(
-                self._producer.send(topic, value, key=key), self.settings.produce_timeout_s
-            )
-            if delivered:
-                await asyncio.wait_for(asyncio.shield(delivery), self.settings.produce_timeout_s)
+            async with asyncio.timeout(self.settings.produce_timeout_s):  # no extra task per send
+                delivery = await self._producer.send(topic, value, key=key)
+                if delivered:
+                    await asyncio.shield(delivery)
         except (TimeoutError, KafkaError) as exc:
             raise UpstreamUnavailable(f"the broker did not accept the event: {exc!r}") from None
         return delivery

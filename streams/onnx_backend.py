@@ -24,6 +24,59 @@ def providers() -> list[str]:
     return preferred or available
 
 
+def group_requests(batch: list[Tensors], max_rows: int) -> list[list[int]]:
+    """Indexes of requests whose non-batch dims agree, in chunks of at most `max_rows` rows (a
+    larger request goes alone)."""
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i, tensors in enumerate(batch):
+        by_shape[tuple((n, t.shape[1:]) for n, t in sorted(tensors.items()))].append(i)
+    groups: list[list[int]] = []
+    for indexes in by_shape.values():
+        chunk: list[int] = []
+        rows = 0
+        for i in indexes:
+            n = next(iter(batch[i].values())).shape[0]
+            if chunk and rows + n > max_rows:
+                groups.append(chunk)
+                chunk, rows = [], 0
+            chunk.append(i)
+            rows += n
+        groups.append(chunk)
+    return groups
+
+
+def concat_rows(members: list[Tensors]) -> Tensors:
+    """One group's requests as one input, concatenated along the batch axis."""
+    if len(members) == 1:
+        return members[0]
+    return {n: np.concatenate([m[n] for m in members]) for n in members[0]}
+
+
+def split_rows(outputs: Tensors, members: list[Tensors]) -> list[Tensors]:
+    """A group's outputs split back into one set per request, by each request's rows."""
+    if len(members) == 1:
+        return [outputs]
+    first = next(iter(members[0]))
+    bounds = np.cumsum([m[first].shape[0] for m in members])[:-1]
+    split = {n: np.split(a, bounds) for n, a in outputs.items()}
+    return [{n: split[n][k] for n in split} for k in range(len(members))]
+
+
+def scatter(groups: list[list[int]], outcomes: list[list]) -> list:
+    """Per-request results in request order, from each group's list of results."""
+    results: list = [None] * sum(len(g) for g in groups)
+    for indexes, group_outcomes in zip(groups, outcomes):
+        for i, outcome in zip(indexes, group_outcomes):
+            results[i] = outcome
+    return results
+
+
+def group_failed(model: str, count: int, exc: BaseException) -> list[EventError]:
+    """The same INFERENCE_FAILED error for each of a failed group's `count` requests."""
+    log.warning("%s: inference failed for %d requests: %s", model, count, exc)
+    return [EventError(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}")] * count
+
+
 class OnnxModel:
     def __init__(self, info: ModelInfo, intra_op_threads: int = 0) -> None:
         self.info = info
@@ -49,44 +102,11 @@ class OnnxModel:
 
     def run_batch(self, batch: list[Tensors]) -> list[Tensors | BaseException]:
         """One entry per request: its outputs, or the error that hit its group."""
-        results: list[Tensors | BaseException] = [None] * len(batch)  # type: ignore[list-item]
-        for indexes in self._groups(batch):
-            members = [batch[i] for i in indexes]
-            try:
-                outputs = self._run_group(members)
-            except Exception as exc:  # noqa: BLE001 - reported per request, the worker goes on
-                log.warning("%s: inference failed for %d requests: %s", self.info.name, len(indexes), exc)
-                error = EventError(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}")
-                outputs = [error] * len(indexes)
-            for i, out in zip(indexes, outputs):
-                results[i] = out
-        return results
+        groups = group_requests(batch, self.info.max_batch_size)
+        return scatter(groups, [self._run_group([batch[i] for i in g]) for g in groups])
 
-    def _groups(self, batch: list[Tensors]) -> list[list[int]]:
-        """Requests whose non-batch dims agree, in chunks of at most max_batch_size rows."""
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, tensors in enumerate(batch):
-            by_shape[tuple((n, t.shape[1:]) for n, t in sorted(tensors.items()))].append(i)
-        groups: list[list[int]] = []
-        for indexes in by_shape.values():
-            chunk: list[int] = []
-            rows = 0
-            for i in indexes:
-                n = next(iter(batch[i].values())).shape[0]
-                if chunk and rows + n > self.info.max_batch_size:
-                    groups.append(chunk)
-                    chunk, rows = [], 0
-                chunk.append(i)
-                rows += n
-            groups.append(chunk)
-        return groups
-
-    def _run_group(self, members: list[Tensors]) -> list[Tensors]:
-        if len(members) == 1:
-            return [self.run(members[0])]
-        names = list(members[0])
-        stacked = {n: np.concatenate([m[n] for m in members]) for n in names}
-        outputs = self.run(stacked)
-        bounds = np.cumsum([m[names[0]].shape[0] for m in members])[:-1]
-        split = {n: np.split(a, bounds) for n, a in outputs.items()}
-        return [{n: split[n][k] for n in split} for k in range(len(members))]
+    def _run_group(self, members: list[Tensors]) -> list[Tensors] | list[EventError]:
+        try:
+            return split_rows(self.run(concat_rows(members)), members)
+        except Exception as exc:  # noqa: BLE001 - reported per request, the worker goes on
+            return group_failed(self.info.name, len(members), exc)

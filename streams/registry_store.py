@@ -105,6 +105,7 @@ class RegistryStore:
         if validate:
             local = await asyncio.to_thread(fetch_artifact, info, self.store, self.settings.state_dir / "artifacts")
             await asyncio.to_thread(check_artifact, local)
+            await self._check_triton_backends(info)
         async with self.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchval(
                 "SELECT revision FROM model_versions WHERE name = $1 AND version = $2 FOR UPDATE",
@@ -120,6 +121,16 @@ class RegistryStore:
         await self.redis.delete(self.cache_key)
         await self.publish([info])
         return info
+
+    async def _check_triton_backends(self, info: ModelInfo) -> None:
+        from streams.triton_backend import check_triton_backend
+
+        for spec in info.backends:
+            if spec.kind == "triton":
+                try:
+                    await check_triton_backend(info, spec, self.settings.triton_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - unreachable or mismatched: refused
+                    raise RegistryError(f"{info.key}: Triton backend {spec.label}: {exc}") from None
 
     async def publish(self, infos: list[ModelInfo]) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
@@ -153,7 +164,8 @@ class RegistryFollower:
     async def start(self) -> None:
         """Replay the topic up to its current end, then follow it in the background."""
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                          enable_auto_commit=False, fetch_max_wait_ms=100)
+                                          enable_auto_commit=False,
+                                          fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms)
         await self._consumer.start()
         partitions = [TopicPartition(self.topic, p)
                       for p in sorted(self._consumer.partitions_for_topic(self.topic) or {0})]

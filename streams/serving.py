@@ -77,7 +77,10 @@ async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) 
         from streams.triton_backend import TritonModel
 
         model = TritonModel(info, spec, timeout_s=settings.triton_timeout_s)
-        await model.start()
+        try:
+            await model.start()
+        except Exception as exc:  # noqa: BLE001 - served by the other backends meanwhile
+            log.warning("%s: %s not reachable yet (%r); it connects on its first call", info.key, spec.label, exc)
         run_batch, close = model.run_batch, model.stop
     batcher = AdaptiveBatcher(
         _timed(run_batch, spec.label),
@@ -114,10 +117,12 @@ class VersionServer:
     async def submit(self, tensors: Tensors) -> Outcome:
         """Run one request; a backend that fails is skipped for the next attempt."""
         last_error: BaseException | None = None
+        tried: list[Backend] = []
         for _ in range(len(self.backends)):
-            backend = self.balancer.pick()
+            backend = self.balancer.pick(exclude=tried)
             if backend is None:
                 break
+            tried.append(backend)
             self.balancer.begin(backend)
             ok = True
             try:

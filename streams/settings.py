@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     # Kafka (any Kafka-protocol broker)
     # Unset: the local stack's broker (127.0.0.1:<broker_port>).
     kafka_bootstrap: str = ""
-    kafka_fetch_max_wait_ms: int = 100  # consumer fetch long-poll: bounds per-hop latency
+    # Consumer fetch long-poll. Short, because some brokers (Tansu) hold a fetch for most of
+    # this wait even when data arrives; Apache Kafka answers at once, so 500 suits it too.
+    kafka_fetch_max_wait_ms: int = 10
     app_id: str = "inferstream"
     topic_prefix: str = "inferstream"
     request_partitions: int = 4

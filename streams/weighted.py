@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
@@ -60,12 +60,14 @@ class Balancer(Generic[T]):
         self._slots = [_Slot(name, backend, breaker()) for name, backend in backends.items()]
         self._next = 0  # where the next tie-break scan starts
 
-    def pick(self) -> T | None:
-        """A backend to call, or None when every breaker is open. The pick reserves the breaker's
-        probe when half-open, so it must be followed by `begin` and `end` (or use `call`)."""
+    def pick(self, exclude: Collection[T] = ()) -> T | None:
+        """A backend to call, none of `exclude` (those a request already failed on), or None when
+        every other breaker is open. The pick reserves the breaker's probe when half-open, so it
+        must be followed by `begin` and `end` (or use `call`)."""
         count = len(self._slots)
         ring = [(self._next + i) % count for i in range(count)]
-        ready = [i for i in ring if self._slots[i].breaker.available()]
+        ready = [i for i in ring
+                 if self._slots[i].breaker.available() and self._slots[i].backend not in exclude]
         if not ready:
             return None
         chosen = min(ready, key=lambda i: self._slots[i].outstanding)  # min keeps the first of equals

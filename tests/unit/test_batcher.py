@@ -1,4 +1,5 @@
 import asyncio
+import threading
 import time
 
 import pytest
@@ -145,3 +146,36 @@ async def test_stop_fails_queued_waiters_and_refuses_new_items():
 def test_invalid_limits_are_refused():
     with pytest.raises(ValueError):
         AdaptiveBatcher(lambda b: b, max_batch_size=0, max_delay=0.1, max_pending=1)
+
+
+async def test_a_coroutine_run_batch_is_awaited_on_the_loop():
+    calls: list[list[int]] = []
+    threads: set[int] = set()
+
+    async def remote(batch: list[int]) -> list[int | BaseException]:
+        threads.add(threading.get_ident())
+        calls.append(list(batch))
+        await asyncio.sleep(0.01)  # a network call: the loop stays free meanwhile
+        return [ValueError(f"bad {x}") if x == 3 else x * 2 for x in batch]
+
+    batcher = await started(remote, max_batch_size=4)
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(6)), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert threads == {threading.get_ident()}  # not in a worker thread
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [0, 2, 4, 8, 10]
+    assert isinstance(outcomes[3], ValueError)
+    assert sorted(x for call in calls for x in call) == list(range(6))
+
+
+async def test_a_failing_coroutine_run_batch_reaches_every_waiter():
+    async def down(batch):
+        raise ConnectionError("backend down")
+
+    batcher = await started(down, max_batch_size=8)
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert all(isinstance(o, ConnectionError) for o in outcomes)

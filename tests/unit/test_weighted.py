@@ -107,3 +107,11 @@ def test_unknown_backend():
         balancer().begin("http://elsewhere")
     with pytest.raises(ValueError):
         Balancer({})
+
+
+def test_a_retry_never_returns_to_a_backend_it_failed_on():
+    balancer = Balancer({"a": "A", "b": "B"})
+    balancer.begin("B")  # B is busier, so A would win on outstanding requests
+    assert balancer.pick() == "A"
+    assert balancer.pick(exclude=["A"]) == "B"
+    assert balancer.pick(exclude=["A", "B"]) is None

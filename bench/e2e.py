@@ -1,0 +1,408 @@
+"""End-to-end benchmark: raw onnxruntime in-process versus the whole Kafka path.
+
+    python -m bench.e2e [--models tiny resnet18] [--tiny-requests N] [--resnet-requests N]
+
+1. Baseline: OnnxModel (the worker's session options) called in this process, at the worker's
+   batch size (and tiny at batch 1 too); one request = one row.
+2. End to end: a private stack (Tansu in memory, SeaweedFS, PostgreSQL database) on free ports
+   and one worker process; per model, N requests sent as fast as InferenceClient allows
+   (requests → intake → model topic → inference → reply topic), timed to the last reply.
+3. A table of the ratios against the issue's targets, and the figures as JSON in bench/results/.
+
+Everything it starts is stopped by PID on exit, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from models.build import build_models
+from streams.client import InferenceClient
+from streams.harness import Worker, isolated_settings, wait_ready
+from streams.onnx_backend import OnnxModel
+from streams.registry import ModelInfo, ModelRegistry
+from streams.settings import PROJECT_ROOT, Settings
+from streams.stack import LocalStack
+from topics.admin import ensure_topics
+
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+IDLE_PROBES = 30  # sequential requests for the unloaded latency
+WARM_CALLS = 3  # onnxruntime's first runs allocate and pick kernels
+YIELD_EVERY = 64  # requests sent between two turns of the event loop
+
+# The issue's targets: (what it asks, whether a model's figures meet it).
+TARGETS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    "resnet18": (">= 0.9x raw", lambda row: row["ratio"] >= 0.9),
+    "tiny": (">= 2,000 req/s", lambda row: row["e2e_req_s"] >= 2000),
+}
+
+# Piped output (CI, a log file) would otherwise wrap the tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+# -- inputs and the in-process baseline ----------------------------------------------------
+
+
+def model_inputs(info: ModelInfo, rows: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        spec.name: rng.standard_normal((rows, *spec.shape[1:])).astype(spec.dtype)
+        for spec in info.inputs
+    }
+
+
+def worker_batch(settings: Settings, info: ModelInfo) -> int:
+    """The batch size the worker's micro-batcher fills (see Pipeline.start)."""
+    return min(settings.max_batch_size, info.max_batch_size)
+
+
+def raw_rate(model: OnnxModel, rows: int, seconds: float) -> tuple[float, float]:
+    """Rows per second of back-to-back session runs on one pre-stacked batch, and the CPU µs
+    each row cost (all of onnxruntime's threads)."""
+    inputs = model_inputs(model.info, rows)
+    for _ in range(WARM_CALLS):
+        model.run(inputs)
+    calls, started, cpu_started = 0, time.perf_counter(), time.process_time()
+    while calls < WARM_CALLS or time.perf_counter() - started < seconds:
+        model.run(inputs)
+        calls += 1
+    count = calls * rows
+    cpu_us = (time.process_time() - cpu_started) / count * 1e6
+    return count / (time.perf_counter() - started), cpu_us
+
+
+def raw_baselines(settings: Settings, registry: ModelRegistry, models: list[str],
+                  seconds: float) -> list[dict]:
+    baselines = []
+    for name in models:
+        info = registry.resolve(name)
+        model = OnnxModel(info, settings.onnx_intra_op_threads)
+        batches = [worker_batch(settings, info)] + ([1] if name == "tiny" else [])
+        for batch in batches:
+            rate, cpu_us = raw_rate(model, batch, seconds)
+            console.log(f"raw {name} batch {batch}: {rate:,.0f} req/s")
+            # The issue's targets compare against the worker-batch baseline (listed first).
+            baselines.append({"model": name, "batch": batch, "raw_req_s": rate,
+                              "raw_cpu_us": cpu_us, "worker_batch": batch == batches[0]})
+    return baselines
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(") ")[2].split()  # fields from the 3rd on: comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def box_busy_cpu() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    snap = {name: process_cpu(pid) for name, pid in pids.items()}
+    snap["client"] = time.process_time()
+    snap["box"] = box_busy_cpu()
+    return snap
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], count: int,
+                    seconds: float) -> dict[str, float]:
+    """µs of CPU per request for each process; `other` is the rest of the box (PostgreSQL for
+    the sink, mostly); `busy` is the share of all cores in use."""
+    used = {name: after[name] - before[name] for name in before}
+    box = used.pop("box")
+    cpu = {name: seconds_used / count * 1e6 for name, seconds_used in used.items()}
+    cpu["other"] = max(0.0, box - sum(used.values())) / count * 1e6
+    cpu["busy"] = box / (seconds * (os.cpu_count() or 1))
+    return cpu
+
+
+def stack_pids(settings: Settings, worker: Worker) -> dict[str, int]:
+    """The worker's and the stack's PIDs (LocalStack keeps them in state_dir/pids/)."""
+    pids = {"worker": worker.proc.pid}
+    for name in ("kafka", "s3"):
+        pids[name] = int((settings.state_dir / "pids" / f"{name}.pid").read_text())
+    return pids
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, out: Path | None) -> Iterator[None]:
+    """Sample the worker's Python stacks (collapsed format) while the block runs."""
+    if out is None:
+        yield
+        return
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    # --nonblocking: sampling without pausing the worker, so the profile costs it little.
+    proc = subprocess.Popen([binary, "record", "--nonblocking", "-r", "200", "-f", "raw",
+                             "-p", str(pid), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+def _stamp(arrivals: list[float], index: int, _future: asyncio.Future) -> None:
+    arrivals[index] = time.perf_counter()
+
+
+async def burst(client: InferenceClient, model: str, inputs: dict[str, np.ndarray], count: int,
+                timeout: float) -> dict:
+    """Send `count` requests back to back, await every reply; throughput and latencies."""
+    sent, arrivals, waiters = [0.0] * count, [0.0] * count, []
+    deadline = time.perf_counter() + timeout
+    for i in range(count):
+        request = client.request(model, {}, timeout=timeout)
+        sent[i] = time.perf_counter()
+        waiter = await client.send(request, inputs)
+        waiter.add_done_callback(partial(_stamp, arrivals, i))
+        waiters.append(waiter)
+        if i % YIELD_EVERY == 0:
+            # client.send need not suspend: without this turn of the loop, a long send loop
+            # would hold back the producer's sends and the reply reader until it ends.
+            await asyncio.sleep(0)
+    done, pending = await asyncio.wait(waiters, timeout=max(1.0, deadline - time.perf_counter()))
+    if pending:
+        raise TimeoutError(f"{model}: {len(done)} of {count} replies within {timeout:.0f} s")
+    results = [w.result() for w in waiters]
+    latencies = sorted(a - s for a, s in zip(arrivals, sent))
+    ok = [r for r in results if r.header.status == "ok"]
+    return {
+        "requests": count,
+        "seconds": max(arrivals) - sent[0],
+        "e2e_req_s": count / (max(arrivals) - sent[0]),
+        "p50_ms": latencies[count // 2] * 1000,
+        "p99_ms": latencies[min(count - 1, int(count * 0.99))] * 1000,
+        "errors": dict(Counter(r.header.error.code for r in results if r.header.error)),
+        "mean_batch": statistics.fmean(r.header.batch_size for r in ok) if ok else 0.0,
+    }
+
+
+async def idle_latency(client: InferenceClient, model: str, inputs: dict[str, np.ndarray],
+                       timeout: float) -> float:
+    """Median round trip of one request at a time (no queue in front of it), in ms."""
+    times = []
+    for _ in range(IDLE_PROBES):
+        started = time.perf_counter()
+        await client.infer(model, inputs, timeout=timeout)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+async def measure_model(client: InferenceClient, info: ModelInfo, count: int, timeout: float,
+                        pids: dict[str, int], profile: Path | None) -> dict:
+    inputs = model_inputs(info, rows=1)
+    await burst(client, info.name, inputs, max(1, count // 10), timeout)  # warm-up, not counted
+    idle_ms = await idle_latency(client, info.name, inputs, timeout)
+    before = cpu_snapshot(pids)
+    with py_spy(pids["worker"], profile):
+        figures = await burst(client, info.name, inputs, count, timeout)
+    figures["cpu_us"] = cpu_per_request(before, cpu_snapshot(pids), count, figures["seconds"])
+    figures["idle_p50_ms"] = idle_ms
+    console.log(f"e2e {info.name}: {figures['e2e_req_s']:,.0f} req/s over "
+                f"{figures['seconds']:.1f} s, p50 {figures['p50_ms']:.0f} ms")
+    if figures["errors"]:
+        console.log(f"[red]{info.name}: error replies {figures['errors']}[/red]")
+    return figures
+
+
+async def end_to_end(settings: Settings, worker: Worker, registry: ModelRegistry,
+                     counts: dict[str, int], timeout: float, profile_dir: Path | None) -> dict:
+    pids = stack_pids(settings, worker)
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        return {
+            name: await measure_model(
+                client, registry.resolve(name), count, timeout, pids,
+                profile_dir / f"{name}.txt" if profile_dir else None,
+            )
+            for name, count in counts.items()
+        }
+
+
+async def drop_database(dsn: str) -> None:
+    base, _, name = dsn.rpartition("/")
+    conn = await asyncpg.connect(f"{base}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_on_private_stack(settings: Settings, registry: ModelRegistry, counts: dict[str, int],
+                         timeout: float, profile_dir: Path | None) -> dict:
+    stack = LocalStack(settings)
+    worker = Worker(settings, settings.state_dir / "worker.log")
+    try:
+        stack.up()
+        asyncio.run(ensure_topics(settings, list(counts)))
+        worker.start()
+        console.log(f"worker pid {worker.proc.pid}, broker {settings.kafka_bootstrap}, "
+                    f"database {settings.postgres_dsn.rpartition('/')[2]}")
+        return asyncio.run(end_to_end(settings, worker, registry, counts, timeout, profile_dir))
+    except Exception:
+        if worker.proc is not None:
+            console.print(f"worker log tail:\n{worker.log()[-3000:]}")
+        raise
+    finally:
+        # A second Ctrl-C must not cut the cleanup short: every step below is bounded.
+        with signals_ignored():
+            worker.stop()
+            stack.down()
+            with contextlib.suppress(OSError):  # PostgreSQL down: up() failed and said so
+                asyncio.run(drop_database(settings.postgres_dsn))
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def rows(baselines: list[dict], e2e: dict) -> list[dict]:
+    """One row per baseline, beside its model's end-to-end figures and target."""
+    table = []
+    for base in baselines:
+        figures = e2e[base["model"]]
+        row = {**base, **figures, "ratio": figures["e2e_req_s"] / base["raw_req_s"]}
+        target = TARGETS.get(base["model"]) if base["worker_batch"] else None
+        row["target"] = target[0] if target else None
+        row["met"] = target[1](row) if target else None
+        table.append(row)
+    return table
+
+
+def print_tables(table: list[dict]) -> None:
+    ratios = Table("model", "raw batch", "raw req/s", "e2e req/s", "e2e/raw", "p50 ms", "p99 ms",
+                   "idle p50 ms", "target", "met", title="Throughput: in-process onnxruntime vs "
+                   "end to end through Kafka")
+    for r in table:
+        met = "-" if r["met"] is None else ("[green]met[/green]" if r["met"] else "[red]not met[/red]")
+        ratios.add_row(r["model"], str(r["batch"]), f"{r['raw_req_s']:,.0f}",
+                       f"{r['e2e_req_s']:,.0f}", f"{r['ratio']:.2g}x", f"{r['p50_ms']:,.0f}",
+                       f"{r['p99_ms']:,.0f}", f"{r['idle_p50_ms']:.1f}", r["target"] or "-", met)
+    console.print(ratios)
+    cpu = Table("model", "raw onnxruntime", "worker", "broker", "s3", "client", "other",
+                "cores busy", "mean batch", title="CPU µs per request (end-to-end pass; raw: "
+                "the in-process baseline)")
+    for r in (r for r in table if r["worker_batch"]):
+        c = r["cpu_us"]
+        cpu.add_row(r["model"], _us(r["raw_cpu_us"]),
+                    *(_us(c[k]) for k in ("worker", "kafka", "s3", "client", "other")),
+                    f"{c['busy']:.0%}", f"{r['mean_batch']:.1f}")
+    console.print(cpu)
+
+
+def _us(value: float) -> str:
+    return f"{value:.2f}" if value < 1 else f"{value:,.0f}"
+
+
+def write_json(path: Path, settings: Settings, baselines: list[dict], e2e: dict,
+               table: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    knobs = ("max_batch_size", "max_batch_delay_ms", "take_max", "max_inflight",
+             "onnx_intra_op_threads", "claim_check_bytes")
+    document = {
+        "timestamp": datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "settings": {k: getattr(settings, k) for k in knobs},
+        "raw": baselines,
+        "e2e": e2e,
+        "targets": {r["model"]: {"target": r["target"], "met": r["met"]}
+                    for r in table if r["target"]},
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    console.print(f"figures written to {path}")
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "resnet18"])
+    parser.add_argument("--tiny-requests", type=int, default=10_000)
+    parser.add_argument("--resnet-requests", type=int, default=400,
+                        help="requests per pass for every model but tiny")
+    parser.add_argument("--raw-seconds", type=float, default=5.0,
+                        help="duration of each in-process baseline")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds a pass may take (also each request's deadline)")
+    parser.add_argument("--json-out", type=Path,
+                        default=RESULTS_DIR / f"e2e-{datetime.now():%Y%m%d-%H%M%S}.json")
+    parser.add_argument("--profile-dir", type=Path,
+                        help="record the worker with py-spy during each pass (collapsed stacks)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # SIGTERM raises KeyboardInterrupt at once, like a second Ctrl-C, and unwinds through the
+    # finally blocks that stop the worker and the stack. Not a task cancellation: Python 3.11's
+    # asyncio.wait_for (in the client) can swallow one.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    base = Settings()
+    build_models(base.model_repository, args.models)
+    registry = ModelRegistry.load(base.model_repository, args.models)
+    counts = {m: args.tiny_requests if m == "tiny" else args.resnet_requests for m in args.models}
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+    baselines = raw_baselines(base, registry, args.models, args.raw_seconds)
+    with tempfile.TemporaryDirectory(prefix="inferstream-bench-") as state_dir:
+        run = uuid.uuid4().hex[:8]
+        # Own topic prefix and app id: Redis (shared with the machine) keys its entries by them.
+        settings = isolated_settings(Path(state_dir), run, topic_prefix=f"bench{run}",
+                                     app_id=f"bench-{run}", model_repository=base.model_repository,
+                                     models=args.models)
+        e2e = run_on_private_stack(settings, registry, counts, args.timeout, args.profile_dir)
+    table = rows(baselines, e2e)
+    print_tables(table)
+    write_json(args.json_out, settings, baselines, e2e, table)
+
+
+if __name__ == "__main__":
+    main()
