@@ -37,9 +37,15 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.e2e import box_busy_cpu, drop_database, signals_ignored
+from bench.e2e import box_busy_cpu, signals_ignored
 from models.build import build_models
-from streams.harness import BridgeProcess, Worker, isolated_settings, tiny_input
+from streams.harness import (
+    BridgeProcess,
+    Worker,
+    drop_database,
+    isolated_settings,
+    tiny_input,
+)
 from streams.onnx_backend import OnnxModel
 from streams.registry import ModelRegistry
 from streams.settings import PROJECT_ROOT, Settings

@@ -33,14 +33,13 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 
-import asyncpg
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from models.build import build_models
 from streams.client import InferenceClient
-from streams.harness import Worker, isolated_settings, wait_ready
+from streams.harness import Worker, drop_database, isolated_settings, wait_ready
 from streams.onnx_backend import OnnxModel
 from streams.registry import ModelInfo, ModelRegistry
 from streams.settings import PROJECT_ROOT, Settings
@@ -255,15 +254,6 @@ async def end_to_end(settings: Settings, worker: Worker, registry: ModelRegistry
             )
             for name, count in counts.items()
         }
-
-
-async def drop_database(dsn: str) -> None:
-    base, _, name = dsn.rpartition("/")
-    conn = await asyncpg.connect(f"{base}/postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @contextlib.contextmanager

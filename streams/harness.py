@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import numpy as np
 
 from streams.settings import PROJECT_ROOT, Settings
@@ -44,6 +45,24 @@ def isolated_settings(state_dir: Path, run: str, **overrides: object) -> Setting
         broker_storage="memory",
         **overrides,
     )
+
+
+async def create_database(dsn: str) -> None:
+    await _on_server(dsn, 'CREATE DATABASE "{name}"')
+
+
+async def drop_database(dsn: str) -> None:
+    await _on_server(dsn, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _on_server(dsn: str, statement: str) -> None:
+    """Run a statement about the DSN's database from the server's `postgres` database."""
+    base, _, name = dsn.rpartition("/")
+    conn = await asyncpg.connect(f"{base}/postgres")
+    try:
+        await conn.execute(statement.format(name=name))
+    finally:
+        await conn.close()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -8,12 +8,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from models.build import build_models
 from streams.app import bootstrap_registry
-from streams.harness import BridgeProcess, Worker, isolated_settings
+from streams.harness import (
+    BridgeProcess,
+    Worker,
+    create_database,
+    drop_database,
+    isolated_settings,
+)
 from streams.settings import PROJECT_ROOT, Settings
 from streams.stack import LocalStack, free_port
 
@@ -38,24 +43,6 @@ def stack_settings(tmp_path_factory, model_repository) -> Iterator[Settings]:
     finally:
         stack.down()
         asyncio.run(drop_database(settings.postgres_dsn))
-
-
-async def drop_database(dsn: str) -> None:
-    base, _, name = dsn.rpartition("/")
-    conn = await asyncpg.connect(f"{base}/postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def create_database(dsn: str) -> None:
-    base, _, name = dsn.rpartition("/")
-    conn = await asyncpg.connect(f"{base}/postgres")
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
