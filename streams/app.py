@@ -57,8 +57,11 @@ def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipelin
         # Faust's 60 s default makes each group join wait ~30 s.
         broker_session_timeout=6,
         broker_heartbeat_interval=1,
+        # On stop, let in-flight batches finish and be acknowledged before the agents are
+        # cancelled: a cancelled take_events batch is acknowledged by Faust's own `finally`,
+        # and the final commit would then skip events that were never processed.
+        stream_wait_empty=True,
         # Throughput: big fetches and produce batches, no per-event waits.
-        stream_wait_empty=False,
         stream_buffer_maxsize=16384,
         broker_max_poll_records=2000,
         consumer_max_fetch_size=4 * 1024 * 1024,
@@ -82,6 +85,10 @@ def run_worker(settings: Settings) -> None:
     asyncio.set_event_loop(loop)
     serve = loop.run_until_complete(bootstrap_registry(settings))
     app, _ = create_app(settings, serve)
+    if settings.metrics_port > 0:
+        from streams.scaling import serve_lag_metrics
+
+        serve_lag_metrics(app, settings)
     worker = faust.Worker(app, loglevel=settings.log_level)
     # Faust's terminal spinner sets the root logger to DEBUG, which makes every debug record of
     # faust and aiokafka cost CPU; keep the root at the configured level.

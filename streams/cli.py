@@ -274,11 +274,32 @@ def limits_list() -> None:
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    workers: Annotated[int, typer.Option(min=1, help="worker processes (one consumer group)")] = 1,
+) -> None:
     """Run a worker (intake, inference and sink agents) in the foreground."""
+    if workers > 1:
+        from streams.scaling import run_workers
+
+        raise typer.Exit(run_workers(workers))
     from streams.app import run_worker
 
     run_worker(get_settings())
+
+
+@app.command()
+def lag(group: Annotated[Optional[str], typer.Option(help="consumer group (default: the app id)")] = None) -> None:
+    """Consumer lag per topic and partition, its total, and a suggested worker count."""
+    from streams.scaling import read_lag, suggested_workers
+
+    settings = get_settings()
+    lags = asyncio.run(read_lag(settings, group))
+    table = Table("group", "topic", "partition", "committed", "end", "lag")
+    for p in lags:
+        table.add_row(p.group, p.topic, str(p.partition), str(p.committed), str(p.end), str(p.lag))
+    console.print(table)
+    console.print(f"total lag: {sum(p.lag for p in lags)}")
+    console.print(f"suggested workers: {suggested_workers(lags, settings.scale_lag_per_worker)}")
 
 
 @app.command()
@@ -449,6 +470,152 @@ def result(request_id: str) -> None:
         _fail(f"no result for {request_id}")
     for key, value in dict(row).items():
         console.print(f"{key:>16}: {f'<{len(value)} bytes>' if isinstance(value, bytes) else value}")
+
+
+# -- replay and dead letters -------------------------------------------------------------------
+
+
+def _replay_filters(model, tenant, request_ids, request_ids_file, errors_only):
+    from streams.replay import Filters
+
+    ids = set(request_ids or ())
+    if request_ids_file is not None:
+        ids |= {line.strip() for line in request_ids_file.read_text().splitlines() if line.strip()}
+    return Filters(model, tenant, frozenset(ids) if ids else None, errors_only)
+
+
+def _replay_progress(job):
+    """Run the replay under a rich progress bar: read, published, rate, ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from streams.replay import Replayer
+
+    columns = (TextColumn("replay {task.fields[name]}"), BarColumn(), TextColumn("read {task.completed}/{task.total}"),
+               TextColumn("published {task.fields[published]}"), TextColumn("{task.fields[rate]:.0f}/s"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("replay", total=None, name=job.name, published=0, rate=0.0)
+
+        def show(p):
+            bar.update(task, total=p.total, completed=p.read, published=p.published, rate=p.rate)
+
+        return asyncio.run(Replayer(get_settings(), job).run(show))
+
+
+@app.command()
+def replay(
+    name: Annotated[Optional[str], typer.Option(help="names the checkpoint and the replayed ids")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="topic to read (default: the requests topic)")] = None,
+    since: Annotated[Optional[str], typer.Option(help="ISO time or unix ms")] = None,
+    until: Annotated[Optional[str], typer.Option(help="ISO time or unix ms (excluded)")] = None,
+    from_offset: Annotated[Optional[list[str]], typer.Option(help="P:O, first offset (repeatable)")] = None,
+    to_offset: Annotated[Optional[list[str]], typer.Option(help="P:O, last offset, included (repeatable)")] = None,
+    model: Optional[str] = None,
+    tenant: Optional[str] = None,
+    request_id: Annotated[Optional[list[str]], typer.Option(help="original request id (repeatable)")] = None,
+    request_ids_file: Annotated[Optional[Path], typer.Option(help="original request ids, one a line")] = None,
+    errors_only: Annotated[bool, typer.Option(help="only requests whose stored result is an error")] = False,
+    version: Annotated[Optional[str], typer.Option(help="send the copies to this model version")] = None,
+    to_topic: Annotated[Optional[str], typer.Option(help="publish to this topic instead of the pipeline")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="VERSION: replay on it and report against the originals")] = None,
+    wait: Annotated[float, typer.Option(help="--compare: seconds to wait for the results")] = 120.0,
+    rate: Annotated[Optional[float], typer.Option(help="events per second")] = None,
+    max_events: Annotated[Optional[int], typer.Option(help="stop after this many")] = None,
+    dry_run: Annotated[bool, typer.Option(help="only count what would be published")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the named replay from its checkpoint")] = False,
+) -> None:
+    """Re-publish stored request events (copies with new ids that answer no caller)."""
+    from streams.replay import ReplayJob, parse_offsets, parse_time
+    from streams.replay import compare as compare_versions
+
+    if resume and name is None:
+        _fail("--resume needs the --name of the replay")
+    if compare and (version or to_topic):
+        _fail("--compare sets the version and publishes to the pipeline itself")
+    try:
+        job = ReplayJob(
+            name=name or time.strftime("%Y%m%dT%H%M%S"), topic=topic, target=to_topic, version=compare or version,
+            since_ms=parse_time(since) if since else None, until_ms=parse_time(until) if until else None,
+            from_offsets=parse_offsets(from_offset or ()), to_offsets=parse_offsets(to_offset or ()),
+            filters=_replay_filters(model, tenant, request_id, request_ids_file, errors_only),
+            rate=rate, max_events=max_events, dry_run=dry_run, resume=resume,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    progress = _replay_progress(job)
+    verb = "would publish" if dry_run else "published"
+    console.print(f"replay {job.name}: read {progress.read}, {verb} {progress.published}"
+                  f" (undecodable {progress.undecodable})")
+    if compare and not dry_run:
+        report, uri = asyncio.run(compare_versions(get_settings(), progress.origins, compare, job.name, wait))
+        agreement = report["top1_agreement"]
+        console.print(f"compared {report['compared']} on version {compare}: top-1 agreement "
+                      f"{'-' if agreement is None else f'{agreement:.2%}'}, max abs diff {report['max_abs_diff']},"
+                      f" latency diff ms {report['latency_diff_ms']}, differing {len(report['differing'])},"
+                      f" missing {len(report['missing_replays'])}")
+        console.print(f"report: {uri}")
+
+
+dlq_app = typer.Typer(help="Dead letters: list, show, redrive.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(reason: Annotated[Optional[list[str]], typer.Option(help="only this reason (repeatable)")] = None) -> None:
+    """Dead letters: position (partition:offset), reason, source, request id, time."""
+    from datetime import UTC, datetime
+
+    from streams.dlq import read_letters, select
+
+    letters = select(asyncio.run(read_letters(get_settings())), reasons=set(reason) if reason else None)
+    table = Table("position", "reason", "source", "request id", "failed at", "message")
+    for x in letters:
+        d = x.letter
+        table.add_row(x.position, d.reason.value, f"{d.source_topic}[{d.source_partition}]@{d.source_offset}",
+                      d.request_id or "-", datetime.fromtimestamp(d.failed_ms / 1000, UTC).isoformat(timespec="seconds"),
+                      d.message[:80])
+    console.print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(position: Annotated[str, typer.Argument(help="PARTITION:OFFSET in the dead-letter topic")]) -> None:
+    """One dead letter with its original event decoded."""
+    from streams.dlq import describe, read_letters, select
+    from streams.replay import parse_positions
+
+    try:
+        ((partition, offset),) = parse_positions([position])
+    except ValueError as exc:
+        _fail(str(exc))
+    found = select(asyncio.run(read_letters(get_settings())), positions={(partition, offset)})
+    if not found:
+        _fail(f"no dead letter at {position}")
+    console.print_json(data=describe(found[0]))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    position: Annotated[Optional[list[str]], typer.Option("--offset", help="PARTITION:OFFSET (repeatable)")] = None,
+    reason: Annotated[Optional[list[str]], typer.Option(help="every letter with this reason (repeatable)")] = None,
+    all_letters: Annotated[bool, typer.Option("--all", help="every dead letter")] = False,
+) -> None:
+    """Send dead letters' original events back to their source topic (once per dead letter)."""
+    from streams.dlq import read_letters, redrive, select
+    from streams.replay import parse_positions
+
+    if not (position or reason or all_letters):
+        _fail("name the letters: --offset P:O, --reason CODE or --all")
+    try:
+        positions = set(parse_positions(position)) if position else None
+    except ValueError as exc:
+        _fail(str(exc))
+    settings = get_settings()
+    letters = select(asyncio.run(read_letters(settings)), positions=positions,
+                     reasons=set(reason) if reason else None)
+    sent, skipped = asyncio.run(redrive(settings, letters))
+    for x in sent:
+        console.print(f"redriven {x.position} ({x.letter.reason.value}, {x.letter.request_id}) -> {x.letter.source_topic}")
+    console.print(f"redriven {len(sent)}, already redriven before {len(skipped)}")
 
 
 def main() -> None:

@@ -274,7 +274,7 @@ class Pipeline:
             "inference": round(outcome.inference_ms, 3),
             "total": max(0.0, events.now_ms() - request.created_ms),
         }
-        await self._emit_result(outbox, result, outputs, request.reply_to, reply=request.shadow_of is None)
+        await self._emit_result(outbox, result, outputs, request.reply_to, reply=_answers_caller(request))
 
     # -- results -----------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ class Pipeline:
             tenant=request.tenant, batch_id=request.batch_id, shadow_of=request.shadow_of,
             created_ms=request.created_ms,
         )
-        await self._emit_result(outbox, result, None, request.reply_to, reply=request.shadow_of is None)
+        await self._emit_result(outbox, result, None, request.reply_to, reply=_answers_caller(request))
 
     async def reject(
         self, outbox: Outbox, msg: Message, error: EventError, request: InferenceRequest | None
@@ -332,7 +332,7 @@ class Pipeline:
             shadow_of=request.shadow_of if request else None,
             created_ms=request.created_ms if request else None,
         )
-        await self._emit_result(outbox, result, None, reply_to, reply=not (request and request.shadow_of))
+        await self._emit_result(outbox, result, None, reply_to, reply=request is None or _answers_caller(request))
 
     # -- sink --------------------------------------------------------------------------------
 
@@ -357,6 +357,11 @@ def _header(msg: Message, name: str) -> str | None:
         if key == name:
             return value.decode()
     return None
+
+
+def _answers_caller(request: InferenceRequest) -> bool:
+    """Shadow and replayed copies only store their results: no caller waits for them."""
+    return request.shadow_of is None and request.replay_of is None
 
 
 def _same_serving(old: ModelInfo, new: ModelInfo) -> bool:

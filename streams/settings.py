@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # Worker
     worker_web_port: int = 6066
     log_level: str = "info"
+    # > 0: the worker serves inferstream_consumer_lag on this port's /metrics (KEDA scales on it).
+    metrics_port: int = 0
+    # Total lag one worker is expected to carry; `inferstream lag` suggests workers from it.
+    scale_lag_per_worker: int = 5000
 
     @model_validator(mode="after")
     def _local_stack_endpoints(self) -> Settings:

@@ -59,6 +59,16 @@ class TensorSpec(BaseModel):
     data: list[Any] | None = None  # JSON form
 
 
+class ReplayOrigin(BaseModel):
+    """Where a replayed request came from (set by `inferstream replay`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    topic: str
+    partition: int
+    offset: int
+    request_id: str
+
+
 class InferenceRequest(BaseModel):
     """Header of a request event (topic `<prefix>.requests`, key = request key)."""
 
@@ -78,6 +88,7 @@ class InferenceRequest(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     batch_id: str | None = None  # set on the items of a batch job
     shadow_of: str | None = None  # set on a shadow copy: the request id it mirrors
+    replay_of: ReplayOrigin | None = None  # set on a replayed copy: never answered to a caller
     created_ms: int = Field(default_factory=now_ms)
 
 

@@ -1,0 +1,198 @@
+"""Scaling by partitions: consumer lag per group and partition, the worker count it suggests, a
+Prometheus gauge of it (what KEDA scales on), and `worker --workers N` process supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from streams.settings import Settings
+from topics.names import Topics
+
+if TYPE_CHECKING:
+    import faust
+
+log = logging.getLogger(__name__)
+
+LAG_REFRESH_S = 5.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int  # where the group resumes: its commit, else the earliest offset
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - self.committed
+
+
+def lag_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
+    """The topics the workers' group consumes: requests, every model topic, results."""
+    topics = Topics(settings)
+    models = sorted(t for t in existing if t.startswith(topics.model("")))
+    return [topics.requests, *models, topics.results]
+
+
+class LagReader:
+    """Reads a group's committed offsets through a consumer that carries the group's id but never
+    subscribes: it does not join the group, so the live members are not rebalanced, and with
+    auto-commit off it commits nothing."""
+
+    def __init__(self, settings: Settings, group: str | None = None) -> None:
+        self.settings = settings
+        self.group = group or settings.app_id
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        # Created here: aiokafka binds a consumer to the running loop.
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap, group_id=self.group,
+            enable_auto_commit=False, request_timeout_ms=15000,
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def read(self) -> list[PartitionLag]:
+        consumer = self._consumer
+        existing = await consumer.topics()
+        tps = [
+            TopicPartition(topic, p)
+            for topic in lag_topics(self.settings, existing) if topic in existing
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        # Earliest, not 0, where nothing was committed: retention may have removed the start.
+        start = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
+        return [
+            PartitionLag(self.group, tp.topic, tp.partition,
+                         c if c is not None else start[tp], end[tp])
+            for tp, c in zip(tps, committed)
+        ]
+
+
+async def read_lag(settings: Settings, group: str | None = None) -> list[PartitionLag]:
+    reader = LagReader(settings, group)
+    await reader.start()
+    try:
+        return await reader.read()
+    finally:
+        await reader.stop()
+
+
+def suggested_workers(lags: list[PartitionLag], lag_per_worker: int) -> int:
+    """Workers to drain the backlog: one per `lag_per_worker` events of total lag, at least one,
+    and no more than the widest topic's partitions (a worker beyond that gets none)."""
+    total = sum(p.lag for p in lags)
+    most_partitions = max(Counter(p.topic for p in lags).values(), default=1)
+    return max(1, min(most_partitions, math.ceil(total / max(1, lag_per_worker))))
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+
+class LagCollector:
+    """`inferstream_consumer_lag{topic,partition,group}` from the last refresh: a scrape never
+    waits on the broker."""
+
+    def __init__(self) -> None:
+        self.lags: list[PartitionLag] = []
+
+    def collect(self):
+        gauge = GaugeMetricFamily("inferstream_consumer_lag", "Events not yet committed by the consumer group",
+                                  labels=["topic", "partition", "group"])
+        for p in self.lags:
+            gauge.add_metric([p.topic, str(p.partition), p.group], p.lag)
+        yield gauge
+
+
+def serve_lag_metrics(app: faust.App, settings: Settings) -> None:
+    """Serve the lag gauge on `settings.metrics_port`, refreshed by a task of the worker's Faust
+    app."""
+    collector = LagCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    start_http_server(settings.metrics_port, registry=registry)
+    reader = LagReader(settings)
+
+    @app.task
+    async def refresh_lag() -> None:
+        await reader.start()
+        try:
+            while True:
+                try:
+                    collector.lags = await reader.read()
+                except Exception as exc:  # noqa: BLE001 - metrics must never stop the worker
+                    log.warning("consumer lag not refreshed: %r", exc)
+                await asyncio.sleep(LAG_REFRESH_S)
+        finally:
+            await reader.stop()
+
+
+# -- several worker processes ------------------------------------------------------------------
+
+
+def run_workers(count: int) -> int:
+    """Run `count` worker processes in one consumer group until SIGINT/SIGTERM, which is passed
+    on to each. Returns 0 after a clean stop, 1 when a worker died on its own or failed to stop."""
+    children = [_spawn_worker(i) for i in range(count)]
+    stopping = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        for child in children:
+            if child.poll() is None:
+                os.kill(child.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    died = [] if stopping else [c for c in children if c.poll() is not None]
+    for child in died:
+        print(f"worker pid {child.pid} exited with {child.returncode}", file=sys.stderr)
+    codes = [_stop(child, signal_it=not stopping) for child in children]
+    return 0 if not died and all(code == 0 for code in codes) else 1
+
+
+def _spawn_worker(index: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    # The lag is the group's, not a worker's: one exporter is enough (and sums stay right).
+    if index > 0:
+        env["INFERSTREAM_METRICS_PORT"] = "0"
+    # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
+    return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, start_new_session=True)
+
+
+def _stop(child: subprocess.Popen, signal_it: bool) -> int:
+    """SIGTERM (unless the signal was already forwarded), a bounded wait, then SIGKILL; the exit
+    code."""
+    if signal_it and child.poll() is None:
+        os.kill(child.pid, signal.SIGTERM)
+    try:
+        return child.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        return -signal.SIGKILL

@@ -1,0 +1,180 @@
+"""Replay of stored request events and redrive of dead letters, end to end on the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.client import InferenceClient
+from streams.dlq import read_letters, redrive, select
+from streams.harness import tiny_input, wait_ready
+from streams.objectstore import ObjectStore
+from streams.registry_store import RegistryStore, info_from_artifact
+from streams.replay import Replayer, ReplayJob, compare
+from topics import events
+from topics.errors import ErrorCode
+from topics.names import Topics
+
+pytestmark = pytest.mark.integration
+
+
+async def answered(client: InferenceClient, count: int, seed: int) -> list[str]:
+    """Send `count` tiny requests, wait for every reply; their request ids."""
+    pending = []
+    for i in range(count):
+        request = client.request("tiny", {}, timeout=60)
+        pending.append((request, await client.send(request, tiny_input(seed=seed + i))))
+    results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
+    assert all(r.header.status == "ok" for r in results), [r.header.error for r in results][:3]
+    return [request.request_id for request, _ in pending]
+
+
+async def rows(pool: asyncpg.Pool, ids: list[str], expect: int, timeout: float = 60.0) -> dict[str, asyncpg.Record]:
+    """Result rows of these ids, polled until `expect` are stored (the sink is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {r["request_id"]: r for r in await pool.fetch(
+            "SELECT * FROM inference_results WHERE request_id = ANY($1::text[])", ids)}
+        if len(found) >= expect or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
+
+
+async def register_tiny(settings, version: str) -> None:
+    """Version `version` of tiny with the artifact of version 1 (weight 0: only named requests)."""
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        registry = RegistryStore(settings, pool, redis)
+        v1 = await registry.get("tiny", "1")
+        info = await asyncio.to_thread(info_from_artifact, "tiny", version, str(v1.path), registry.store,
+                                       settings.state_dir / "artifacts", weight=0,
+                                       max_batch_size=v1.max_batch_size)
+        await registry.save(info)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+async def test_time_window_replay_is_stored_beside_originals_and_compares(start_worker, settings):
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        await answered(client, 5, seed=0)  # before the window
+        await asyncio.sleep(0.3)
+        since = events.now_ms()
+        window = await answered(client, 7, seed=100)
+        await asyncio.sleep(0.3)
+        until = events.now_ms()
+        await answered(client, 4, seed=200)  # after the window
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+    try:
+        before = await rows(pool, window, expect=7)
+        progress = await Replayer(settings, ReplayJob(name="win", since_ms=since, until_ms=until)).run()
+        assert progress.published == 7
+        assert sorted(progress.origins.values()) == sorted(window)
+        replays = await rows(pool, list(progress.origins), expect=7)
+        assert len(replays) == 7 and all(r["status"] == "ok" for r in replays.values())
+        after = await rows(pool, window, expect=7)
+        assert {k: dict(v) for k, v in after.items()} == {k: dict(v) for k, v in before.items()}  # untouched
+        assert not set(replays) & set(window)
+
+        await register_tiny(settings, "2")
+        await asyncio.sleep(3)  # the worker follows the registry topic
+        job = ReplayJob(name="cmp", since_ms=since, until_ms=until, version="2")
+        progress = await Replayer(settings, job).run()
+        report, uri = await compare(settings, progress.origins, "2", "cmp", timeout=60)
+        assert report["compared"] == 7 and report["top1_agreement"] == 1.0, report
+        assert report["max_abs_diff"]["max"] <= 1e-5 and report["differing"] == [], report
+        assert report["missing_replays"] == [] and report["missing_originals"] == []
+        versions = {r["model_version"] for r in (await rows(pool, list(progress.origins), expect=7)).values()}
+        assert versions == {"2"}
+        stored = orjson.loads(await ObjectStore(settings).aget(uri))
+        assert stored["top1_agreement"] == 1.0 and stored["version"] == "2"
+    finally:
+        await pool.close()
+
+
+async def test_stopped_replay_resumes_without_duplicates(topics_ready):
+    settings = topics_ready
+    topics = Topics(settings)
+    target = topics.model("tiny")  # any existing topic nobody reads here will do: no worker runs
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(30):
+            header = events.InferenceRequest(request_id=f"orig-{i}", model="tiny")
+            await producer.send(topics.requests, events.encode_request(header, tiny_input(seed=i)),
+                                key=header.request_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    first = await Replayer(settings, ReplayJob(name="stop", target=target, max_events=12)).run()
+    assert first.published == 12
+    dry = await Replayer(settings, ReplayJob(name="stop", target=target, resume=True, dry_run=True)).run()
+    assert dry.published == 18  # a dry run counts and does not move the checkpoint
+    second = await Replayer(settings, ReplayJob(name="stop", target=target, resume=True)).run()
+    assert second.published == 18
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(target, p) for p in consumer.partitions_for_topic(target)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        copies: list[events.InferenceRequest] = []
+        deadline = time.monotonic() + 30
+        while len(copies) < 30 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                copies += [events.decode_request_header(r.value)[0] for r in records]
+        await asyncio.sleep(1)
+        for records in (await consumer.getmany(timeout_ms=500)).values():
+            copies += [events.decode_request_header(r.value)[0] for r in records]  # nothing more expected
+    finally:
+        await consumer.stop()
+    assert len(copies) == 30
+    assert len({c.request_id for c in copies}) == 30
+    assert {c.replay_of.request_id for c in copies} == {f"orig-{i}" for i in range(30)}
+    assert all(c.reply_to is None and c.correlation_id is None for c in copies)
+
+
+async def test_redriven_dead_letter_is_answered_after_its_cause_is_fixed(start_worker, settings):
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        request = client.request("tiny", {}, version="5", timeout=120)
+        result = await client.wait(request, await client.send(request, tiny_input(seed=5)))
+    assert result.header.status == "error" and result.header.error.code == ErrorCode.UNKNOWN_VERSION
+
+    deadline = time.monotonic() + 30
+    letters = []
+    while not letters and time.monotonic() < deadline:
+        letters = select(await read_letters(settings), reasons={"UNKNOWN_VERSION"})
+    assert [x.letter.request_id for x in letters] == [request.request_id]
+
+    await register_tiny(settings, "5")
+    await asyncio.sleep(3)  # the worker follows the registry topic
+    sent, skipped = await redrive(settings, letters)
+    assert (len(sent), skipped) == (1, [])
+    again, skipped = await redrive(settings, letters)  # idempotent per dead-letter offset
+    assert (again, len(skipped)) == ([], 1)
+
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+    try:
+        deadline = time.monotonic() + 60
+        row = None
+        while time.monotonic() < deadline:
+            row = await pool.fetchrow("SELECT * FROM inference_results WHERE request_id = $1", request.request_id)
+            if row is not None and row["status"] == "ok":
+                break
+            await asyncio.sleep(0.5)
+        assert row is not None and row["status"] == "ok" and row["model_version"] == "5", dict(row or {})
+    finally:
+        await pool.close()

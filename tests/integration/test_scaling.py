@@ -1,0 +1,281 @@
+"""Scaling by partitions on the real stack: workers join and die mid-stream and nothing is lost
+or stored twice; SIGTERM drains; `inferstream lag` and its gauge; `worker --workers N`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from streams.client import InferenceClient, ReplyTimeout
+from streams.harness import settings_env, tiny_input, wait_ready
+from streams.scaling import read_lag
+from streams.settings import PROJECT_ROOT
+from streams.stack import free_port
+from topics.names import Topics
+
+pytestmark = pytest.mark.integration
+
+
+async def send_paced(client: InferenceClient, requests: list, rate: float,
+                     at: dict[int, Callable[[], object]]) -> list[asyncio.Future]:
+    """Send the requests at about `rate` per second; before request i, run `at[i]()`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    waiters = []
+    for i, request in enumerate(requests):
+        if i in at:
+            at[i]()
+        waiters.append(await client.send(request, tiny_input(seed=i)))
+        if i % 50 == 49:
+            await asyncio.sleep(max(0.0, start + (i + 1) / rate - loop.time()))
+    return waiters
+
+
+async def outcomes(client: InferenceClient, requests: list, waiters: list) -> tuple[list, int]:
+    """(results, explicit timeouts) of every sync caller."""
+    done = await asyncio.gather(*(client.wait(r, w) for r, w in zip(requests, waiters)), return_exceptions=True)
+    unexpected = [d for d in done if isinstance(d, BaseException) and not isinstance(d, ReplyTimeout)]
+    assert not unexpected, unexpected[:3]
+    return [d for d in done if not isinstance(d, BaseException)], sum(isinstance(d, ReplyTimeout) for d in done)
+
+
+async def stored(settings, request_ids: list[str], expect: int, timeout: float = 120.0) -> tuple[int, int]:
+    """(rows, distinct request ids) in PostgreSQL for these requests, polled until `expect` rows."""
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows, distinct = await conn.fetchrow(
+                "SELECT count(*), count(DISTINCT request_id) FROM inference_results WHERE request_id = ANY($1::text[])",
+                request_ids,
+            )
+            if rows >= expect or time.monotonic() > deadline:
+                return rows, distinct
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(600)
+async def test_workers_join_and_die_mid_stream_and_every_request_is_answered_once(start_worker, settings):
+    total = 10_000
+    first, second = start_worker(), start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, first)
+        await wait_ready(client, second)
+        requests = [client.request("tiny", {}, timeout=400) for _ in range(total)]
+        # A third worker joins a fifth of the way in; the first is SIGKILLed past half-way.
+        waiters = await send_paced(client, requests, rate=250,
+                                   at={total // 5: start_worker, total * 11 // 20: first.kill})
+        results, timed_out = await asyncio.wait_for(outcomes(client, requests, waiters), 450)
+    print(f"answered {len(results)}, timed out {timed_out}")
+    assert (len(results), timed_out) == (total, 0)
+    assert all(r.header.status == "ok" for r in results)
+    assert {r.header.request_id for r in results} == {r.request_id for r in requests}
+    assert await stored(settings, [r.request_id for r in requests], expect=total) == (total, total)
+
+
+@pytest.mark.timeout(300)
+async def test_sigterm_mid_stream_drains_and_exits_cleanly(start_worker, settings):
+    total = 3000
+    leaving, staying = start_worker(), start_worker()
+    stopped: list[asyncio.Future] = []
+
+    def stop_leaving() -> None:
+        stopped.append(asyncio.ensure_future(asyncio.to_thread(_timed_stop, leaving)))
+
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, leaving)
+        await wait_ready(client, staying)
+        requests = [client.request("tiny", {}, timeout=240) for _ in range(total)]
+        waiters = await send_paced(client, requests, rate=200, at={total // 3: stop_leaving})
+        seconds = await stopped[0]
+        results, timed_out = await asyncio.wait_for(outcomes(client, requests, waiters), 240)
+    assert leaving.proc.returncode == 0, leaving.log()[-3000:]
+    assert seconds < 25
+    assert (len(results), timed_out) == (total, 0)
+    assert {r.header.request_id for r in results} == {r.request_id for r in requests}
+    assert await stored(settings, [r.request_id for r in requests], expect=total) == (total, total)
+
+
+# A worker whose sink step takes seconds, so that a SIGTERM lands inside one.
+SLOW_SINK_WORKER = """
+import asyncio
+import sys
+
+from streams import pipeline
+
+sink = pipeline.Pipeline.sink
+
+
+async def slow_sink(self, messages, outbox):
+    print("sink step started", flush=True)
+    await asyncio.sleep(4)
+    await sink(self, messages, outbox)
+
+
+pipeline.Pipeline.sink = slow_sink
+sys.argv = ["inferstream", "worker"]
+from streams.cli import main
+
+main()
+"""
+
+
+@pytest.mark.timeout(300)
+async def test_sigterm_inside_a_step_finishes_it_before_committing(start_worker, settings, tmp_path):
+    """Faust cancels its agents on stop, and the cancelled batch would be acknowledged (and
+    committed) unprocessed; the worker must wait for the step instead."""
+    total = 20
+    log_path = tmp_path / "slow.log"
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    with log_path.open("ab") as log:
+        slow = await asyncio.create_subprocess_exec(sys.executable, "-c", SLOW_SINK_WORKER, cwd=PROJECT_ROOT, env=env,
+                                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        async with InferenceClient(settings) as client:
+            requests = [client.request("tiny", {}, timeout=120) for _ in range(total)]
+            waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests)]
+            await asyncio.wait_for(asyncio.gather(*waiters), 120)
+        deadline = time.monotonic() + 30
+        while "sink step started" not in log_path.read_text() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        slow.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(slow.wait(), 30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if slow.returncode is None:
+            slow.kill()
+    # Whatever the stopped worker committed, a new one stores the rest.
+    start_worker()
+    assert await stored(settings, [r.request_id for r in requests], expect=total, timeout=60) == (total, total)
+
+
+def _timed_stop(worker) -> float:
+    started = time.monotonic()
+    worker.stop(signal.SIGTERM, timeout=30)
+    return time.monotonic() - started
+
+
+async def lag_by_topic(settings) -> dict[str, int]:
+    by_topic: dict[str, int] = {}
+    for p in await read_lag(settings):
+        by_topic[p.topic] = by_topic.get(p.topic, 0) + p.lag
+    return by_topic
+
+
+async def scrape_lag(port: int) -> dict[str, float]:
+    """The gauge's values summed by topic (empty until the first refresh)."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    by_topic: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("inferstream_consumer_lag{"):
+            topic = line.split('topic="', 1)[1].split('"', 1)[0]
+            by_topic[topic] = by_topic.get(topic, 0) + float(line.rsplit(" ", 1)[1])
+    return by_topic
+
+
+@pytest.mark.timeout(300)
+async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start_worker, settings):
+    backlog = 300
+    topics = Topics(settings)
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        worker.stop()  # commits on the way out
+        before = await lag_by_topic(settings)
+        for i in range(backlog):
+            await client.send(client.request("tiny", {}, timeout=300), tiny_input(seed=i), delivered=True)
+        after = await lag_by_topic(settings)
+        assert after[topics.requests] - before[topics.requests] == backlog
+        assert after[topics.model("tiny")] == before[topics.model("tiny")] == 0
+        assert after == await lag_by_topic(settings)  # reading it changed nothing
+
+        env = {**os.environ, **settings_env(settings), "COLUMNS": "200", "INFERSTREAM_SCALE_LAG_PER_WORKER": "100"}
+        cli = await asyncio.create_subprocess_exec(sys.executable, "-m", "streams.cli", "lag", cwd=PROJECT_ROOT, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out = (await asyncio.wait_for(cli.communicate(), 60))[0].decode()
+        assert cli.returncode == 0, out
+        total = sum(after.values())
+        assert f"total lag: {total}" in out
+        assert f"suggested workers: {min(4, -(-total // 100))}" in out
+
+        # A worker serving the gauge drains the backlog, and the gauge shows it.
+        port = free_port()
+        exporter = start_worker(metrics_port=port)
+        deadline = time.monotonic() + 120
+        seen: list[dict[str, float]] = []
+        while time.monotonic() < deadline:
+            exporter.check_running()
+            try:
+                seen.append(await scrape_lag(port))
+            except aiohttp.ClientError:
+                pass
+            if seen and seen[-1].get(topics.requests) == 0:
+                break
+            await asyncio.sleep(1)
+    assert any(s.get(topics.requests, 0) > 0 for s in seen), seen
+    assert seen[-1].get(topics.requests) == 0, seen[-1:]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.timeout(300)
+async def test_workers_option_runs_a_group_and_stops_it(topics_ready, tmp_path):
+    settings = topics_ready
+    env = {**os.environ, **settings_env(settings)}
+
+    def supervisor() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--workers", "2"],
+                                cwd=PROJECT_ROOT, env=env, stdout=open(tmp_path / "supervisor.log", "ab"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    async with InferenceClient(settings) as client:
+        clean = supervisor()
+        workers = await _two_children(clean)
+        try:
+            await asyncio.wait_for(client.infer("tiny", tiny_input(), timeout=90), 100)
+            clean.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(clean.wait, 60) == 0
+            assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        finally:
+            _kill(clean, workers)
+
+        # A worker that dies on its own takes the supervisor down with an error.
+        crashed = supervisor()
+        workers = await _two_children(crashed)
+        try:
+            os.kill(workers[0], signal.SIGKILL)
+            assert await asyncio.to_thread(crashed.wait, 60) == 1
+        finally:
+            _kill(crashed, workers)
+
+
+async def _two_children(proc: subprocess.Popen) -> list[int]:
+    deadline = time.monotonic() + 30
+    while len(children := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert len(children) == 2
+    return children
+
+
+def _kill(proc: subprocess.Popen, children: list[int]) -> None:
+    """Cleanup after a failed assertion: nothing of this test outlives it."""
+    for pid in [proc.pid, *children]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
