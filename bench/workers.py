@@ -163,7 +163,8 @@ def report(backend: str, rows: list[dict]) -> None:
     table = Table("backend", "workers", "requests", "seconds", "req/s", "failed", "vs 1 worker",
                   "replayed", "replay publish/s", "replay stored/s")
     for row in rows:
-        table.add_row(backend, str(row["workers"]), str(row["requests"]), f"{row['seconds']:.2f}", f"{row['req_s']:.0f}",
+        table.add_row(backend, str(row["workers"]), str(row["requests"]), f"{row['seconds']:.2f}",
+                      f"{row['req_s']:.0f}",
                       str(row["failed"]), f"{row['req_s'] / rows[0]['req_s']:.2f}x",
                       f"{row['replay_stored']}/{row['replayed']}", f"{row['replay_publish_req_s']:.0f}",
                       f"{row['replay_req_s']:.0f}")

@@ -156,7 +156,9 @@ class BatchRunner:
             await outbox.put(self.topics.results, key, events.encode_result(result))
             return
         if sum(a.nbytes for a in inputs.values()) > self.settings.claim_check_bytes:
-            request.inputs_ref = await self.store.aput(f"requests/{request.request_id}.bin", events.encode_bundle(inputs))
+            request.inputs_ref = await self.store.aput(
+                f"requests/{request.request_id}.bin", events.encode_bundle(inputs)
+            )
             inputs = {}
         await outbox.put(self.topics.requests, key, events.encode_request(request, inputs))
 

@@ -125,8 +125,10 @@ ROUTES = [
     Route("POST", "/v1/batches", "create_batch", "Submit a batch job over an S3 input; answers 202"),
     Route("GET", "/v1/batches/{batch_id}", "get_batch", "Batch progress and output"),
     Route("GET", "/v1/models", "list_models", "Registered models and versions"),
-    Route("POST", "/v1/models", "register_model", "Register a model version (validated: the artifact must load and match)"),
-    Route("PATCH", "/v1/models/{model}/versions/{version}", "update_model", "Change weight, status, shadow, batching or backends"),
+    Route("POST", "/v1/models", "register_model",
+          "Register a model version (validated: the artifact must load and match)"),
+    Route("PATCH", "/v1/models/{model}/versions/{version}", "update_model",
+          "Change weight, status, shadow, batching or backends"),
     Route("DELETE", "/v1/models/{model}/versions/{version}", "retire_model", "Retire a version"),
     Route("GET", "/openapi.json", "openapi", "This document"),
     Route("GET", "/metrics", "metrics", "Prometheus metrics"),
@@ -233,7 +235,9 @@ class Bridge:
             raise HTTPError(400, "INVALID_REQUEST", f"{TIMEOUT_HEADER} must be seconds in (0, 3600]")
         return value
 
-    def _new_request(self, request: web.Request, info: ModelInfo, pinned_version: str | None, **fields) -> InferenceRequest:
+    def _new_request(
+        self, request: web.Request, info: ModelInfo, pinned_version: str | None, **fields
+    ) -> InferenceRequest:
         auth, key = request.headers.get("Authorization"), request.headers.get("X-API-Key")
         return self.client.request(
             info.name, {}, version=pinned_version, timeout=self._timeout(request),
@@ -292,7 +296,8 @@ class Bridge:
         payload, json_length = build_infer_response(
             info.name, result.header.model_version or info.version, body.id, outputs, body
         )
-        response = web.Response(body=payload, content_type="application/octet-stream" if json_length else "application/json")
+        content_type = "application/octet-stream" if json_length else "application/json"
+        response = web.Response(body=payload, content_type=content_type)
         if json_length is not None:
             response.headers[HEADER_LENGTH] = str(json_length)
         return response
@@ -384,7 +389,9 @@ class Bridge:
         batch_id = "b" + uuid.uuid4().hex
         await self.jobs.add_batch(batch_id, info.name, body.get("version"), input_uri, float(rate), len(items))
         try:
-            await self.client.produce(self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id}))
+            await self.client.produce(
+                self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id})
+            )
         except UpstreamUnavailable as exc:
             raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
         return web.json_response({"batch_id": batch_id, "status": "pending", "total": len(items),
@@ -527,10 +534,12 @@ def openapi_document() -> dict:
 
 
 def run_bridge(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
 
     async def make_app() -> web.Application:  # Kafka clients must be made inside the loop
         return Bridge(settings).app()
 
     web.run_app(make_app(), host=settings.bridge_host, port=settings.bridge_port,
-                print=lambda _: log.info("bridge listening on http://%s:%d", settings.bridge_host, settings.bridge_port))
+                print=lambda _: log.info("bridge listening on http://%s:%d",
+                                         settings.bridge_host, settings.bridge_port))

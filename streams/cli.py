@@ -189,7 +189,8 @@ def models_set(
         _fail(f"no registered version {name}/{version}")
     changes = {k: v for k, v in {"status": status, "weight": weight, "shadow": shadow}.items() if v is not None}
     saved = _registry_call("save", current.model_copy(update=changes), validate=False)
-    console.print(f"{saved.key}: revision {saved.revision}, {saved.status}, weight {saved.weight}, shadow {saved.shadow}")
+    console.print(f"{saved.key}: revision {saved.revision}, {saved.status}, "
+                  f"weight {saved.weight}, shadow {saved.shadow}")
 
 
 def _object_store(settings: Settings):
@@ -517,7 +518,9 @@ def replay(
     errors_only: Annotated[bool, typer.Option(help="only requests whose stored result is an error")] = False,
     version: Annotated[Optional[str], typer.Option(help="send the copies to this model version")] = None,
     to_topic: Annotated[Optional[str], typer.Option(help="publish to this topic instead of the pipeline")] = None,
-    compare: Annotated[Optional[str], typer.Option(help="VERSION: replay on it and report against the originals")] = None,
+    compare: Annotated[
+        Optional[str], typer.Option(help="VERSION: replay on it and report against the originals")
+    ] = None,
     wait: Annotated[float, typer.Option(help="--compare: seconds to wait for the results")] = 120.0,
     rate: Annotated[Optional[float], typer.Option(help="events per second")] = None,
     max_events: Annotated[Optional[int], typer.Option(help="stop after this many")] = None,
@@ -572,7 +575,8 @@ def dlq_list(reason: Annotated[Optional[list[str]], typer.Option(help="only this
     for x in letters:
         d = x.letter
         table.add_row(x.position, d.reason.value, f"{d.source_topic}[{d.source_partition}]@{d.source_offset}",
-                      d.request_id or "-", datetime.fromtimestamp(d.failed_ms / 1000, UTC).isoformat(timespec="seconds"),
+                      d.request_id or "-",
+                      datetime.fromtimestamp(d.failed_ms / 1000, UTC).isoformat(timespec="seconds"),
                       d.message[:80])
     console.print(table)
 
@@ -614,7 +618,8 @@ def dlq_redrive(
                      reasons=set(reason) if reason else None)
     sent, skipped = asyncio.run(redrive(settings, letters))
     for x in sent:
-        console.print(f"redriven {x.position} ({x.letter.reason.value}, {x.letter.request_id}) -> {x.letter.source_topic}")
+        console.print(f"redriven {x.position} ({x.letter.reason.value}, {x.letter.request_id})"
+                      f" -> {x.letter.source_topic}")
     console.print(f"redriven {len(sent)}, already redriven before {len(skipped)}")
 
 

@@ -85,7 +85,7 @@ async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) 
     batcher = AdaptiveBatcher(
         _timed(run_batch, spec.label),
         max_batch_size=min(settings.max_batch_size, info.max_batch_size),
-        max_delay=(info.max_batch_delay_ms if info.max_batch_delay_ms is not None else settings.max_batch_delay_ms) / 1000,
+        max_delay=(settings.max_batch_delay_ms if info.max_batch_delay_ms is None else info.max_batch_delay_ms) / 1000,
         max_pending=settings.max_inflight,
         name=f"{info.key}@{spec.label}",
     )

@@ -145,11 +145,13 @@ async def test_two_bridges_get_only_their_own_replies(start_worker, start_bridge
         expected = tiny_reference(settings, np.concatenate(xs))
         for i, (status, body) in enumerate(answers):
             assert status == 200, body
-            np.testing.assert_allclose(np.array(body["outputs"][0]["data"], np.float32), expected[i], rtol=1e-5, atol=1e-6)
+            output = np.array(body["outputs"][0]["data"], np.float32)
+            np.testing.assert_allclose(output, expected[i], rtol=1e-5, atol=1e-6)
         for bridge in (first, second):
             async with session.get(f"{bridge.url}/metrics") as r:
                 text = await r.text()
-            unmatched = next(l for l in text.splitlines() if l.startswith("inferstream_bridge_unmatched_replies_total"))
+            unmatched = next(line for line in text.splitlines()
+                             if line.startswith("inferstream_bridge_unmatched_replies_total"))
             assert float(unmatched.split()[-1]) == 0, "a bridge saw a reply that was not its own"
     assert first.settings.bridge_port != second.settings.bridge_port
 
@@ -177,7 +179,8 @@ async def test_limits_and_errors_are_json_with_a_code(start_worker, start_bridge
                 assert answer["error"] and "Traceback" not in answer["error"]
         async with session.get(f"{bridge.url}/openapi.json") as r:
             doc = await r.json()
-    assert {"/v2/models/{model}/infer", "/v1/jobs", "/v1/batches/{batch_id}", "/v1/models/{model}/classify"} <= set(doc["paths"])
+    routes = {"/v2/models/{model}/infer", "/v1/jobs", "/v1/batches/{batch_id}", "/v1/models/{model}/classify"}
+    assert routes <= set(doc["paths"])
 
 
 async def poll(session: aiohttp.ClientSession, url: str, done, timeout: float = 180.0) -> dict:

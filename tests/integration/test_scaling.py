@@ -202,7 +202,8 @@ async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start
         assert after == await lag_by_topic(settings)  # reading it changed nothing
 
         env = {**os.environ, **settings_env(settings), "COLUMNS": "200", "INFERSTREAM_SCALE_LAG_PER_WORKER": "100"}
-        cli = await asyncio.create_subprocess_exec(sys.executable, "-m", "streams.cli", "lag", cwd=PROJECT_ROOT, env=env,
+        cli = await asyncio.create_subprocess_exec(sys.executable, "-m", "streams.cli", "lag",
+                                                   cwd=PROJECT_ROOT, env=env,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out = (await asyncio.wait_for(cli.communicate(), 60))[0].decode()
         assert cli.returncode == 0, out

@@ -1,0 +1,38 @@
+# Everyday targets. The README's two commands are `make run` and `make test` in other words.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test test-unit bench lint stack-up stack-down compose-up compose-down
+
+setup:  ## create .venv (and .venv-triton for the Triton tests)
+	infra/local/setup.sh
+	infra/triton/setup.sh
+
+run:  ## the main job: local stack, worker and bridge (Ctrl-C stops it)
+	infra/local/run.sh
+
+test:  ## unit and integration tests on a private local stack
+	infra/local/test.sh
+
+test-unit:
+	infra/local/test.sh tests/unit -q
+
+bench:  ## the benchmarks, each against its baseline in the same run
+	$(PY) -m bench.e2e
+	$(PY) -m bench.bridge
+	$(PY) -m bench.workers
+
+lint:
+	$(VENV)/bin/ruff check streams agents topics models tests bench
+
+stack-up:
+	$(VENV)/bin/inferstream stack up
+
+stack-down:
+	$(VENV)/bin/inferstream stack down
+
+compose-up:  ## the production stack (needs Docker)
+	docker compose up -d --build
+
+compose-down:
+	docker compose down
