@@ -32,7 +32,6 @@ from datetime import datetime
 from pathlib import Path
 
 import asyncpg
-import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
@@ -48,7 +47,7 @@ from streams.harness import (
     wait_ready,
 )
 from streams.registry import BackendSpec, ModelRegistry
-from streams.registry_store import RegistryStore
+from streams.registry_store import save_record
 from streams.replay import Replayer, ReplayJob
 from streams.settings import PROJECT_ROOT, Settings
 from streams.stack import LocalStack
@@ -64,13 +63,7 @@ async def register_triton_version(settings: Settings, server: TritonServer) -> N
     tiny = ModelRegistry.load(settings.model_repository, ["tiny"]).get("tiny", "1")
     info = tiny.model_copy(update={"version": TRITON_VERSION, "weight": 0,
                                    "backends": [BackendSpec(kind="triton", url=server.grpc_url, protocol="grpc")]})
-    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
-    redis = aioredis.from_url(settings.redis_url)
-    try:
-        await RegistryStore(settings, pool, redis).save(info)
-    finally:
-        await redis.aclose()
-        await pool.close()
+    await save_record(settings, info)
 
 
 async def measure(settings: Settings, workers: list[Worker], version: str, requests: int, timeout: float) -> dict:

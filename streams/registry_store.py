@@ -149,6 +149,17 @@ class RegistryStore:
         return added
 
 
+async def save_record(settings: Settings, info: ModelInfo) -> ModelInfo:
+    """`RegistryStore.save` with connections of its own (scripts, benchmarks, tests)."""
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        return await RegistryStore(settings, pool, redis).save(info)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
 class RegistryFollower:
     """Keeps a `ModelRegistry` current from the registry topic."""
 

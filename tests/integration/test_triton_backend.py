@@ -10,16 +10,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import asyncpg
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 
 from streams.client import InferenceClient
 from streams.harness import wait_ready
 from streams.onnx_backend import OnnxModel
 from streams.registry import BackendSpec, ModelInfo, ModelRegistry, TensorSignature
-from streams.registry_store import RegistryStore
+from streams.registry_store import save_record
 from streams.triton_backend import TritonModel, TritonUnavailable, check_triton_backend
 from streams.triton_server import TritonServer, triton_available
 from topics.errors import ErrorCode, EventError
@@ -153,16 +151,6 @@ async def test_check_metadata_names_the_difference(triton, model_repository, pro
 # -- a version on two Triton servers, through the pipeline -------------------------------------
 
 
-async def register(settings, info: ModelInfo) -> None:
-    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
-    redis = aioredis.from_url(settings.redis_url)
-    try:
-        await RegistryStore(settings, pool, redis).save(info)
-    finally:
-        await redis.aclose()
-        await pool.close()
-
-
 async def infer_many(client: InferenceClient, inputs: list[dict[str, np.ndarray]]) -> list:
     return await asyncio.gather(*(client.infer("tiny", x, version="7", timeout=30) for x in inputs))
 
@@ -194,7 +182,7 @@ async def test_a_version_fails_over_between_triton_servers_and_recovers(
     tiny = load_info(model_repository, "tiny")
     spec_a, spec_b = backend(a, "grpc"), backend(b, "grpc")
     # Weight 0: unversioned requests stay on version 1; these tests ask for version 7 by name.
-    await register(settings, tiny.model_copy(update={"version": "7", "weight": 0,
+    await save_record(settings, tiny.model_copy(update={"version": "7", "weight": 0,
                                                      "backends": [spec_a, spec_b]}))
     onnx = OnnxModel(tiny)
     worker = start_worker(breaker_failures=2, breaker_cooldown_s=BREAKER_COOLDOWN_S, models=["tiny"])
