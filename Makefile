@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-unit bench lint stack-up stack-down compose-up compose-down
+.PHONY: setup run test test-unit bench load lint typecheck stack-up stack-down compose-up compose-down
 
 setup:  ## create .venv (and .venv-triton for the Triton tests)
 	infra/local/setup.sh
@@ -22,8 +22,14 @@ bench:  ## the benchmarks, each against its baseline in the same run
 	$(PY) -m bench.bridge
 	$(PY) -m bench.workers
 
+load:  ## 100 req/s for 30 s through the running bridge (`make run` in another terminal)
+	$(VENV)/bin/inferstream load --target bridge --rate 100 --duration 30
+
 lint:
 	$(VENV)/bin/ruff check streams agents topics models tests bench
+
+typecheck:  ## mypy over streams, agents, topics and models (config: [tool.mypy] in pyproject.toml)
+	$(VENV)/bin/mypy
 
 stack-up:
 	$(VENV)/bin/inferstream stack up

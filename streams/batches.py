@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -53,13 +54,14 @@ def list_items(store: ObjectStore, uri: str, model: ModelInfo, limits: Limits) -
     bucket, key = parse_uri(uri)
     if key.endswith(".jsonl"):
         return _jsonl_items(store.get(uri), limits)
-    if not model.preprocessing:
+    preprocessing = model.preprocessing
+    if not preprocessing:
         raise EventError(ErrorCode.INVALID_SCHEMA, f"model {model.name} takes no images; give a .jsonl input")
     keys = sorted(
         o.object_name for o in store.client.list_objects(bucket, prefix=key, recursive=True)
         if o.object_name.lower().endswith(IMAGE_SUFFIXES)
     )
-    return [Item(k.rsplit("/", 1)[-1], _image_loader(store, f"s3://{bucket}/{k}", model)) for k in keys]
+    return [Item(k.rsplit("/", 1)[-1], _image_loader(store, f"s3://{bucket}/{k}", model, preprocessing)) for k in keys]
 
 
 def _jsonl_items(data: bytes, limits: Limits) -> list[Item]:
@@ -90,13 +92,15 @@ def _line_loader(line: bytes, number: int, limits: Limits) -> Callable[[], dict[
     return load
 
 
-def _image_loader(store: ObjectStore, uri: str, model: ModelInfo) -> Callable[[], dict[str, np.ndarray]]:
+def _image_loader(
+    store: ObjectStore, uri: str, model: ModelInfo, preprocessing: dict[str, Any]
+) -> Callable[[], dict[str, np.ndarray]]:
     def load() -> dict[str, np.ndarray]:
         try:
             image = load_image(store.get(uri))
         except (OSError, ValueError) as exc:
             raise EventError(ErrorCode.INVALID_TENSOR, f"{uri} is not a readable image: {exc}") from None
-        return {model.inputs[0].name: image_to_tensor(image, model.preprocessing)}
+        return {model.inputs[0].name: image_to_tensor(image, preprocessing)}
 
     return load
 

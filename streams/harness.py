@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -34,7 +35,7 @@ def free_s3_port() -> int:
     raise RuntimeError("no free block of S3 server ports")
 
 
-def isolated_settings(state_dir: Path, run: str, **overrides: object) -> Settings:
+def isolated_settings(state_dir: Path, run: str, **overrides: Any) -> Settings:
     """Settings for a private stack: free ports, its own bucket and database."""
     return Settings(
         broker_port=free_port(),

@@ -110,7 +110,7 @@ def build_infer_response(
         if name not in outputs:
             raise ProtocolError(f"requested output {name!r} is not among the outputs {list(outputs)}")
         array = outputs[name]
-        entry = {"name": name, "datatype": dtype_to_datatype(array.dtype), "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": dtype_to_datatype(array.dtype), "shape": list(array.shape)}
         if name in body.binary_outputs or (body.requested_outputs is None and body.binary_default):
             raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
             entry["parameters"] = {"binary_data_size": len(raw)}

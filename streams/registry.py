@@ -11,6 +11,7 @@ Built models are registered from the model repository (Triton layout:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,7 +90,7 @@ def load_repository(repository: Path, only: list[str] | None = None) -> list[Mod
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ModelInfo] = ()) -> None:
+    def __init__(self, models: Iterable[ModelInfo] = ()) -> None:
         self._models: dict[str, dict[str, ModelInfo]] = {}
         for info in models:
             self.apply(info)

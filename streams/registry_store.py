@@ -9,6 +9,7 @@ it, so a change reaches running processes within about a second, without restart
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -132,7 +133,7 @@ class RegistryStore:
                 except Exception as exc:  # noqa: BLE001 - unreachable or mismatched: refused
                     raise RegistryError(f"{info.key}: Triton backend {spec.label}: {exc}") from None
 
-    async def publish(self, infos: list[ModelInfo]) -> None:
+    async def publish(self, infos: builtins.list[ModelInfo]) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
         await producer.start()
         try:
@@ -142,7 +143,7 @@ class RegistryStore:
         finally:
             await producer.stop()
 
-    async def register_repository(self, repository: Path) -> list[ModelInfo]:
+    async def register_repository(self, repository: Path) -> builtins.list[ModelInfo]:
         """Register built models that are not registered yet (existing records stay as they are)."""
         known = {i.key for i in await self.list()}
         added = [await self.save(i) for i in load_repository(repository) if i.key not in known]
@@ -197,9 +198,15 @@ class RegistryFollower:
             await self._consumer.stop()
             self._consumer = None
 
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("registry follower not started")
+        return self._consumer
+
     async def _behind(self, ends: dict[TopicPartition, int]) -> bool:
         for tp, end in ends.items():
-            if await self._consumer.position(tp) < end:
+            if await self.consumer.position(tp) < end:
                 return True
         return False
 
@@ -208,7 +215,7 @@ class RegistryFollower:
             await self._poll()
 
     async def _poll(self) -> None:
-        for records in (await self._consumer.getmany(timeout_ms=500)).values():
+        for records in (await self.consumer.getmany(timeout_ms=500)).values():
             for record in records:
                 if record.value is None:
                     continue

@@ -29,6 +29,7 @@ from streams.onnx_backend import (
     split_rows,
 )
 from streams.registry import BackendSpec, ModelInfo, TensorSignature
+from topics.errors import EventError
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class TritonModel:
             raise ValueError(f"{info.key}: not a Triton backend with a url: {spec}")
         self.info = info
         self.spec = spec
+        self.url: str = spec.url
         self.timeout_s = timeout_s
         self.model_name = spec.model_name or info.name
         self.output_names = [output.name for output in info.outputs]
@@ -162,7 +164,7 @@ class TritonModel:
     async def start(self) -> None:
         """Connect, check the served model against the signature, and learn its batch limit."""
         client_type = _GrpcClient if self.spec.protocol == "grpc" else _HttpClient
-        self._client = client_type(self.spec.url, self.timeout_s)
+        self._client = client_type(self.url, self.timeout_s)
         try:
             await self.check_metadata()
             served_max = await self.client.max_batch_size(self.model_name)
@@ -200,7 +202,7 @@ class TritonModel:
         outcomes = await asyncio.gather(*(self._run_group([batch[i] for i in g]) for g in groups))
         return scatter(groups, outcomes)
 
-    async def _run_group(self, members: list[Tensors]) -> list[Tensors] | list[BaseException]:
+    async def _run_group(self, members: list[Tensors]) -> list[Tensors] | list[EventError]:
         stacked = concat_rows(members)
         try:
             result = await self.client.infer(self.model_name, stacked, self.output_names)

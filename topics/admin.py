@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.settings import Settings
 from topics.names import Topics, TopicSpec
 
 
-async def ensure_topics(settings: Settings, models: list[str], extra: list[TopicSpec] = ()) -> list[str]:
+async def ensure_topics(settings: Settings, models: list[str], extra: Sequence[TopicSpec] = ()) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
     specs = [*Topics(settings).specs(models), *extra]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)

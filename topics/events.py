@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import orjson
@@ -28,7 +28,7 @@ from topics.errors import ErrorCode, EventError
 
 MAGIC = b"ISV1"
 _LEN = struct.Struct(">I")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 CONTENT_TYPE_BINARY = "application/vnd.inferstream.v1+binary"
 CONTENT_TYPE_JSON = "application/json"
 

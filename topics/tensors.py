@@ -28,7 +28,7 @@ def _invalid(message: str) -> EventError:
     return EventError(ErrorCode.INVALID_TENSOR, message)
 
 
-def check_dtype(name: str) -> np.dtype:
+def check_dtype(name: Any) -> np.dtype:
     try:
         return DTYPES[name]
     except (KeyError, TypeError):
@@ -71,6 +71,8 @@ def unpack(descriptors: list[dict[str, Any]], payload: memoryview | bytes) -> di
     size = len(payload)
     for spec in descriptors:
         name = spec.get("name")
+        if not isinstance(name, str):
+            raise _invalid(f"tensor name must be a string, got {name!r}")
         dtype = check_dtype(spec.get("dtype"))
         shape = check_shape(spec.get("shape"))
         offset, nbytes = spec.get("offset"), spec.get("nbytes")

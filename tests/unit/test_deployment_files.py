@@ -1,18 +1,28 @@
-"""Deployment files (compose, Dockerfile, Prometheus, Kustomize) parse and agree with the code.
+"""Deployment files (compose, Dockerfile, Prometheus, Kustomize, the CI workflow) parse and agree
+with the code.
 
-No container engine or cluster here: pure file parsing and cross-checks.
+No container engine or cluster here: file parsing and cross-checks, the overlays rendered with
+the venv's `kubectl kustomize` and checked against the Kubernetes schemas (kubernetes-validate),
+and the workflow checked against GitHub's workflow schema (check-jsonschema). Those tools come
+with the `dev` extra; where one is missing the tests fail rather than skip.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import yaml
 
-yaml = pytest.importorskip("yaml")
-
-from streams.settings import Settings  # noqa: E402
+from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -292,3 +302,342 @@ def test_dockerfile_stages_and_entrypoint():
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "models/repository" in ignored
+
+
+# -- tools (the `dev` extra installs them next to the interpreter) ------------------------------
+
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> Path:
+    path = BIN / name
+    if not path.is_file():
+        pytest.fail(f"{name} is not in {BIN}: install the dev extra (pip install -e '.[dev]')")
+    return path
+
+
+def _module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(f"cannot import {name} ({exc}): install the dev extra (pip install -e '.[dev]')")
+
+
+# -- rendered overlays: kubectl kustomize -------------------------------------------------------
+
+NAMESPACE = "inferstream"
+OVERLAYS = ["dev", "prod"]
+# Kinds without a namespace; every other rendered object must carry metadata.namespace.
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume",
+                  "StorageClass", "PriorityClass", "IngressClass", "RuntimeClass", "ValidatingWebhookConfiguration",
+                  "MutatingWebhookConfiguration", "APIService"}
+GPU = "nvidia.com/gpu"
+
+
+@functools.cache
+def _render(overlay: str) -> tuple[dict, ...]:
+    """`kubectl kustomize infra/k8s/overlays/<overlay>` as parsed documents."""
+    result = subprocess.run([str(_tool("kubectl")), "kustomize", str(K8S / "overlays" / overlay)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"kustomize {overlay} failed: {result.stderr}"
+    assert not result.stderr.strip(), f"kustomize {overlay} warned: {result.stderr}"
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def _rendered(overlay: str, kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in _render(overlay) if d["kind"] == kind}
+
+
+_QUANTITY_SUFFIXES = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+                      "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes resource quantity ("500m", "2", "512Mi") as a number."""
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match and match.group(2) in {"", *_QUANTITY_SUFFIXES}, f"not a quantity: {value!r}"
+    return float(match.group(1)) * _QUANTITY_SUFFIXES.get(match.group(2), 1)
+
+
+def test_kubectl_is_the_pinned_one():
+    result = subprocess.run([str(_tool("kubectl")), "version", "--client"], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert "Kustomize Version" in result.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_the_whole_app(overlay):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in _render(overlay))
+    assert kinds == sorted([
+        ("Namespace", NAMESPACE), ("ConfigMap", "inferstream-config"), ("Secret", "inferstream-secrets"),
+        ("Service", "inferstream-bridge"), ("Service", "inferstream-worker-metrics"),
+        ("Deployment", "inferstream-bridge"), ("Deployment", "inferstream-worker"),
+        ("HorizontalPodAutoscaler", "inferstream-bridge"), ("ScaledObject", "inferstream-worker"),
+    ])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_are_namespaced(overlay):
+    assert NAMESPACE in _rendered(overlay, "Namespace")
+    for doc in _render(overlay):
+        where = f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], f"{where} is cluster-scoped"
+        else:
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{where}: namespace not set"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_deployments_have_probes_and_resources(overlay):
+    deployments = _rendered(overlay, "Deployment")
+    assert deployments
+    for name, deployment in deployments.items():
+        spec = deployment["spec"]
+        assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items(), name
+        for c in _containers(deployment):
+            where = f"{overlay}: {name}/{c['name']}"
+            ports = {p["containerPort"] for p in c.get("ports", [])} | {p["name"] for p in c.get("ports", [])}
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert c.get(probe), f"{where}: no {probe}"
+                action = c[probe].get("httpGet") or c[probe].get("tcpSocket") or c[probe].get("grpc")
+                assert c[probe].get("exec") or action["port"] in ports, f"{where}: {probe} on an unexposed port"
+            resources = c.get("resources") or {}
+            for key in ("cpu", "memory"):
+                request, limit = resources.get("requests", {}).get(key), resources.get("limits", {}).get(key)
+                assert request is not None and limit is not None, f"{where}: {key} request and limit"
+                assert _quantity(request) <= _quantity(limit), f"{where}: {key} request {request} > limit {limit}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_references_exist(overlay):
+    """ConfigMaps and Secrets that the pods name, and the pods that Services select, are rendered."""
+    config_maps, secrets = set(_rendered(overlay, "ConfigMap")), set(_rendered(overlay, "Secret"))
+    deployments = _rendered(overlay, "Deployment")
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        refs: list[tuple[str, str]] = []
+        for c in pod["containers"] + pod.get("initContainers", []):
+            for source in c.get("envFrom", []):
+                refs += [(kind, source[key]["name"]) for key, kind in
+                         (("configMapRef", "ConfigMap"), ("secretRef", "Secret")) if key in source]
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {})
+                refs += [(kind, ref[key]["name"]) for key, kind in
+                         (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")) if key in ref]
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                refs.append(("ConfigMap", volume["configMap"]["name"]))
+            if "secret" in volume:
+                refs.append(("Secret", volume["secret"]["secretName"]))
+        assert refs, f"{overlay}: {name} reads no configuration"
+        for kind, ref in refs:
+            assert ref in (config_maps if kind == "ConfigMap" else secrets), f"{overlay}: {name} names {kind} {ref}"
+    for name, service in _rendered(overlay, "Service").items():
+        selector = service["spec"]["selector"]
+        targets = [d for d in deployments.values()
+                   if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(targets) == 1, f"{overlay}: Service {name} selects {len(targets)} Deployments"
+        ports = {p["containerPort"] for c in _containers(targets[0]) for p in c.get("ports", [])}
+        ports |= {p["name"] for c in _containers(targets[0]) for p in c.get("ports", []) if "name" in p}
+        for port in service["spec"]["ports"]:
+            assert port.get("targetPort", port["port"]) in ports, f"{overlay}: Service {name} port {port}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_autoscalers_target_the_deployments(overlay):
+    deployments = _rendered(overlay, "Deployment")
+    (hpa,) = _rendered(overlay, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "inferstream-bridge"}
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    (scaled,) = _rendered(overlay, "ScaledObject").values()
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target["name"] == "inferstream-worker"
+    assert target.get("kind", "Deployment") == "Deployment" and target.get("apiVersion", "apps/v1") == "apps/v1"
+    assert {hpa["spec"]["scaleTargetRef"]["name"], target["name"]} <= set(deployments)
+    assert 0 <= scaled["spec"].get("minReplicaCount", 0) <= scaled["spec"]["maxReplicaCount"]
+    # More workers than request partitions would sit idle.
+    assert scaled["spec"]["maxReplicaCount"] <= Settings().request_partitions
+    assert scaled["spec"]["triggers"]
+
+
+def test_prod_worker_requests_a_gpu_and_dev_none():
+    (prod,) = _containers(_rendered("prod", "Deployment")["inferstream-worker"])
+    resources = prod["resources"]
+    # Extended resources cannot be overcommitted: a request, when given, must equal the limit.
+    assert int(resources["limits"][GPU]) >= 1
+    assert int(resources["requests"].get(GPU, resources["limits"][GPU])) == int(resources["limits"][GPU])
+    assert prod["image"].endswith("-gpu")
+    tolerations = _rendered("prod", "Deployment")["inferstream-worker"]["spec"]["template"]["spec"]["tolerations"]
+    assert any(t["key"] == GPU for t in tolerations)
+    for overlay in OVERLAYS:
+        for name, deployment in _rendered(overlay, "Deployment").items():
+            if (overlay, name) != ("prod", "inferstream-worker"):
+                for c in _containers(deployment):
+                    assert GPU not in str(c.get("resources")), f"{overlay}: {name} asks for a GPU"
+                    assert c["image"].endswith("-cpu"), f"{overlay}: {name} runs {c['image']}"
+
+
+# -- rendered overlays: Kubernetes schemas (kubernetes-validate, offline) ---------------------
+
+# Custom resources are not in the Kubernetes schemas that kubernetes-validate ships, so they are
+# left out of the schema check on purpose; each has its own structural checks above.
+NOT_IN_KUBERNETES_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"):
+        "KEDA CRD: no schema in kubernetes-validate; see test_rendered_autoscalers_target_the_deployments",
+}
+
+
+def _kubernetes_versions() -> list[str]:
+    """The oldest and the newest Kubernetes version whose schemas kubernetes-validate ships."""
+    versions = _module("kubernetes_validate.utils").all_versions()  # sorted by version
+    return list(dict.fromkeys([versions[0], versions[-1]]))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_match_kubernetes_schemas(overlay):
+    kv = _module("kubernetes_validate")
+    checked, left_out = [], []
+    for doc in _render(overlay):
+        what = f"{doc['kind']}/{doc['metadata']['name']}"
+        if (doc["apiVersion"], doc["kind"]) in NOT_IN_KUBERNETES_SCHEMAS:
+            left_out.append(what)
+            continue
+        for version in _kubernetes_versions():
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                pytest.fail(f"{overlay}: {what} against Kubernetes {version}: {path}: {exc.message}")
+            except kv.SchemaNotFoundError as exc:
+                pytest.fail(f"{overlay}: {exc.message}; a custom resource goes in NOT_IN_KUBERNETES_SCHEMAS")
+        checked.append(what)
+    assert len(checked) == 8 and left_out == ["ScaledObject/inferstream-worker"], (checked, left_out)
+
+
+def test_schema_check_rejects_a_broken_deployment():
+    """The check above is no formality: strict schemas refuse unknown fields and wrong types."""
+    kv = _module("kubernetes_validate")
+    version = _kubernetes_versions()[-1]
+    good = _rendered("prod", "Deployment")["inferstream-worker"]
+    kv.validate(good, version, strict=True)
+    typo = copy.deepcopy(good)
+    typo["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"tcpSocket": {"port": 9100}}
+    wrong_type = copy.deepcopy(good)
+    wrong_type["spec"]["replicas"] = "two"
+    for broken in (typo, wrong_type):
+        with pytest.raises(kv.ValidationError):
+            kv.validate(broken, version, strict=True)
+
+
+# -- GitHub Actions workflow -------------------------------------------------------------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+# A version tag (v4, v4.1.2) or a full commit SHA: never a branch.
+PINNED = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@(v\d+(\.\d+){0,2}|[0-9a-f]{40})$")
+
+
+def _workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def _steps(job: str) -> list[dict]:
+    return _workflow()["jobs"][job]["steps"]
+
+
+def _runs(job: str) -> str:
+    return "\n".join(s.get("run", "") for s in _steps(job))
+
+
+def _check_workflow(path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema with its vendored copy of SchemaStore's github-workflow schema (offline)."""
+    return subprocess.run(
+        [str(_tool("check-jsonschema")), "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_workflow_matches_github_schema():
+    result = _check_workflow(WORKFLOW)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("breakage", ["timeout", "step key"])
+def test_workflow_schema_check_rejects_a_broken_workflow(tmp_path, breakage):
+    def write(workflow: dict) -> Path:
+        workflow = {("on" if k is True else k): v for k, v in workflow.items()}  # PyYAML reads `on` as True
+        path = tmp_path / "ci.yml"
+        path.write_text(yaml.safe_dump(workflow, sort_keys=False))
+        return path
+
+    assert _check_workflow(write(_workflow())).returncode == 0  # the round trip alone changes nothing
+    broken = _workflow()
+    if breakage == "timeout":
+        broken["jobs"]["lint"]["timeout-minutes"] = "ten"
+    else:
+        broken["jobs"]["lint"]["steps"].append({"name": "typo", "runs": "echo"})
+    result = _check_workflow(write(broken))
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
+def test_workflow_jobs_and_timeouts():
+    workflow = _workflow()
+    triggers = workflow.get("on", workflow.get(True))  # PyYAML (YAML 1.1) reads `on` as True
+    assert {"push", "pull_request"} <= set(triggers)
+    jobs = workflow["jobs"]
+    assert set(jobs) == {"lint", "typecheck", "test", "images"}
+    for name, job in jobs.items():
+        assert job["runs-on"] == "ubuntu-latest", name
+        assert isinstance(job.get("timeout-minutes"), int) and 0 < job["timeout-minutes"] <= 120, name
+        assert job["steps"][0]["uses"].startswith("actions/checkout@"), name
+
+
+def test_workflow_actions_are_pinned():
+    uses = [s["uses"] for job in _workflow()["jobs"].values() for s in job["steps"] if "uses" in s]
+    assert uses
+    for action in uses:
+        assert PINNED.match(action), f"{action} is not pinned to a version tag or commit"
+    majors = {a.split("@")[0]: a.split("@")[1] for a in uses}
+    assert majors == {"actions/checkout": "v4", "actions/setup-python": "v5",
+                      "docker/setup-buildx-action": "v3", "docker/build-push-action": "v6"}
+
+
+def test_workflow_lint_and_typecheck():
+    assert "ruff check" in _runs("lint")
+    assert "make typecheck" in _runs("typecheck")
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^typecheck:.*\n\t\$\(VENV\)/bin/mypy\s*$", makefile, re.M)
+    assert re.search(r"^lint:.*\n\t\$\(VENV\)/bin/ruff check ", makefile, re.M)
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert config["python_version"] == "3.11"
+    assert set(config["files"]) == {"streams", "agents", "topics", "models"}
+
+
+def test_workflow_test_job_runs_the_ci_script_on_services():
+    job = _workflow()["jobs"]["test"]
+    assert re.search(r"^\./infra/local/test\.sh\b", _runs("test"), re.M)
+    assert "infra/local/test.sh" in (ROOT / ".ci" / "run").read_text()  # the same script as .ci/run
+    setup = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+    assert str(setup["with"]["python-version"]) in {"3.11", "${{ env.PYTHON_VERSION }}"}
+    assert str(_workflow()["env"]["PYTHON_VERSION"]) == "3.11"
+    assert setup["with"]["cache"] == "pip"
+    services = job["services"]
+    postgres, redis = services["postgres"], services["redis"]
+    assert postgres["image"] == "postgres:16" and redis["image"] == "redis:7"
+    assert postgres["env"]["POSTGRES_HOST_AUTH_METHOD"] == "trust" and postgres["env"]["POSTGRES_DB"] == "test"
+    # The settings' defaults are where the tests look for them.
+    defaults = Settings.model_fields
+    assert "@127.0.0.1:5432/" in defaults["postgres_dsn"].default and "5432:5432" in postgres["ports"]
+    assert "//127.0.0.1:6379/" in defaults["redis_url"].default and "6379:6379" in redis["ports"]
+    for service in (postgres, redis):
+        assert "--health-cmd" in service["options"]
+
+
+def test_workflow_builds_both_images_without_pushing():
+    job = _workflow()["jobs"]["images"]
+    targets = set(job["strategy"]["matrix"]["target"])
+    assert targets == {"cpu", "gpu"}
+    stages = {m.group(1).lower() for m in re.finditer(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text(), re.M | re.I)}
+    assert targets <= stages
+    (build,) = [s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action@")]
+    assert build["with"]["target"] == "${{ matrix.target }}" and build["with"]["push"] is False
+    assert build["with"].get("file", "Dockerfile") == "Dockerfile"
