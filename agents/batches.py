@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import faust
 import orjson
 
@@ -14,7 +16,7 @@ from streams.pipeline import Message, Outbox, Pipeline
 def register(app: faust.App, pipeline: Pipeline) -> None:
     topic = app.topic(pipeline.topics.batches, partitions=pipeline.settings.request_partitions)
 
-    async def run_batches(messages: list[Message], box: Outbox) -> None:
+    async def run_batches(messages: Sequence[Message], box: Outbox) -> None:
         runner = BatchRunner(pipeline.settings, pipeline.registry, pipeline.store, JobStore(pipeline.results.pool))
         for message in messages:
             await runner.run(orjson.loads(message.value)["batch_id"], box)
@@ -24,5 +26,5 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     @app.agent(topic, name="batches")
     async def batches(stream: faust.StreamT) -> None:
         await start(pipeline)
-        async for batch in stream.take_events(1, within=1.0):
-            await run_step(app, pipeline, run_batches, to_messages(batch))
+        async for batch in stream.take_events(1, within=1.0):  # type: ignore[attr-defined]
+            await run_step(app, pipeline, "batches", run_batches, to_messages(batch))

@@ -14,7 +14,7 @@ def register(app: faust.App, pipeline: Pipeline, model: str) -> None:
 
     async def infer(stream: faust.StreamT) -> None:
         await start(pipeline)
-        async for batch in stream.take_events(s.take_max, within=s.max_batch_delay_ms / 1000):
-            await run_step(app, pipeline, pipeline.infer, to_messages(batch))
+        async for batch in stream.take_events(s.take_max, within=s.max_batch_delay_ms / 1000):  # type: ignore[attr-defined]
+            await run_step(app, pipeline, "inference", pipeline.infer, to_messages(batch))
 
     app.agent(topic, name=f"infer-{model}")(infer)

@@ -15,5 +15,5 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     @app.agent(topic, name="intake")
     async def intake(stream: faust.StreamT) -> None:
         await start(pipeline)
-        async for batch in stream.take_events(s.take_max, within=s.max_batch_delay_ms / 1000):
-            await run_step(app, pipeline, pipeline.intake, to_messages(batch))
+        async for batch in stream.take_events(s.take_max, within=s.max_batch_delay_ms / 1000):  # type: ignore[attr-defined]
+            await run_step(app, pipeline, "intake", pipeline.intake, to_messages(batch))

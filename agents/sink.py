@@ -15,5 +15,5 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     @app.agent(topic, name="results-sink")
     async def sink(stream: faust.StreamT) -> None:
         await start(pipeline)
-        async for batch in stream.take_events(s.sink_batch_size, within=s.sink_max_delay_ms / 1000):
-            await run_step(app, pipeline, pipeline.sink, to_messages(batch))
+        async for batch in stream.take_events(s.sink_batch_size, within=s.sink_max_delay_ms / 1000):  # type: ignore[attr-defined]
+            await run_step(app, pipeline, "sink", pipeline.sink, to_messages(batch))

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import faust
 import redis.asyncio as aioredis
 
 from agents import batches, inference, intake, sink
+from streams import metrics
 from streams.gatekeeper import Gatekeeper
 from streams.kafka_transport import broker_url
+from streams.logs import setup_logging
 from streams.pipeline import Pipeline
 from streams.registry import ModelRegistry
 from streams.registry_store import RegistryStore
 from streams.results_store import ResultsStore
 from streams.settings import Settings
+from streams.tracing import setup_tracing
 from topics.admin import ensure_topics
 
 
@@ -79,18 +81,35 @@ def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipelin
     return app, pipeline
 
 
+def serve_metrics(app: faust.App, pipeline: Pipeline, settings: Settings) -> None:
+    """The worker's /metrics: what the stages record, plus live breaker states, the rate
+    limiter's store outages and (with `metrics_lag`) the consumer group's lag."""
+    metrics.REGISTRY.register(metrics.BreakerCollector(pipeline.breaker_states))
+    if pipeline.gatekeeper is not None:
+        limiter = pipeline.gatekeeper.limiter
+        metrics.REGISTRY.register(metrics.ValueCounter(
+            "inferstream_rate_limit_store_unavailable", "Rate-limit checks Redis could not answer",
+            lambda: limiter.unavailable_count,
+        ))
+    if settings.metrics_lag:
+        from streams.scaling import export_lag
+
+        export_lag(app, settings)
+    metrics.serve(settings.metrics_port)
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker in the foreground until SIGINT/SIGTERM."""
+    setup_logging(settings, "worker")
+    setup_tracing(settings, "inferstream-worker")
     loop = asyncio.new_event_loop()  # Faust runs on the current loop
     asyncio.set_event_loop(loop)
     serve = loop.run_until_complete(bootstrap_registry(settings))
-    app, _ = create_app(settings, serve)
+    app, pipeline = create_app(settings, serve)
     if settings.metrics_port > 0:
-        from streams.scaling import serve_lag_metrics
-
-        serve_lag_metrics(app, settings)
-    worker = faust.Worker(app, loglevel=settings.log_level)
-    # Faust's terminal spinner sets the root logger to DEBUG, which makes every debug record of
-    # faust and aiokafka cost CPU; keep the root at the configured level.
-    logging.getLogger().setLevel(settings.log_level.upper())
+        serve_metrics(app, pipeline, settings)
+    # Our logging stays (Faust would replace it with colored text), and no banner or terminal
+    # spinner is mixed into it (the spinner would also set the root logger to DEBUG).
+    worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False, quiet=True)
+    worker.spinner = None
     worker.execute_from_commandline()

@@ -7,6 +7,8 @@ first item of a batch, and runs each batch: awaited when `run_batch` is a corout
   stream instead of buffering without limit.
 - `run_batch` returns one entry per item, either the item's result or an exception for that
   item alone; an exception raised by `run_batch` itself reaches every waiter of the batch.
+- `observe`, if given, hears of every batch run: its items' waits in the queue, the run's
+  duration and whether `run_batch` raised (for metrics).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 Results = Sequence["R | BaseException"]
 RunBatch = Callable[[list[T]], Results | Awaitable[Results]]
+Observe = Callable[[list[float], float, bool], None]  # (queue waits s, run s, failed)
 
 
 class BatcherStopped(RuntimeError):
@@ -37,6 +40,7 @@ class AdaptiveBatcher(Generic[T, R]):
         max_delay: float,
         max_pending: int,
         name: str = "batcher",
+        observe: Observe | None = None,
     ) -> None:
         if max_batch_size < 1 or max_pending < 1 or max_delay < 0:
             raise ValueError("max_batch_size and max_pending must be >= 1, max_delay >= 0")
@@ -45,7 +49,8 @@ class AdaptiveBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
         self.name = name
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(max_pending)
+        self._observe = observe
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R], float]] = asyncio.Queue(max_pending)
         self._loop_task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # recent batch sizes, for stats and tests
 
@@ -59,7 +64,7 @@ class AdaptiveBatcher(Generic[T, R]):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         while not self._queue.empty():
-            _, future = self._queue.get_nowait()
+            _, future, _ = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(BatcherStopped(f"{self.name} stopped"))
 
@@ -67,10 +72,10 @@ class AdaptiveBatcher(Generic[T, R]):
         if self._loop_task is None:
             raise BatcherStopped(f"{self.name} is not running")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        await self._queue.put((item, future, time.monotonic()))
         return await future
 
-    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R], float]]:
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self.max_delay
         while len(batch) < self.max_batch_size:
@@ -90,18 +95,20 @@ class AdaptiveBatcher(Generic[T, R]):
 
     async def _call(self, items: list[T]) -> Results:
         if self._is_async:
-            return await self._run_batch(items)
-        return await asyncio.to_thread(self._run_batch, items)
+            return await cast(Callable[[list[T]], Awaitable[Results]], self._run_batch)(items)
+        return await asyncio.to_thread(cast(Callable[[list[T]], Results], self._run_batch), items)
 
     async def _run(self) -> None:
         while True:
-            batch = await self._collect()
+            collected = await self._collect()
             # Waiters that gave up (cancelled) are not worth computing.
-            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
-            if not batch:
+            queued = [(item, fut, at) for item, fut, at in collected if not fut.cancelled()]
+            if not queued:
                 continue
-            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            self.batch_sizes = (self.batch_sizes + [len(queued)])[-1000:]
+            batch = [(item, fut) for item, fut, _ in queued]
             items = [item for item, _ in batch]
+            began = time.monotonic()
             try:
                 results = await self._call(items)
                 if len(results) != len(batch):
@@ -114,10 +121,12 @@ class AdaptiveBatcher(Generic[T, R]):
                         future.set_exception(BatcherStopped(f"{self.name} stopped"))
                 raise
             except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+                self._report(queued, began, failed=True)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self._report(queued, began, failed=False)
             for (_, future), result in zip(batch, results):
                 if future.done():
                     continue
@@ -125,3 +134,7 @@ class AdaptiveBatcher(Generic[T, R]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def _report(self, queued: list[tuple[T, asyncio.Future[R], float]], began: float, failed: bool) -> None:
+        if self._observe is not None:
+            self._observe([began - at for _, _, at in queued], time.monotonic() - began, failed)

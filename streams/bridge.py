@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry.trace import SpanKind
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -40,6 +42,7 @@ from models.preprocess import (
     probabilities,
     top_k,
 )
+from streams import tracing
 from streams.batches import list_items, tensor_json
 from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
 from streams.jobs import JobStore
@@ -51,6 +54,7 @@ from streams.kserve import (
     model_metadata,
     parse_infer_request,
 )
+from streams.logs import log_request, setup_logging
 from streams.objectstore import parse_uri
 from streams.registry import ModelInfo, ModelRegistry
 from streams.registry_store import (
@@ -78,6 +82,9 @@ HTTP_STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
 }
+# Request-scoped values: the request's trace span, and the id of the event it produced.
+SPAN = "inferstream_span"
+REQUEST_ID = "inferstream_request_id"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 TIMEOUT_HEADER = "X-Inferstream-Timeout"  # seconds; the request's deadline
 
@@ -193,27 +200,48 @@ class Bridge:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        with self.latency.labels(route).time():
-            try:
-                response = await handler(request)
-            except HTTPError as exc:
-                response = error(exc.status, exc.code, exc.message)
-            except EventError as exc:
-                response = error(HTTP_STATUS.get(exc.code, 500), exc.code.value, exc.message)
-            except ProtocolError as exc:
-                response = error(400, "INVALID_REQUEST", str(exc))
-            except web.HTTPRequestEntityTooLarge:
-                response = error(413, ErrorCode.PAYLOAD_TOO_LARGE.value,
-                                 f"request body over {self.settings.bridge_max_body_bytes} bytes")
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = error(exc.status, "HTTP_" + str(exc.status), exc.reason)
-            except Exception:  # noqa: BLE001 - logged here; the caller gets no stack trace
-                log.exception("unhandled error on %s %s", request.method, request.path)
-                response = error(500, ErrorCode.INTERNAL.value, "internal error")
-        self.requests.labels(route, str(response.status)).inc()
-        return response
+        started = time.perf_counter()
+        # The caller's trace (W3C traceparent) or a new one; it travels on in the Kafka headers.
+        span = tracing.start_span(f"{request.method} {route}", request.headers, kind=SpanKind.SERVER,
+                                  **{"http.method": request.method, "http.route": route})
+        request[SPAN] = span
+        try:
+            response = await self._respond(request, handler)
+            elapsed = time.perf_counter() - started
+            self.latency.labels(route).observe(elapsed)
+            self.requests.labels(route, str(response.status)).inc()
+            response.headers.update(tracing.trace_headers(span))
+            span.set_attribute("http.status_code", response.status)
+            if response.status >= 500:
+                tracing.fail(span, str(response.status), "server error")
+            if route != "/metrics":
+                log_request(span, "bridge", "answered", request.get(REQUEST_ID), method=request.method,
+                            route=route, status=response.status, ms=round(elapsed * 1000, 3))
+            return response
+        finally:
+            span.end()
+
+    async def _respond(self, request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """The handler's response, or the JSON error response for what it raised."""
+        try:
+            return await handler(request)
+        except HTTPError as exc:
+            return error(exc.status, exc.code, exc.message)
+        except EventError as exc:
+            return error(HTTP_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+        except ProtocolError as exc:
+            return error(400, "INVALID_REQUEST", str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, ErrorCode.PAYLOAD_TOO_LARGE.value,
+                         f"request body over {self.settings.bridge_max_body_bytes} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error(exc.status, "HTTP_" + str(exc.status), exc.reason)
+        except Exception:  # noqa: BLE001 - logged here; the caller gets no stack trace
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error(500, ErrorCode.INTERNAL.value, "internal error")
 
     # -- the request/reply core -------------------------------------------------------------
 
@@ -250,8 +278,9 @@ class Bridge:
         event = self._new_request(request, info, request.match_info.get("version"))
         if request_id:
             event.parameters["client_request_id"] = request_id
+        request[REQUEST_ID] = event.request_id
         try:
-            waiter = await self.client.send(event, inputs)
+            waiter = await self.client.send(event, inputs, headers=tracing.with_trace([], request[SPAN]))
             result = await self.client.wait(event, waiter)
         except UpstreamUnavailable as exc:
             raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
@@ -312,7 +341,8 @@ class Bridge:
         k = _int_param(request, "top_k", 5, 1, len(labels))
         data = await _image_bytes(request)
         try:
-            tensor = await asyncio.to_thread(lambda: image_to_tensor(load_image(data), info.preprocessing))
+            preprocessing = info.preprocessing
+            tensor = await asyncio.to_thread(lambda: image_to_tensor(load_image(data), preprocessing))
         except (OSError, ValueError) as exc:
             raise HTTPError(400, "INVALID_IMAGE", f"not a readable image: {exc}") from None
         result, outputs = await self._call(request, info, {info.inputs[0].name: tensor})
@@ -338,10 +368,11 @@ class Bridge:
         inputs = parse_infer_request(orjson.dumps({"inputs": body.get("inputs")}), None, self.limits).inputs
         check_inputs(info, inputs)
         job = InferenceRequest(request_id=events.new_request_id(), model=info.name, version=body.get("version"))
+        request[REQUEST_ID] = job.request_id
         await self.jobs.add_job(job.request_id, info.name, job.version)
         try:
             # No correlation id: nobody waits; the result lands in PostgreSQL.
-            await self.client.send(job, inputs, delivered=True)
+            await self.client.send(job, inputs, delivered=True, headers=tracing.with_trace([], request[SPAN]))
         except UpstreamUnavailable as exc:
             raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
         return web.json_response({"job_id": job.request_id, "status": "pending",
@@ -493,7 +524,7 @@ async def _image_bytes(request: web.Request) -> bytes:
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         async for part in reader:
-            if part.name in ("image", "file"):
+            if isinstance(part, BodyPartReader) and part.name in ("image", "file"):
                 return bytes(await part.read())
         raise HTTPError(400, "INVALID_REQUEST", "multipart body has no 'image' part")
     data = await request.read()
@@ -534,12 +565,13 @@ def openapi_document() -> dict:
 
 
 def run_bridge(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    setup_logging(settings, "bridge")
+    tracing.setup_tracing(settings, "inferstream-bridge")
 
     async def make_app() -> web.Application:  # Kafka clients must be made inside the loop
         return Bridge(settings).app()
 
-    web.run_app(make_app(), host=settings.bridge_host, port=settings.bridge_port,
+    # No access log: the middleware logs each request with its request and trace ids.
+    web.run_app(make_app(), host=settings.bridge_host, port=settings.bridge_port, access_log=None,
                 print=lambda _: log.info("bridge listening on http://%s:%d",
                                          settings.bridge_host, settings.bridge_port))

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -120,7 +121,7 @@ class InferenceClient:
 
     def request(
         self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        timeout: float = 30.0, **fields: object,
+        timeout: float = 30.0, **fields: Any,
     ) -> InferenceRequest:
         return InferenceRequest(
             request_id=events.new_request_id(), model=model, version=version,
@@ -130,10 +131,11 @@ class InferenceClient:
 
     async def send(
         self, request: InferenceRequest, inputs: dict[str, np.ndarray], *, delivered: bool = False,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[Result]:
         """Produce one request; the returned future resolves with its result (when it has a
         correlation id and replies to this client's topic). `delivered`: return only once the
-        broker has confirmed the event."""
+        broker has confirmed the event. `headers`: Kafka headers, e.g. the trace context."""
         if sum(a.nbytes for a in inputs.values()) > self.settings.claim_check_bytes:
             request.inputs_ref = await self.store.aput(
                 f"requests/{request.request_id}.bin", events.encode_bundle(inputs)
@@ -145,7 +147,7 @@ class InferenceClient:
         try:
             delivery = await self.produce(
                 self.topics.requests, request.request_id.encode(), events.encode_request(request, inputs),
-                delivered=delivered,
+                delivered=delivered, headers=headers,
             )
         except UpstreamUnavailable:
             self._waiters.pop(request.correlation_id or "", None)
@@ -160,12 +162,13 @@ class InferenceClient:
         self._waiters.pop(request.correlation_id or "", None)
         waiter.set_exception(UpstreamUnavailable(f"the broker did not accept the request: {sent.exception()!r}"))
 
-    async def produce(self, topic: str, key: bytes, value: bytes, *, delivered: bool = True) -> asyncio.Future:
+    async def produce(self, topic: str, key: bytes, value: bytes, *, delivered: bool = True,
+                      headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future:
         """Bounded in time: with the broker down, aiokafka would otherwise wait for metadata.
         Returns the delivery future (already resolved when `delivered`)."""
         try:
             async with asyncio.timeout(self.settings.produce_timeout_s):  # no extra task per send
-                delivery = await self._producer.send(topic, value, key=key)
+                delivery = await self._producer.send(topic, value, key=key, headers=headers)
                 if delivered:
                     await asyncio.shield(delivery)
         except (TimeoutError, KafkaError) as exc:
@@ -199,7 +202,7 @@ class InferenceClient:
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        timeout: float = 30.0, **fields: object,
+        timeout: float = 30.0, **fields: Any,
     ) -> Result:
         request = self.request(model, inputs, version=version, timeout=timeout, **fields)
         return await self.wait(request, await self.send(request, inputs))

@@ -65,6 +65,8 @@ class Gatekeeper:
 
     async def admit(self, request: InferenceRequest) -> Principal | EventError:
         """The caller, or the reason to refuse the request (never raises)."""
+        if self._authenticator is None:
+            raise RuntimeError("Gatekeeper.start() was not awaited")
         try:
             principal = await self._authenticator.authenticate(request.credentials)
             principal.authorize(request.model)
@@ -75,6 +77,8 @@ class Gatekeeper:
             return error
 
     async def _count(self, principal: Principal, request: InferenceRequest) -> None:
+        if self.tenant_limits is None:
+            raise RuntimeError("Gatekeeper.start() was not awaited")
         limit = await self.tenant_limits.get(principal.tenant)
         decision = await self.limiter.check(f"tenant:{principal.tenant}", request.request_id, limit)
         if not decision.allowed:

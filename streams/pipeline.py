@@ -15,8 +15,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import Span
 
+from streams import tracing
+from streams.auth import Principal
 from streams.gatekeeper import Gatekeeper
+from streams.logs import log_request
+from streams.metrics import DEAD_LETTERS, ERRORS, LATENCY, REQUESTS
 from streams.objectstore import ObjectStore
 from streams.registry import ModelInfo, ModelRegistry
 from streams.registry_store import RegistryFollower, fetch_artifact
@@ -51,6 +56,7 @@ class Message:
     partition: int
     offset: int
     headers: Headers = field(default_factory=list)
+    timestamp_ms: int | None = None  # when it was produced
 
 
 class Outbox:
@@ -120,6 +126,11 @@ class Pipeline:
             await self.gatekeeper.stop()
         await self.results.stop()
 
+    def breaker_states(self) -> list[tuple[str, str, str, str]]:
+        """(model, version, backend, breaker state) of every loaded backend."""
+        return [(server.info.name, server.info.version, backend, state)
+                for server in list(self._servers.values()) for backend, state in server.balancer.states().items()]
+
     async def _on_registry_change(self, info: ModelInfo) -> None:
         """Load, reload or drop a version's backends when its record changes."""
         if info.name not in self.serve:
@@ -149,45 +160,57 @@ class Pipeline:
     async def intake(self, messages: Sequence[Message], outbox: Outbox) -> None:
         """Authenticate, rate-limit, validate and route each request to its model's topic."""
         now = events.now_ms()
-        decoded: list[tuple[Message, events.Request]] = []
+        decoded: list[tuple[Message, events.Request, Span]] = []
         for msg in messages:
+            span = tracing.start_span("intake", msg.headers)
             request: InferenceRequest | None = None
             try:
                 self._check_size(msg)
                 parsed = events.decode_request(msg.value)
                 request = parsed.header
                 check_deadline(request, now)
-                decoded.append((msg, parsed))
+                decoded.append((msg, parsed, span))
             except EventError as error:
-                await self.reject(outbox, msg, error, request)
-        admitted = await self._admit(decoded)
-        for (msg, parsed), principal in zip(decoded, admitted):
-            request = parsed.header
-            if isinstance(principal, EventError):
-                await self.refuse(outbox, request, principal)
-                continue
+                await self.reject(outbox, msg, error, request, "intake", span)
+                span.end()
+        admitted = await self._admit([parsed.header for _, parsed, _ in decoded])
+        for (msg, parsed, span), principal in zip(decoded, admitted):
             try:
-                key = msg.key or request.request_id.encode()
-                route = self.router.route(request, now, key=key.decode(errors="replace"))
-                if parsed.tensors:
-                    check_inputs(route.model, parsed.tensors)
-            except EventError as error:
-                await self.reject(outbox, msg, error, request)
-                continue
-            headers = [*msg.headers, (VERSION_HEADER, route.model.version.encode())]
-            if principal is not None:
-                headers.append((TENANT_HEADER, principal.tenant.encode()))
-            await outbox.put(route.topic, key, msg.value, headers)
-            for shadow in self.registry.shadows(route.model.name):
-                await self._mirror(outbox, parsed, route.topic, shadow, headers)
+                await self._route(outbox, msg, parsed, principal, span, now)
+            finally:
+                span.end()
         await outbox.flush()
 
-    async def _admit(self, decoded: list[tuple[Message, events.Request]]) -> list:
+    async def _route(self, outbox: Outbox, msg: Message, parsed: events.Request,
+                     principal: Principal | EventError | None, span: Span, now: int) -> None:
+        request = parsed.header
+        if isinstance(principal, EventError):
+            await self.refuse(outbox, request, principal, "intake", span)
+            return
+        try:
+            key = msg.key or request.request_id.encode()
+            route = self.router.route(request, now, key=key.decode(errors="replace"))
+            if parsed.tensors:
+                check_inputs(route.model, parsed.tensors)
+        except EventError as error:
+            await self.reject(outbox, msg, error, request, "intake", span)
+            return
+        headers = [*tracing.with_trace(msg.headers, span), (VERSION_HEADER, route.model.version.encode())]
+        if principal is not None:
+            headers.append((TENANT_HEADER, principal.tenant.encode()))
+        await outbox.put(route.topic, key, msg.value, headers)
+        for shadow in self.registry.shadows(route.model.name):
+            await self._mirror(outbox, parsed, route.topic, shadow, headers)
+        REQUESTS.labels("intake", "ok").inc()
+        log_request(span, "intake", "routed", request.request_id, model=route.model.name,
+                    version=route.model.version, tenant=principal.tenant if principal else None)
+
+    async def _admit(self, requests: list[InferenceRequest]) -> list[Principal | EventError | None]:
         """Per request: the caller's Principal (None without a gatekeeper) or the EventError
         that refuses it. Checked concurrently: each may wait on Redis."""
         if self.gatekeeper is None:
-            return [None] * len(decoded)
-        return await asyncio.gather(*(self.gatekeeper.admit(parsed.header) for _, parsed in decoded))
+            return [None] * len(requests)
+        return list(await asyncio.gather(*(self.gatekeeper.admit(request) for request in requests)))
 
     async def _mirror(self, outbox: Outbox, parsed: events.Request, topic: str, shadow: ModelInfo,
                       headers: Headers) -> None:
@@ -212,8 +235,9 @@ class Pipeline:
     async def infer(self, messages: Sequence[Message], outbox: Outbox) -> None:
         """Run every valid request on its version's backends (micro-batched), then reply."""
         started = events.now_ms()
-        accepted: list[tuple[Message, InferenceRequest, ModelInfo, Awaitable[Outcome]]] = []
+        accepted: list[tuple[Message, InferenceRequest, ModelInfo, Span, Awaitable[Outcome]]] = []
         for msg in messages:
+            span = tracing.start_span("inference", msg.headers)
             request: InferenceRequest | None = None
             try:
                 decoded = events.decode_request(msg.value)
@@ -228,27 +252,37 @@ class Pipeline:
                 server = self._servers.get(info.key)
                 if server is None:
                     raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
-                accepted.append((msg, request, info, asyncio.ensure_future(server.submit(tensors))))
+                LATENCY.labels("queue_wait", info.name).observe(max(0, started - request.created_ms) / 1000)
+                accepted.append((msg, request, info, span, asyncio.ensure_future(server.submit(tensors))))
             except EventError as error:
-                await self.reject(outbox, msg, error, request)
-        for msg, request, info, pending in accepted:
+                await self.reject(outbox, msg, error, request, "inference", span)
+                span.end()
+        for msg, request, info, span, pending in accepted:
             try:
-                outcome = await pending
-            except EventError as error:
-                if error.code == ErrorCode.UNAVAILABLE:
-                    await self.refuse(outbox, request, error)  # an outage, not a bad event
-                else:
-                    await self.reject(outbox, msg, error, request)
-                continue
-            except Exception as error:  # noqa: BLE001 - one bad batch must not stop the agent
-                log.exception("inference failed for %s", request.request_id)
-                await self.reject(outbox, msg, EventError(ErrorCode.INFERENCE_FAILED, str(error)), request)
-                continue
-            await self._reply_ok(outbox, request, info, outcome, started)
+                await self._answer(outbox, msg, request, info, span, pending, started)
+            finally:
+                span.end()
         await outbox.flush()
 
+    async def _answer(self, outbox: Outbox, msg: Message, request: InferenceRequest, info: ModelInfo, span: Span,
+                      pending: Awaitable[Outcome], started: int) -> None:
+        try:
+            outcome = await pending
+        except EventError as error:
+            if error.code == ErrorCode.UNAVAILABLE:
+                await self.refuse(outbox, request, error, "inference", span)  # an outage, not a bad event
+            else:
+                await self.reject(outbox, msg, error, request, "inference", span)
+            return
+        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the agent
+            log.exception("inference failed for %s", request.request_id)
+            failure = EventError(ErrorCode.INFERENCE_FAILED, str(error))
+            await self.reject(outbox, msg, failure, request, "inference", span)
+            return
+        await self._reply_ok(outbox, request, info, outcome, started, span)
+
     async def _reply_ok(
-        self, outbox: Outbox, request: InferenceRequest, info: ModelInfo, outcome: Outcome, started: int
+        self, outbox: Outbox, request: InferenceRequest, info: ModelInfo, outcome: Outcome, started: int, span: Span,
     ) -> None:
         result = InferenceResult(
             request_id=request.request_id,
@@ -269,24 +303,31 @@ class Pipeline:
             # Claim check: the object key is the request id, so a redelivery rewrites it.
             result.outputs_ref = await self.store.aput(f"results/{info.name}/{request.request_id}.bin", bundle)
             outputs = {}
+        total_ms = max(0.0, events.now_ms() - request.created_ms)
         result.timings_ms = {
             "queue": max(0.0, started - request.created_ms),
             "inference": round(outcome.inference_ms, 3),
-            "total": max(0.0, events.now_ms() - request.created_ms),
+            "total": total_ms,
         }
-        await self._emit_result(outbox, result, outputs, request.reply_to, reply=_answers_caller(request))
+        await self._emit_result(outbox, result, outputs, request.reply_to, span, reply=_answers_caller(request))
+        REQUESTS.labels("inference", "ok").inc()
+        LATENCY.labels("end_to_end", info.name).observe(total_ms / 1000)
+        span.set_attributes({"inferstream.backend": outcome.backend, "inferstream.batch_size": outcome.batch_size})
+        log_request(span, "inference", "answered", request.request_id, model=info.name, version=info.version,
+                    backend=outcome.backend, batch_size=outcome.batch_size, total_ms=total_ms)
 
     # -- results -----------------------------------------------------------------------------
 
     async def _emit_result(
         self, outbox: Outbox, result: InferenceResult, outputs: dict[str, np.ndarray] | None,
-        reply_to: str | None, reply: bool = True,
+        reply_to: str | None, span: Span, reply: bool = True,
     ) -> None:
         value = events.encode_result(result, outputs)
         key = result.request_id.encode()
         headers = [("request_id", key)]
         if result.correlation_id:
             headers.append(("correlation_id", result.correlation_id.encode()))
+        headers = tracing.with_trace(headers, span)
         # An invalid reply_to was already rejected; its error goes to the default replies topic.
         reply_topic = reply_to if reply_to and valid_topic(reply_to) else self.topics.replies
         if reply:
@@ -294,33 +335,44 @@ class Pipeline:
             await outbox.put(reply_topic, reply_key, value, headers)
         await outbox.put(self.topics.results, key, value, headers)
 
-    async def refuse(self, outbox: Outbox, request: InferenceRequest, error: EventError) -> None:
+    async def refuse(self, outbox: Outbox, request: InferenceRequest, error: EventError, stage: str,
+                     span: Span) -> None:
         """An error result for a request refused by policy or an outage (auth, rate limit, no
         backend): the caller and the results table hear of it; it is no bad event to dead-letter."""
-        log.info("refused %s: %s", request.request_id, error)
+        REQUESTS.labels(stage, "refused").inc()
+        ERRORS.labels(stage, error.code.value).inc()
+        tracing.fail(span, error.code.value, error.message)
+        log_request(span, stage, "refused", request.request_id, code=error.code.value, error=error.message)
         result = InferenceResult(
             request_id=request.request_id, correlation_id=request.correlation_id, model=request.model,
             status=Status.ERROR, error=ErrorInfo(code=error.code, message=error.message),
             tenant=request.tenant, batch_id=request.batch_id, shadow_of=request.shadow_of,
             created_ms=request.created_ms,
         )
-        await self._emit_result(outbox, result, None, request.reply_to, reply=_answers_caller(request))
+        await self._emit_result(outbox, result, None, request.reply_to, span, reply=_answers_caller(request))
 
     async def reject(
-        self, outbox: Outbox, msg: Message, error: EventError, request: InferenceRequest | None
+        self, outbox: Outbox, msg: Message, error: EventError, request: InferenceRequest | None, stage: str,
+        span: Span,
     ) -> None:
         """Dead-letter the event with its reason and, where the caller is known, reply with the error."""
         request_id, reply_to, correlation_id = (
             (request.request_id, request.reply_to, request.correlation_id)
             if request else events.reply_address(msg.value)
         )
-        log.info("rejected %s from %s[%d]@%d: %s", request_id, msg.topic, msg.partition, msg.offset, error)
+        REQUESTS.labels(stage, "rejected").inc()
+        ERRORS.labels(stage, error.code.value).inc()
+        DEAD_LETTERS.labels(stage, error.code.value).inc()
+        tracing.fail(span, error.code.value, error.message)
+        log_request(span, stage, "rejected", request_id, code=error.code.value, error=error.message,
+                    source=f"{msg.topic}[{msg.partition}]@{msg.offset}")
         letter = DeadLetter(
             reason=error.code, message=error.message, source_topic=msg.topic,
             source_partition=msg.partition, source_offset=msg.offset, request_id=request_id,
             original_b64=base64.b64encode(msg.value).decode(),
         )
-        await outbox.put(self.topics.deadletter, msg.key, events.encode_dead_letter(letter), msg.headers)
+        await outbox.put(self.topics.deadletter, msg.key, events.encode_dead_letter(letter),
+                         tracing.with_trace(msg.headers, span))
         if request_id is None:
             return
         result = InferenceResult(
@@ -332,24 +384,39 @@ class Pipeline:
             shadow_of=request.shadow_of if request else None,
             created_ms=request.created_ms if request else None,
         )
-        await self._emit_result(outbox, result, None, reply_to, reply=request is None or _answers_caller(request))
+        await self._emit_result(outbox, result, None, reply_to, span,
+                                reply=request is None or _answers_caller(request))
 
     # -- sink --------------------------------------------------------------------------------
 
     async def sink(self, messages: Sequence[Message], outbox: Outbox) -> None:
         """Upsert a batch of results into PostgreSQL."""
         rows: list[StoredResult] = []
-        for msg in messages:
-            try:
-                decoded = events.decode_result(msg.value)
-            except EventError as error:
-                await self.reject(outbox, msg, error, None)
-                continue
-            outputs = events.encode_bundle(decoded.tensors) if decoded.tensors else None
-            rows.append(StoredResult(decoded.header, outputs, msg.partition, msg.offset))
-        if rows:
-            await self.results.upsert(rows)
-        await outbox.flush()
+        stored: list[tuple[Message, InferenceResult, Span]] = []
+        try:
+            for msg in messages:
+                span = tracing.start_span("sink", msg.headers)
+                try:
+                    decoded = events.decode_result(msg.value)
+                except EventError as error:
+                    await self.reject(outbox, msg, error, None, "sink", span)
+                    span.end()
+                    continue
+                outputs = events.encode_bundle(decoded.tensors) if decoded.tensors else None
+                rows.append(StoredResult(decoded.header, outputs, msg.partition, msg.offset))
+                stored.append((msg, decoded.header, span))
+            if rows:
+                await self.results.upsert(rows)
+            await outbox.flush()
+            now = events.now_ms()
+            for msg, result, span in stored:
+                REQUESTS.labels("sink", "ok").inc()
+                if msg.timestamp_ms:
+                    LATENCY.labels("sink_delay", result.model or "").observe(max(0, now - msg.timestamp_ms) / 1000)
+                log_request(span, "sink", "stored", result.request_id, model=result.model, status=result.status.value)
+        finally:
+            for _, _, span in stored:
+                span.end()
 
 
 def _header(msg: Message, name: str) -> str | None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from streams import metrics
 from streams.settings import Settings
 from topics.names import Topics
 
@@ -71,10 +71,13 @@ class LagReader:
         await self._consumer.start()
 
     async def stop(self) -> None:
-        await self._consumer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def read(self) -> list[PartitionLag]:
         consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("LagReader.start() was not awaited")
         existing = await consumer.topics()
         tps = [
             TopicPartition(topic, p)
@@ -127,13 +130,10 @@ class LagCollector:
         yield gauge
 
 
-def serve_lag_metrics(app: faust.App, settings: Settings) -> None:
-    """Serve the lag gauge on `settings.metrics_port`, refreshed by a task of the worker's Faust
-    app."""
+def export_lag(app: faust.App, settings: Settings) -> None:
+    """Add the lag gauge to the worker's metrics, refreshed by a task of its Faust app."""
     collector = LagCollector()
-    registry = CollectorRegistry()
-    registry.register(collector)
-    start_http_server(settings.metrics_port, registry=registry)
+    metrics.REGISTRY.register(collector)
     reader = LagReader(settings)
 
     @app.task
@@ -153,10 +153,10 @@ def serve_lag_metrics(app: faust.App, settings: Settings) -> None:
 # -- several worker processes ------------------------------------------------------------------
 
 
-def run_workers(count: int) -> int:
+def run_workers(count: int, metrics_port: int = 0) -> int:
     """Run `count` worker processes in one consumer group until SIGINT/SIGTERM, which is passed
     on to each. Returns 0 after a clean stop, 1 when a worker died on its own or failed to stop."""
-    children = [_spawn_worker(i) for i in range(count)]
+    children = [_spawn_worker(i, metrics_port) for i in range(count)]
     stopping = []
 
     def forward(signum: int, frame: object) -> None:
@@ -176,11 +176,13 @@ def run_workers(count: int) -> int:
     return 0 if not died and all(code == 0 for code in codes) else 1
 
 
-def _spawn_worker(index: int) -> subprocess.Popen:
+def _spawn_worker(index: int, metrics_port: int) -> subprocess.Popen:
     env = dict(os.environ)
+    if metrics_port > 0:
+        env["INFERSTREAM_METRICS_PORT"] = str(metrics_port + index)  # one /metrics per process
     # The lag is the group's, not a worker's: one exporter is enough (and sums stay right).
     if index > 0:
-        env["INFERSTREAM_METRICS_PORT"] = "0"
+        env["INFERSTREAM_METRICS_LAG"] = "false"
     # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
     return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, start_new_session=True)
 

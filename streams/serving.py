@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from streams.batcher import AdaptiveBatcher
 from streams.breaker import CircuitBreaker
+from streams.metrics import BACKEND_ERRORS, BATCH_SIZE, LATENCY
 from streams.onnx_backend import OnnxModel
 from streams.registry import BackendSpec, ModelInfo
 from streams.settings import Settings
@@ -40,7 +42,7 @@ class Outcome:
 class Backend:
     spec: BackendSpec
     batcher: AdaptiveBatcher
-    close: Callable[[], object] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -70,27 +72,45 @@ def _timed(run_batch, label: str):
 
 
 async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) -> Backend:
+    run_batch: Callable[[list], Any]
+    close: Callable[[], Awaitable[None]] | None = None
     if spec.kind == "onnxruntime":
-        model = await asyncio.to_thread(OnnxModel, info, settings.onnx_intra_op_threads)
-        run_batch, close = model.run_batch, None
+        onnx = await asyncio.to_thread(OnnxModel, info, settings.onnx_intra_op_threads)
+        run_batch = onnx.run_batch
     else:
         from streams.triton_backend import TritonModel
 
-        model = TritonModel(info, spec, timeout_s=settings.triton_timeout_s)
+        triton = TritonModel(info, spec, timeout_s=settings.triton_timeout_s)
         try:
-            await model.start()
+            await triton.start()
         except Exception as exc:  # noqa: BLE001 - served by the other backends meanwhile
             log.warning("%s: %s not reachable yet (%r); it connects on its first call", info.key, spec.label, exc)
-        run_batch, close = model.run_batch, model.stop
-    batcher = AdaptiveBatcher(
+        run_batch, close = triton.run_batch, triton.stop
+    batcher: AdaptiveBatcher[Tensors, Outcome] = AdaptiveBatcher(
         _timed(run_batch, spec.label),
         max_batch_size=min(settings.max_batch_size, info.max_batch_size),
         max_delay=(settings.max_batch_delay_ms if info.max_batch_delay_ms is None else info.max_batch_delay_ms) / 1000,
         max_pending=settings.max_inflight,
         name=f"{info.key}@{spec.label}",
+        observe=_batch_metrics(info.name, spec.label),
     )
     await batcher.start()
     return Backend(spec, batcher, close)
+
+
+def _batch_metrics(model: str, backend: str):
+    batch_size, formation = BATCH_SIZE.labels(model, backend), LATENCY.labels("batch_formation", model)
+    inference, errors = LATENCY.labels("inference", model), BACKEND_ERRORS.labels(model, backend)
+
+    def observe(waits: list[float], run_s: float, failed: bool) -> None:
+        batch_size.observe(len(waits))
+        for wait in waits:
+            formation.observe(wait)
+        inference.observe(run_s)
+        if failed:
+            errors.inc()
+
+    return observe
 
 
 class VersionServer:

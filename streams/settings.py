@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFERSTREAM_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="INFERSTREAM_", env_file=".env", extra="ignore",
+                                      populate_by_name=True)
 
     # Kafka (any Kafka-protocol broker)
     # Unset: the local stack's broker (127.0.0.1:<broker_port>).
@@ -108,9 +110,21 @@ class Settings(BaseSettings):
 
     # Worker
     worker_web_port: int = 6066
-    log_level: str = "info"
-    # > 0: the worker serves inferstream_consumer_lag on this port's /metrics (KEDA scales on it).
+    # > 0: the worker serves its Prometheus metrics on this port's /metrics (KEDA scales on the
+    # consumer lag there); with `--workers N` each process takes the next port.
     metrics_port: int = 0
+    # Only one worker of a group needs to export the group's consumer lag.
+    metrics_lag: bool = True
+
+    # Logs and traces
+    log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
+    log_requests: bool = True  # one line per request and stage, with its request and trace ids
+    # OTLP/HTTP collector (e.g. http://jaeger:4318); unset: trace context is still carried in
+    # Kafka headers and logs, but no span is exported. OTEL_EXPORTER_OTLP_ENDPOINT works too.
+    otlp_endpoint: str = Field(
+        default="", validation_alias=AliasChoices("INFERSTREAM_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
     # Total lag one worker is expected to carry; `inferstream lag` suggests workers from it.
     scale_lag_per_worker: int = 5000
 

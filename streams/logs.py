@@ -1,0 +1,65 @@
+"""Process logging: JSON lines (or plain text) on stdout, with request and trace ids, and no
+secrets: bearer tokens, JWTs and API keys are masked in every line, exceptions included.
+
+`log_request` writes the one line per request and stage that lets an operator follow a request
+through the pipeline by its request id or trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+from opentelemetry.trace import Span
+from pythonjsonlogger.json import JsonFormatter
+
+from streams import tracing
+from streams.settings import Settings
+
+REQUEST_LOG = logging.getLogger("inferstream.requests")
+
+# A JWT (three base64url parts, the first a JSON header), an inferstream API key, and whatever
+# follows "Bearer".
+_SECRETS = re.compile(r"eyJ[\w-]{4,}\.[\w-]+\.[\w-]*|isk_[\w-]+|(?i:bearer)\s+[^\s\"',;]+")
+MASK = "[redacted]"
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(MASK, text)
+
+
+class _RedactingJson(JsonFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _RedactingText(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(settings: Settings, service: str) -> None:
+    """Replace the root logger's handlers with one on stdout in the configured format."""
+    handler = logging.StreamHandler(sys.stdout)
+    if settings.log_format == "json":
+        handler.setFormatter(_RedactingJson(
+            "{levelname}{name}{message}{process}", style="{",
+            rename_fields={"levelname": "level", "name": "logger"},
+            static_fields={"service": service}, timestamp="time",
+        ))
+    else:
+        handler.setFormatter(_RedactingText("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    REQUEST_LOG.setLevel(logging.INFO if settings.log_requests else logging.WARNING)
+
+
+def log_request(span: Span, stage: str, message: str, request_id: str | None, **fields: object) -> None:
+    """One line for a request at a stage, with its ids (skipped cheaply when disabled)."""
+    if not REQUEST_LOG.isEnabledFor(logging.INFO):
+        return
+    trace_id, span_id = tracing.ids(span)
+    REQUEST_LOG.info(message, extra={"stage": stage, "request_id": request_id, "trace_id": trace_id,
+                                     "span_id": span_id, **fields})

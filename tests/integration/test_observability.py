@@ -1,0 +1,289 @@
+"""Metrics, trace context, logs and OTLP export on real worker and bridge processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections import defaultdict
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+from streams.client import InferenceClient
+from streams.harness import tiny_input, wait_ready
+from streams.stack import free_port
+from topics import events
+from topics.names import Topics
+
+pytestmark = pytest.mark.integration
+INFER = "/v2/models/{model}/infer"
+
+
+async def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page: (name, labels) -> value."""
+    async with aiohttp.ClientSession() as session, session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+        assert r.status == 200
+        text = await r.text()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def requests_at(samples: dict, stage: str, outcome: str = "ok") -> float:
+    return value(samples, "inferstream_requests_total", stage=stage, outcome=outcome)
+
+
+async def settled(url: str, timeout: float = 30.0) -> dict:
+    """Metrics once every stage has seen the same number of requests (nothing in flight)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(url)
+        counts = {requests_at(samples, stage) for stage in ("intake", "inference", "sink")}
+        if len(counts) == 1 or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.3)
+
+
+def traceparent(trace_id: str) -> str:
+    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+async def infer_http(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None):
+    x = tiny_input()["x"]
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    async with session.post(f"{url}/v2/models/tiny/infer", json=body, headers=headers or {}) as response:
+        await response.read()
+        return response.status, response.headers
+
+
+async def test_metrics_count_every_request_at_every_stage(start_worker, start_bridge, settings):
+    metrics_port = free_port()
+    worker = start_worker(metrics_port=metrics_port)
+    bridge = await start_bridge()
+    worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    sent_kafka, sent_http, bad = 200, 20, 3
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        before = await settled(worker_metrics)
+        results = await asyncio.gather(*(client.infer("tiny", tiny_input(seed=i), timeout=60)
+                                         for i in range(sent_kafka)))
+        assert all(r.header.error is None for r in results)
+        for _ in range(bad):
+            await client.produce(Topics(settings).requests, b"bad", b"not an event")
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await infer_http(session, bridge.url))[0] for _ in range(sent_http)]
+    assert statuses == [200] * sent_http
+    sent = sent_kafka + sent_http
+
+    deadline = time.monotonic() + 30
+    while True:
+        after = await scrape(worker_metrics)
+        if requests_at(after, "sink") - requests_at(before, "sink") >= sent or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    # Completed requests at each stage equal the number sent.
+    assert delta("inferstream_requests_total", stage="intake", outcome="ok") == sent
+    assert delta("inferstream_requests_total", stage="inference", outcome="ok") == sent
+    assert delta("inferstream_requests_total", stage="sink", outcome="ok") == sent
+    assert delta("inferstream_requests_total", stage="intake", outcome="rejected") == bad
+    assert delta("inferstream_dead_letters_total", stage="intake", reason="UNDECODABLE") == bad
+    assert delta("inferstream_errors_total", stage="intake", code="UNDECODABLE") == bad
+    # One latency observation per request and stage; batch sizes add up to the requests.
+    for stage in ("queue_wait", "batch_formation", "end_to_end", "sink_delay"):
+        assert delta("inferstream_latency_seconds_count", stage=stage, model="tiny") == sent, stage
+    assert delta("inferstream_batch_size_sum", model="tiny", backend="onnxruntime") == sent
+    batches = delta("inferstream_batch_size_count", model="tiny", backend="onnxruntime")
+    assert 1 <= batches <= sent
+    assert delta("inferstream_latency_seconds_count", stage="inference", model="tiny") == batches
+    assert 0 < delta("inferstream_latency_seconds_sum", stage="end_to_end", model="tiny") < 60 * sent
+    # Live state: breakers closed, no backend errors, the rate limiter's store answered.
+    breakers = {dict(labels)["version"]: v for (name, labels), v in after.items()
+                if name == "inferstream_breaker_state" and dict(labels)["model"] == "tiny"}
+    assert breakers and set(breakers.values()) == {0}
+    assert delta("inferstream_backend_errors_total", model="tiny", backend="onnxruntime") == 0
+    assert ("inferstream_rate_limit_store_unavailable_total", frozenset()) in after
+
+    # The consumer lag gauge covers the requests topic (refreshed every few seconds).
+    deadline = time.monotonic() + 30
+    while not any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings).requests
+                  for name, labels in after) and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        after = await scrape(worker_metrics)
+    assert any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings).requests
+               for name, labels in after)
+
+    # The bridge counts its own requests.
+    bridge_samples = await scrape(f"{bridge.url}/metrics")
+    assert value(bridge_samples, "inferstream_bridge_requests_total", route=INFER, status="200") >= sent_http
+    assert value(bridge_samples, "inferstream_bridge_request_seconds_count", route=INFER) >= sent_http
+
+
+def log_records(text: str) -> list[dict]:
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def stages_of(text: str, trace_id: str) -> set[str]:
+    return {r["stage"] for r in log_records(text) if r.get("trace_id") == trace_id and "stage" in r}
+
+
+async def reply_record(settings, topic: str, key: bytes, timeout: float = 20.0):
+    """The record with `key` on a reply topic, read from the beginning."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if record.key == key:
+                        return record
+        raise TimeoutError(f"no reply keyed {key!r} on {topic}")
+    finally:
+        await consumer.stop()
+
+
+async def test_trace_id_travels_to_the_reply_and_every_stage_log(start_worker, start_bridge, settings):
+    worker = start_worker()
+    bridge = await start_bridge()
+    kafka_trace, http_trace = secrets.token_hex(16), secrets.token_hex(16)
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        # Kafka ingress: a producer that sets the W3C header.
+        request = client.request("tiny", {}, timeout=30)
+        waiter = await client.send(request, tiny_input(), headers=[("traceparent", traceparent(kafka_trace).encode())])
+        result = await client.wait(request, waiter)
+        assert result.header.error is None
+        reply = await reply_record(settings, client.reply_topic, request.correlation_id.encode())
+        header = dict(reply.headers)["traceparent"].decode()
+        assert header.split("-")[1] == kafka_trace
+
+    # HTTP ingress: the bridge continues the caller's trace and answers with it.
+    async with aiohttp.ClientSession() as session:
+        status, headers = await infer_http(session, bridge.url, {"traceparent": traceparent(http_trace)})
+    assert status == 200
+    assert headers["traceparent"].split("-")[1] == http_trace
+
+    deadline = time.monotonic() + 30
+    want = {"intake", "inference", "sink"}
+    while time.monotonic() < deadline and not (
+        want <= stages_of(worker.log(), kafka_trace) and want <= stages_of(worker.log(), http_trace)
+    ):
+        await asyncio.sleep(0.3)
+    assert stages_of(worker.log(), kafka_trace) == want, worker.log()[-3000:]
+    assert stages_of(worker.log(), http_trace) == want, worker.log()[-3000:]
+    assert stages_of(bridge.log(), http_trace) == {"bridge"}
+    lines = [r for r in log_records(worker.log()) if r.get("trace_id") == kafka_trace]
+    assert {r["request_id"] for r in lines} == {request.request_id}
+    assert all(r["service"] == "worker" and r["level"] == "INFO" for r in lines)
+    for service in (worker, bridge):  # JSON lines only: no banner, spinner or plain text
+        assert all(line.startswith("{") for line in service.log().splitlines() if line.strip()), service.log()[:2000]
+
+
+async def test_logs_hold_no_credentials(start_worker, start_bridge, settings):
+    worker = start_worker()
+    bridge = await start_bridge()
+    api_key = f"isk_{secrets.token_hex(4)}_{secrets.token_urlsafe(24)}"
+    token = "eyJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(30) + "." + secrets.token_urlsafe(20)
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        refused = await client.infer("tiny", tiny_input(), credentials=events.Credentials(api_key=api_key))
+        assert refused.header.error.code.value == "UNAUTHENTICATED"
+    async with aiohttp.ClientSession() as session:
+        status, _ = await infer_http(session, bridge.url, {"Authorization": f"Bearer {token}"})
+        assert status == 401
+        status, _ = await infer_http(session, bridge.url, {"X-API-Key": api_key})
+        assert status == 401
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(
+        r.get("message") == "refused" for r in log_records(worker.log())
+    ) < 3:
+        await asyncio.sleep(0.3)
+    assert sum(r.get("message") == "refused" for r in log_records(worker.log())) == 3
+    for text in (worker.log(), bridge.log()):
+        assert api_key not in text and token not in text
+        assert api_key.split("_")[2] not in text and token.split(".")[1] not in text
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace receiver: collects the spans posted to /v1/traces."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.port = free_port()
+
+    async def traces(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(await request.read())
+        for resource in export.resource_spans:
+            service = next(a.value.string_value for a in resource.resource.attributes if a.key == "service.name")
+            for scope in resource.scope_spans:
+                self.spans.extend((service, span) for span in scope.spans)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def __aenter__(self) -> OtlpReceiver:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self.traces)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+async def test_spans_are_exported_over_otlp(start_worker, start_bridge, settings, monkeypatch):
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export within a fraction of a second
+    async with OtlpReceiver() as receiver:
+        endpoint = f"http://127.0.0.1:{receiver.port}"
+        worker = start_worker(otlp_endpoint=endpoint)
+        bridge = await start_bridge(otlp_endpoint=endpoint)
+        async with InferenceClient(settings) as client:
+            await wait_ready(client, worker)
+        trace_id = secrets.token_hex(16)
+        async with aiohttp.ClientSession() as session:
+            status, _ = await infer_http(session, bridge.url, {"traceparent": traceparent(trace_id)})
+        assert status == 200
+
+        def ours() -> dict[str, list]:
+            found = defaultdict(list)
+            for service, span in receiver.spans:
+                if span.trace_id.hex() == trace_id:
+                    found[span.name].append((service, span))
+            return found
+
+        deadline = time.monotonic() + 30
+        while len(ours()) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        spans = ours()
+        assert set(spans) == {f"POST {INFER}", "intake", "inference", "sink"}, list(spans)
+        (bridge_service, http_span), = spans[f"POST {INFER}"]
+        (_, intake), (_, inference), (_, sink) = spans["intake"][0], spans["inference"][0], spans["sink"][0]
+        assert bridge_service == "inferstream-bridge" and spans["intake"][0][0] == "inferstream-worker"
+        # One chain: bridge → intake → inference → sink.
+        assert intake.parent_span_id == http_span.span_id
+        assert inference.parent_span_id == intake.span_id
+        assert sink.parent_span_id == inference.span_id
