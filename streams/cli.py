@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import numpy as np
 import typer
@@ -32,7 +32,7 @@ app.add_typer(limits_app, name="limits")
 console = Console()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
 
@@ -282,7 +282,7 @@ def worker(
     if workers > 1:
         from streams.scaling import run_workers
 
-        raise typer.Exit(run_workers(workers))
+        raise typer.Exit(run_workers(workers, get_settings().metrics_port))
     from streams.app import run_worker
 
     run_worker(get_settings())
@@ -471,6 +471,58 @@ def result(request_id: str) -> None:
         _fail(f"no result for {request_id}")
     for key, value in dict(row).items():
         console.print(f"{key:>16}: {f'<{len(value)} bytes>' if isinstance(value, bytes) else value}")
+
+
+@app.command("load")
+def load_command(
+    target: Annotated[str, typer.Option(help="bridge (HTTP, Open Inference Protocol) or kafka (InferenceClient)")]
+    = "bridge",
+    url: Annotated[Optional[str], typer.Option(help="bridge base URL (default: the settings' bridge)")] = None,
+    rate: Annotated[float, typer.Option(help="requests per second, started on schedule (open loop)")] = 50.0,
+    duration: Annotated[float, typer.Option(help="seconds measured")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="seconds at the same rate before, not counted")] = 0.0,
+    model: Annotated[str, typer.Option(help="model name")] = "tiny",
+    version: Annotated[Optional[str], typer.Option(help="pin a model version")] = None,
+    shape: Annotated[Optional[list[str]], typer.Option(help="[NAME=]D1,D2,... input shape (repeatable)")] = None,
+    max_inflight: Annotated[int, typer.Option(min=1, help="requests in flight at most; a due request over it"
+                                                          " is dropped")] = 1000,
+    timeout: Annotated[float, typer.Option(help="seconds each request may take (its deadline)")] = 10.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_API_KEY", help="an API key")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_TOKEN", help="a JWT bearer token")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random inputs")] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the figures here")] = None,
+) -> None:
+    """Drive the bridge or the Kafka ingress at a fixed rate (open loop) and print the figures."""
+    import json
+
+    from aiokafka.errors import KafkaError
+
+    from streams import load as load_gen
+    from topics.errors import EventError
+
+    if target not in ("bridge", "kafka"):
+        _fail(f"--target is bridge or kafka, got {target!r}")
+    try:
+        shapes = load_gen.parse_shapes(shape or [])
+        driver: load_gen.BridgeTarget | load_gen.KafkaTarget
+        if target == "bridge":
+            if url is None:
+                settings = get_settings()
+                url = f"http://{settings.bridge_host}:{settings.bridge_port}"
+            driver = load_gen.BridgeTarget(url, model, version=version, timeout=timeout, shapes=shapes,
+                                           api_key=api_key, token=token, max_connections=max_inflight, seed=seed)
+        else:
+            driver = load_gen.KafkaTarget(get_settings(), model, version=version, timeout=timeout, shapes=shapes,
+                                          api_key=api_key, token=token, seed=seed)
+        about = {"target": target, "model": model, "version": version, "url": url if target == "bridge" else None}
+        done = asyncio.run(load_gen.run(driver, rate=rate, duration=duration, warmup=warmup,
+                                        max_inflight=max_inflight, timeout=timeout, **about))
+    except (ValueError, RuntimeError, OSError, EventError, KafkaError) as exc:
+        _fail(getattr(exc, "message", None) or str(exc) or repr(exc))
+    console.print(load_gen.summary_table(done.summary))
+    if json_path is not None:
+        json_path.write_text(json.dumps(done.summary, indent=2) + "\n")
+        console.print(f"figures written to {json_path}")
 
 
 # -- replay and dead letters -------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""`inferstream load` on the real stack: open-loop load through the bridge and through Kafka,
+every request answered and stored; and the command itself, with its JSON figures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from streams import load
+from streams.client import InferenceClient
+from streams.harness import settings_env, tiny_input, wait_ready
+
+pytestmark = pytest.mark.integration
+RATE, SECONDS = 50, 3
+EXPECTED = RATE * SECONDS
+
+
+async def bridge_answering(url: str, timeout: float = 60.0) -> None:
+    """Until the bridge answers a tiny request (its registry follower has the model)."""
+    body = load.oip_body(tiny_input())
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                async with session.post(f"{url}/v2/models/tiny/infer", data=body,
+                                        headers={"X-Inferstream-Timeout": "3"}) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"no answer through the bridge within {timeout} s")
+
+
+async def stored_ok(settings, expect: int, *, since: datetime | None = None, request_ids: list[str] | None = None,
+                    timeout: float = 60.0) -> int:
+    """Ok rows in the results table (created since `since`, or with these ids), polled until
+    `expect` are there (the sink is asynchronous), then once more after a pause: no extra rows."""
+    if request_ids is not None:
+        query, arg = "SELECT count(*) FROM inference_results WHERE status = 'ok' AND request_id = ANY($1::text[])", \
+            request_ids
+    else:
+        query, arg = "SELECT count(*) FROM inference_results WHERE status = 'ok' AND created_at >= $1", since
+    conn = await asyncpg.connect(settings.postgres_dsn, timeout=10)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (count := await conn.fetchval(query, arg)) < expect:
+            if asyncio.get_running_loop().time() > deadline:
+                return count
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+        return await conn.fetchval(query, arg)
+    finally:
+        await conn.close()
+
+
+async def run_command(settings, json_path: Path, *args: str, timeout: float = 90.0) -> dict:
+    """`inferstream load ... --json PATH` as a process with the test's settings; its figures."""
+    env = {**os.environ, **settings_env(settings)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streams.cli", "load", *args, "--json", str(json_path), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, output.decode(errors="replace")
+    assert "achieved throughput" in output.decode(errors="replace")
+    return json.loads(json_path.read_text())
+
+
+def assert_all_ok(summary: dict, expected: int) -> None:
+    assert summary["scheduled"] == expected, summary
+    assert (summary["sent"], summary["ok"]) == (expected, expected), summary
+    assert (summary["error_count"], summary["timeouts"], summary["dropped"]) == (0, 0, 0), summary
+    assert summary["latency_ms"]["p50"] is not None and summary["latency_ms"]["max"] < 10_000
+
+
+async def test_load_through_the_bridge(start_worker, start_bridge, settings, tmp_path):
+    start_worker()
+    bridge = await start_bridge()
+    await bridge_answering(bridge.url)
+    since = datetime.now(UTC)
+    done = await load.run(load.BridgeTarget(bridge.url, "tiny", timeout=10), rate=RATE, duration=SECONDS,
+                          timeout=10, target="bridge", model="tiny")
+    assert_all_ok(done.summary, EXPECTED)
+    assert done.summary["inputs"] == {"x": "float32[1, 16]"}  # from the bridge's model metadata
+    assert await stored_ok(settings, EXPECTED, since=since) == EXPECTED
+
+    figures = await run_command(settings, tmp_path / "bridge.json", "--target", "bridge", "--url", bridge.url,
+                                "--rate", "20", "--duration", "2", "--warmup", "0.5", "--timeout", "10")
+    assert_all_ok(figures, 40)
+    assert figures["target"] == "bridge" and figures["offered_rate"] == pytest.approx(20)
+
+
+async def test_load_through_kafka(start_worker, settings, tmp_path):
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+    done = await load.run(load.KafkaTarget(settings, "tiny", timeout=10), rate=RATE, duration=SECONDS,
+                          timeout=10, target="kafka", model="tiny")
+    assert_all_ok(done.summary, EXPECTED)
+    ids = [o.request_id for o in done.outcomes]
+    assert len(set(ids)) == EXPECTED and None not in ids
+    assert await stored_ok(settings, EXPECTED, request_ids=ids) == EXPECTED
+
+    figures = await run_command(settings, tmp_path / "kafka.json", "--target", "kafka", "--rate", "20",
+                                "--duration", "2", "--shape", "x=2,16", "--timeout", "10")
+    assert_all_ok(figures, 40)
+    assert figures["target"] == "kafka" and figures["inputs"] == {"x": "float32[2, 16]"}

@@ -1,0 +1,175 @@
+"""The load generator's pure parts: schedule, in-flight bound, figures; and its dispatcher on
+fake targets (no network)."""
+
+import asyncio
+import time
+
+import numpy as np
+import orjson
+import pytest
+from rich.console import Console
+
+from streams.load import (
+    DROPPED,
+    ERROR,
+    OK,
+    TIMEOUT,
+    InflightGate,
+    InputSpec,
+    Outcome,
+    Reply,
+    oip_body,
+    parse_shapes,
+    percentiles,
+    random_inputs,
+    resolve_specs,
+    run_load,
+    schedule,
+    summarize,
+    summary_table,
+)
+
+
+def test_percentiles_on_known_data():
+    figures = percentiles([i / 1000 for i in range(1, 101)])  # 1..100 ms, shuffled order irrelevant
+    assert figures["p50"] == pytest.approx(0.0505)
+    assert figures["p90"] == pytest.approx(0.0901)
+    assert figures["p99"] == pytest.approx(0.09901)
+    assert figures["max"] == pytest.approx(0.1)
+    assert percentiles([0.25]) == {"p50": 0.25, "p90": 0.25, "p99": 0.25, "max": 0.25}
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_summary_counts_and_latency_of_ok_requests_only():
+    ok = [Outcome(due=i * 0.01, started=i * 0.01, done=i * 0.01 + (i + 1) / 1000, status=OK) for i in range(100)]
+    others = [
+        Outcome(1.0, 1.0, 1.5, ERROR, "RATE_LIMITED"),
+        Outcome(1.01, 1.01, 1.02, ERROR, "RATE_LIMITED"),
+        Outcome(1.02, 1.02, 1.03, ERROR, "ClientConnectorError"),
+        Outcome(1.03, 1.03, 9.0, TIMEOUT),
+        Outcome(1.04, None, 1.04, DROPPED),
+    ]
+    summary = summarize(ok + others, rate=100, duration=1.05, target="bridge", model="tiny")
+    assert summary["target"] == "bridge" and summary["model"] == "tiny"
+    assert (summary["scheduled"], summary["sent"], summary["ok"]) == (105, 104, 100)
+    assert summary["errors"] == {"ClientConnectorError": 1, "RATE_LIMITED": 2}
+    assert (summary["error_count"], summary["timeouts"], summary["dropped"]) == (3, 1, 1)
+    assert summary["offered_rate"] == pytest.approx(100)
+    # The timeout's answer came last, at 9.0 s: throughput counts until then.
+    assert summary["elapsed_s"] == pytest.approx(9.0)
+    assert summary["achieved_rate"] == pytest.approx(100 / 9.0)
+    latency = summary["latency_ms"]  # 1..100 ms: the failures' times are not in it
+    assert (latency["p50"], latency["p90"], latency["p99"], latency["max"]) == pytest.approx((50.5, 90.1, 99.01, 100))
+    assert summary["max_send_lag_ms"] == pytest.approx(0)
+
+
+def test_throughput_is_over_the_window_when_replies_keep_up():
+    outcomes = [Outcome(i / 10, i / 10, i / 10 + 0.001, OK) for i in range(10)]
+    summary = summarize(outcomes, rate=10, duration=1.0)
+    assert summary["elapsed_s"] == 1.0 and summary["achieved_rate"] == pytest.approx(10)
+    empty = summarize([], rate=10, duration=2.0)
+    assert (empty["ok"], empty["achieved_rate"], empty["latency_ms"]["p99"]) == (0, 0, None)
+
+
+def test_schedule_is_on_the_clock_with_warmup_first():
+    slots = schedule(rate=50, duration=3)
+    assert len(slots) == 150 and all(s.counted for s in slots)
+    assert [s.due for s in slots] == pytest.approx([i / 50 for i in range(150)])
+    warm = schedule(rate=4, duration=1, warmup=0.5)
+    assert [(s.due, s.counted) for s in warm] == [
+        (0.0, False), (0.25, False), (0.5, True), (0.75, True), (1.0, True), (1.25, True)]
+    assert len(schedule(rate=0.5, duration=10)) == 5
+    for bad in ({"rate": 0, "duration": 1}, {"rate": 1, "duration": 0}, {"rate": 1, "duration": 1, "warmup": -1}):
+        with pytest.raises(ValueError):
+            schedule(**bad)
+
+
+def test_inflight_gate_refuses_over_its_limit():
+    gate = InflightGate(2)
+    assert gate.try_acquire() and gate.try_acquire()
+    assert not gate.try_acquire()
+    gate.release()
+    assert gate.try_acquire() and gate.peak == 2
+    unbounded = InflightGate(None)
+    assert all(unbounded.try_acquire() for _ in range(10_000))
+    with pytest.raises(ValueError):
+        InflightGate(0)
+
+
+async def test_open_loop_starts_on_schedule_while_replies_are_slow():
+    async def slow(index: int) -> Reply:
+        await asyncio.sleep(0.3)
+        return Reply(OK)
+
+    started = time.monotonic()
+    outcomes = await run_load(slow, schedule(rate=100, duration=0.5), max_inflight=None, timeout=5)
+    assert time.monotonic() - started < 2
+    assert len(outcomes) == 50 and all(o.status == OK for o in outcomes)
+    # Every request started at its due time, not after the previous reply (closed loop: 15 s).
+    assert max(o.started - o.due for o in outcomes) < 0.1
+    assert min(o.latency_s for o in outcomes) >= 0.29
+
+
+async def test_requests_over_max_inflight_are_dropped():
+    async def stuck(index: int) -> Reply:
+        await asyncio.sleep(1.0)
+        return Reply(OK)
+
+    outcomes = await run_load(stuck, schedule(rate=100, duration=0.5), max_inflight=10, timeout=5)
+    statuses = [o.status for o in outcomes]
+    assert statuses[:10] == [OK] * 10 and statuses[10:] == [DROPPED] * 40
+    summary = summarize(outcomes, rate=100, duration=0.5)
+    assert (summary["sent"], summary["ok"], summary["dropped"]) == (10, 10, 40)
+
+
+async def test_timeouts_errors_and_warmup():
+    async def mixed(index: int) -> Reply:
+        if index % 4 == 1:
+            await asyncio.sleep(5)  # past the bound: a timeout
+        if index % 4 == 2:
+            raise ConnectionResetError("gone")
+        if index % 4 == 3:
+            return Reply(ERROR, "UNAUTHENTICATED")
+        return Reply(OK, request_id=f"r{index}")
+
+    started = time.monotonic()
+    outcomes = await run_load(mixed, schedule(rate=40, duration=0.2, warmup=0.1), timeout=0.2, grace=0)
+    assert time.monotonic() - started < 2
+    # The 4 warm-up requests (indices 0-3) are not counted; the counted ones are 4-11.
+    assert [(o.status, o.code) for o in outcomes] == [
+        (OK, None), (TIMEOUT, None), (ERROR, "ConnectionResetError"), (ERROR, "UNAUTHENTICATED")] * 2
+    assert [o.request_id for o in outcomes if o.status == OK] == ["r4", "r8"]
+    assert all(o.due >= 0.1 for o in outcomes)
+
+
+def test_input_specs_shapes_and_random_data():
+    assert parse_shapes(["1,16"]) == {None: (1, 16)}
+    assert parse_shapes(["x=4,16", "mask=1x3"]) == {"x": (4, 16), "mask": (1, 3)}
+    for bad in ("x=", "x=a,b", "x=-1,2"):
+        with pytest.raises(ValueError):
+            parse_shapes([bad])
+    signature = [("x", "float32", [-1, 16]), ("ids", "int64", [-1, 3]), ("flag", "bool", [1])]
+    specs = resolve_specs(signature)
+    assert [(s.name, s.dtype.name, s.shape) for s in specs] == [
+        ("x", "float32", (1, 16)), ("ids", "int64", (1, 3)), ("flag", "bool", (1,))]
+    assert resolve_specs(signature, {"x": (8, 16)})[0].shape == (8, 16)
+    assert resolve_specs(signature[:1], {None: (2, 16)})[0].shape == (2, 16)
+    with pytest.raises(ValueError, match="nope"):
+        resolve_specs(signature, {"nope": (1,)})
+    inputs = random_inputs(specs + [InputSpec("px", np.dtype("uint8"), (2, 2))], np.random.default_rng(0))
+    assert {n: (a.dtype.name, a.shape) for n, a in inputs.items()} == {
+        "x": ("float32", (1, 16)), "ids": ("int64", (1, 3)), "flag": ("bool", (1,)), "px": ("uint8", (2, 2))}
+    body = orjson.loads(oip_body({"x": inputs["x"], "flag": inputs["flag"]}))
+    assert body["inputs"][0]["datatype"] == "FP32" and body["inputs"][0]["shape"] == [1, 16]
+    assert len(body["inputs"][0]["data"]) == 16 and body["inputs"][1]["datatype"] == "BOOL"
+
+
+def test_summary_table_renders_every_figure():
+    outcomes = [Outcome(0.0, 0.0, 0.004, OK), Outcome(0.1, 0.1, 0.2, ERROR, "RATE_LIMITED"),
+                Outcome(0.2, None, 0.2, DROPPED)]
+    console = Console(record=True, width=120)
+    console.print(summary_table(summarize(outcomes, rate=10, duration=0.3, model="tiny", target="kafka")))
+    text = console.export_text()
+    for figure in ("offered rate", "achieved throughput", "RATE_LIMITED 1", "dropped", "latency p99 ms",
+                   "latency max ms", "4.0"):
+        assert figure in text, text
