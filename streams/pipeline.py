@@ -342,7 +342,8 @@ class Pipeline:
         REQUESTS.labels(stage, "refused").inc()
         ERRORS.labels(stage, error.code.value).inc()
         tracing.fail(span, error.code.value, error.message)
-        log_request(span, stage, "refused", request.request_id, code=error.code.value, error=error.message)
+        log_request(span, stage, "refused", request.request_id, logging.WARNING, code=error.code.value,
+                    error=error.message)
         result = InferenceResult(
             request_id=request.request_id, correlation_id=request.correlation_id, model=request.model,
             status=Status.ERROR, error=ErrorInfo(code=error.code, message=error.message),
@@ -364,8 +365,8 @@ class Pipeline:
         ERRORS.labels(stage, error.code.value).inc()
         DEAD_LETTERS.labels(stage, error.code.value).inc()
         tracing.fail(span, error.code.value, error.message)
-        log_request(span, stage, "rejected", request_id, code=error.code.value, error=error.message,
-                    source=f"{msg.topic}[{msg.partition}]@{msg.offset}")
+        log_request(span, stage, "rejected", request_id, logging.WARNING, code=error.code.value,
+                    error=error.message, source=f"{msg.topic}[{msg.partition}]@{msg.offset}")
         letter = DeadLetter(
             reason=error.code, message=error.message, source_topic=msg.topic,
             source_partition=msg.partition, source_offset=msg.offset, request_id=request_id,

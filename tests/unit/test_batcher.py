@@ -179,3 +179,27 @@ async def test_a_failing_coroutine_run_batch_reaches_every_waiter():
     finally:
         await batcher.stop()
     assert all(isinstance(o, ConnectionError) for o in outcomes)
+
+
+async def test_observe_hears_of_every_batch_with_its_waits_and_failures():
+    seen: list[tuple[int, float, bool]] = []
+
+    def observe(waits: list[float], run_s: float, failed: bool) -> None:
+        assert all(0 <= wait < 5 for wait in waits)
+        seen.append((len(waits), run_s, failed))
+
+    def run(batch: list[int]) -> list[int]:
+        if 99 in batch:
+            raise RuntimeError("backend down")
+        time.sleep(0.01)
+        return batch
+
+    batcher = await started(run, max_batch_size=4, max_delay=0.2, observe=observe)
+    try:
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(8))) == list(range(8))
+        with pytest.raises(RuntimeError):
+            await batcher.submit(99)
+    finally:
+        await batcher.stop()
+    assert [(size, failed) for size, _, failed in seen] == [(4, False), (4, False), (1, True)]
+    assert all(run_s >= 0.009 for _, run_s, failed in seen if not failed)
