@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import faust
+import mode
 import redis.asyncio as aioredis
 
 from agents import batches, inference, intake, sink
@@ -98,6 +99,18 @@ def serve_metrics(app: faust.App, pipeline: Pipeline, settings: Settings) -> Non
     metrics.serve(settings.metrics_port)
 
 
+class PipelineConnections(mode.Service):
+    """Closes the pipeline's connections (registry consumer, PostgreSQL, Redis, backends) on stop.
+    A worker stops its app, and so its agents, before the services it was given."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    async def on_stop(self) -> None:
+        await self.pipeline.stop()
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker in the foreground until SIGINT/SIGTERM."""
     setup_logging(settings, "worker")
@@ -110,6 +123,7 @@ def run_worker(settings: Settings) -> None:
         serve_metrics(app, pipeline, settings)
     # Our logging stays (Faust would replace it with colored text), and no banner or terminal
     # spinner is mixed into it (the spinner would also set the root logger to DEBUG).
-    worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False, quiet=True)
+    worker = faust.Worker(app, PipelineConnections(pipeline), loglevel=settings.log_level, override_logging=False,
+                          quiet=True)
     worker.spinner = None
     worker.execute_from_commandline()

@@ -82,6 +82,8 @@ HTTP_STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
 }
+# Probes and scrapes: counted in the metrics, not logged line by line.
+QUIET_ROUTES = {"/metrics", "/v2/health/live", "/v2/health/ready"}
 # Request-scoped values: the request's trace span, and the id of the event it produced.
 SPAN = "inferstream_span"
 REQUEST_ID = "inferstream_request_id"
@@ -214,7 +216,7 @@ class Bridge:
             span.set_attribute("http.status_code", response.status)
             if response.status >= 500:
                 tracing.fail(span, str(response.status), "server error")
-            if route != "/metrics":
+            if route not in QUIET_ROUTES:
                 log_request(span, "bridge", "answered", request.get(REQUEST_ID), method=request.method,
                             route=route, status=response.status, ms=round(elapsed * 1000, 3))
             return response
