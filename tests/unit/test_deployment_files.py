@@ -274,12 +274,12 @@ def test_k8s_overlays():
         return yaml.safe_load((K8S / "overlays" / overlay / name).read_text())
 
     dev = patch("dev", "worker-patch.yaml")
-    assert dev["spec"]["replicas"] == 1
+    (worker,) = dev["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in str(worker["resources"])
     prod = patch("prod", "worker-gpu-patch.yaml")
     (worker,) = prod["spec"]["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["image"].endswith("-gpu")
-    assert prod["spec"]["replicas"] > 1
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
@@ -459,6 +459,9 @@ def test_rendered_autoscalers_target_the_deployments(overlay):
     # More workers than request partitions would sit idle.
     assert scaled["spec"]["maxReplicaCount"] <= Settings().request_partitions
     assert scaled["spec"]["triggers"]
+    # The autoscalers own the replica counts: a Deployment that set one would reset it on every apply.
+    for name in (hpa["spec"]["scaleTargetRef"]["name"], target["name"]):
+        assert "replicas" not in deployments[name]["spec"], f"{overlay}: {name} sets replicas"
 
 
 def test_prod_worker_requests_a_gpu_and_dev_none():
