@@ -3,7 +3,9 @@ secrets: bearer tokens, JWTs and API keys are masked in every line, exceptions i
 
 `log_request` writes the one line per request and stage that lets an operator follow a request
 through the pipeline by its request id or trace id. Those lines cost about as much CPU as the rest
-of a small model's request path; `log_requests=False` keeps only the refused and dead-lettered.
+of a small model's request path, so `log_requests` can keep a share of traces: chosen by trace id,
+the same in every stage and process, so a trace is logged whole or not at all. Refused and
+dead-lettered requests are always logged.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from streams import tracing
 from streams.settings import Settings
 
 REQUEST_LOG = logging.getLogger("inferstream.requests")
+_TRACE_SPACE = 1 << 32  # the trace id's last 32 bits, random, decide its sampling
+_sampled_below = _TRACE_SPACE
 
 # A JWT (three base64url parts, the first a JSON header), an inferstream API key, and whatever
 # follows "Bearer".
@@ -45,6 +49,7 @@ class _RedactingText(logging.Formatter):
 
 def setup_logging(settings: Settings, service: str) -> None:
     """Replace the root logger's handlers with one on stdout in the configured format."""
+    global _sampled_below
     handler = logging.StreamHandler(sys.stdout)
     if settings.log_format == "json":
         handler.setFormatter(_RedactingJson(
@@ -61,15 +66,20 @@ def setup_logging(settings: Settings, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    REQUEST_LOG.setLevel(logging.INFO if settings.log_requests else logging.WARNING)
+    REQUEST_LOG.setLevel(logging.INFO if settings.log_requests > 0 else logging.WARNING)
+    _sampled_below = round(settings.log_requests * _TRACE_SPACE)
 
 
 def log_request(span: Span, stage: str, message: str, request_id: str | None, level: int = logging.INFO,
                 **fields: object) -> None:
-    """One line for a request at a stage, with its ids. INFO lines go when `log_requests` is on;
-    WARNING lines (requests refused or dead-lettered) always."""
+    """One line for a request at a stage, with its ids: at INFO for a sampled trace, at WARNING
+    (requests refused or dead-lettered) always."""
     if not REQUEST_LOG.isEnabledFor(level):
         return
     trace_id, span_id = tracing.ids(span)
+    if level < logging.WARNING and _sampled_below < _TRACE_SPACE and not (
+        trace_id and int(trace_id[-8:], 16) < _sampled_below
+    ):
+        return
     REQUEST_LOG.log(level, message, extra={"stage": stage, "request_id": request_id, "trace_id": trace_id,
                                            "span_id": span_id, **fields})

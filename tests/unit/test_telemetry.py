@@ -84,9 +84,24 @@ def test_request_lines_are_json_with_ids_and_no_secrets(captured):
 
 
 def test_request_lines_can_be_turned_off(captured):
-    setup_logging(Settings(log_requests=False), "worker")
+    setup_logging(Settings(log_requests=0), "worker")
     logging.getLogger().handlers[0].setStream(captured)
     log_request(tracing.start_span("intake", []), "intake", "routed", "r1")
     log_request(tracing.start_span("intake", []), "intake", "rejected", "r2", logging.WARNING, code="UNDECODABLE")
     lines = [json.loads(line) for line in captured.getvalue().splitlines()]
     assert [(r["message"], r["level"], r["request_id"]) for r in lines] == [("rejected", "WARNING", "r2")]
+
+
+def test_a_share_of_traces_is_logged_whole(captured):
+    setup_logging(Settings(log_requests=0.25), "worker")
+    logging.getLogger().handlers[0].setStream(captured)
+    spans = [tracing.start_span("intake", []) for _ in range(2000)]
+    for stage in ("intake", "inference", "sink"):
+        for span in spans:
+            log_request(tracing.start_span(stage, tracing.with_trace([], span)), stage, "done", "r")
+    stages: dict[str, set[str]] = {}
+    for line in captured.getvalue().splitlines():
+        record = json.loads(line)
+        stages.setdefault(record["trace_id"], set()).add(record["stage"])
+    assert 0.2 * len(spans) < len(stages) < 0.3 * len(spans)
+    assert all(found == {"intake", "inference", "sink"} for found in stages.values())
