@@ -37,19 +37,19 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.e2e import box_busy_cpu, signals_ignored
+from bench.e2e import box_busy_cpu
+from bench.processes import private_stack, stopped_after
 from models.build import build_models
 from streams.harness import (
     BridgeProcess,
     Worker,
-    drop_database,
     isolated_settings,
     tiny_input,
 )
 from streams.onnx_backend import OnnxModel
 from streams.registry import ModelRegistry
 from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import LocalStack, free_port
+from streams.stack import free_port
 from streams.triton_server import TritonServer, triton_available
 from topics.admin import ensure_topics
 
@@ -239,47 +239,26 @@ def floor(model: OnnxModel, x: np.ndarray, seconds: float) -> dict:
 
 def bridge(settings: Settings, x: np.ndarray, expected: np.ndarray,
            args: argparse.Namespace) -> dict:
-    stack = LocalStack(settings)
     worker = Worker(settings, settings.state_dir / "worker.log")
     bridge_process = BridgeProcess(settings, settings.state_dir / "bridge.log",
                                    bridge_port=free_port())
-    try:
-        stack.up()
+    with private_stack(settings, console, worker, bridge_process):
         asyncio.run(ensure_topics(settings, [MODEL]))
         worker.start()
         bridge_process.start()
         asyncio.run(bridge_process.wait_ready())
         console.log(f"bridge on {bridge_process.url}, worker pid {worker.proc.pid}")
         return asyncio.run(load("bridge", bridge_process.url, x, expected, args))
-    except Exception:
-        for service in (worker, bridge_process):
-            if service.proc is not None:
-                console.print(f"{service.command} log tail:\n{service.log()[-3000:]}")
-        raise
-    finally:
-        # A second Ctrl-C must not cut the cleanup short: every step below is bounded.
-        with signals_ignored():
-            bridge_process.stop()
-            worker.stop()
-            stack.down()
-            with contextlib.suppress(OSError):  # PostgreSQL down: up() failed and said so
-                asyncio.run(drop_database(settings.postgres_dsn))
 
 
 def tritonserver(repository: Path, log_path: Path, x: np.ndarray, expected: np.ndarray,
                  args: argparse.Namespace) -> dict:
     server = TritonServer(repository, [MODEL], log_path)
-    try:
+    with stopped_after(console, server):
         server.start()
         server.wait_ready()
         console.log(f"tritonserver on {server.http_url}, pid {server.proc.pid}")
         return asyncio.run(load("tritonserver", f"http://{server.http_url}", x, expected, args))
-    except Exception:
-        console.print(f"tritonserver log tail:\n{server.log()[-3000:]}")
-        raise
-    finally:
-        with signals_ignored():
-            server.stop()
 
 
 def background_cores(seconds: float = BACKGROUND_SAMPLE_S) -> float:

@@ -37,13 +37,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.processes import private_stack
 from models.build import build_models
 from streams.client import InferenceClient
-from streams.harness import Worker, drop_database, isolated_settings, wait_ready
+from streams.harness import Worker, isolated_settings, wait_ready
 from streams.onnx_backend import OnnxModel
 from streams.registry import ModelInfo, ModelRegistry
 from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import LocalStack
 from topics.admin import ensure_topics
 
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
@@ -256,38 +256,15 @@ async def end_to_end(settings: Settings, worker: Worker, registry: ModelRegistry
         }
 
 
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_on_private_stack(settings: Settings, registry: ModelRegistry, counts: dict[str, int],
                          timeout: float, profile_dir: Path | None) -> dict:
-    stack = LocalStack(settings)
     worker = Worker(settings, settings.state_dir / "worker.log")
-    try:
-        stack.up()
+    with private_stack(settings, console, worker):
         asyncio.run(ensure_topics(settings, list(counts)))
         worker.start()
         console.log(f"worker pid {worker.proc.pid}, broker {settings.kafka_bootstrap}, "
                     f"database {settings.postgres_dsn.rpartition('/')[2]}")
         return asyncio.run(end_to_end(settings, worker, registry, counts, timeout, profile_dir))
-    except Exception:
-        if worker.proc is not None:
-            console.print(f"worker log tail:\n{worker.log()[-3000:]}")
-        raise
-    finally:
-        # A second Ctrl-C must not cut the cleanup short: every step below is bounded.
-        with signals_ignored():
-            worker.stop()
-            stack.down()
-            with contextlib.suppress(OSError):  # PostgreSQL down: up() failed and said so
-                asyncio.run(drop_database(settings.postgres_dsn))
 
 
 # -- report -----------------------------------------------------------------------------------

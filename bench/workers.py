@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -35,13 +34,12 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from bench.e2e import signals_ignored
+from bench.processes import private_stack
 from models.build import build_models
 from streams.app import bootstrap_registry
 from streams.client import InferenceClient
 from streams.harness import (
     Worker,
-    drop_database,
     isolated_settings,
     tiny_input,
     wait_ready,
@@ -50,7 +48,6 @@ from streams.registry import BackendSpec, ModelRegistry
 from streams.registry_store import save_record
 from streams.replay import Replayer, ReplayJob
 from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import LocalStack
 from streams.triton_server import SETUP_HINT, TritonServer, triton_available
 
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
@@ -129,26 +126,19 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     state = tempfile.TemporaryDirectory(prefix="bench-workers-")
     settings = isolated_settings(Path(state.name), uuid.uuid4().hex[:8])
-    stack = LocalStack(settings)
     triton = TritonServer(settings.model_repository, ["tiny"], settings.state_dir / "triton.log")
     try:
-        stack.up()
-        asyncio.run(bootstrap_registry(settings))  # the schema
-        version = "1"
-        if args.backend == "triton":
-            triton.start()
-            triton.wait_ready()
-            asyncio.run(register_triton_version(settings, triton))
-            version = TRITON_VERSION
-        rows = [run_pass(settings, count, version, args.requests, args.timeout) for count in (1, 2)]
+        with private_stack(settings, console, triton):
+            asyncio.run(bootstrap_registry(settings))  # the schema
+            version = "1"
+            if args.backend == "triton":
+                triton.start()
+                triton.wait_ready()
+                asyncio.run(register_triton_version(settings, triton))
+                version = TRITON_VERSION
+            rows = [run_pass(settings, count, version, args.requests, args.timeout) for count in (1, 2)]
     finally:
-        # A second Ctrl-C must not cut the cleanup short: every step below is bounded.
-        with signals_ignored():
-            triton.stop()
-            stack.down()
-            with contextlib.suppress(OSError):
-                asyncio.run(drop_database(settings.postgres_dsn))
-            state.cleanup()
+        state.cleanup()
     report(args.backend, rows)
 
 
