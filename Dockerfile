@@ -3,8 +3,9 @@
 #   docker build --target cpu -t inferstream:0.1.0-cpu .
 #   docker build --target gpu -t inferstream:0.1.0-gpu .
 #
-# builder: builds the model repository (needs the `models` extra, torch CPU-only);
-# cpu / gpu: the runtime images (no torch), each with the repository copied from the builder.
+# builder: builds the model repository (needs the `models` extra, torch CPU-only) and the
+# inferstream wheel; cpu / gpu: the runtime images (no torch), each installing the wheel with its
+# onnxruntime extra and copying the repository from the builder.
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS builder
@@ -17,7 +18,8 @@ COPY streams ./streams
 COPY agents ./agents
 COPY topics ./topics
 COPY models ./models
-RUN pip install ".[models]" && python -m models.build --repository /src/models/repository
+RUN pip install ".[models]" && python -m models.build --repository /src/models/repository \
+ && pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS cpu
@@ -26,12 +28,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
     INFERSTREAM_STATE_DIR=/tmp/inferstream
 RUN useradd --system --uid 10001 --user-group --create-home inferstream
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY streams ./streams
-COPY agents ./agents
-COPY topics ./topics
-COPY models ./models
-RUN pip install ".[cpu]" && rm -rf /app/streams /app/agents /app/topics
+COPY --from=builder /wheels /wheels
+RUN pip install "$(ls /wheels/inferstream-*.whl)[cpu]" && rm -rf /wheels
 COPY --from=builder --chown=10001:10001 /src/models/repository /app/models/repository
 USER 10001
 EXPOSE 8000 9100
@@ -56,12 +54,8 @@ RUN apt-get update \
  && python3.11 -m venv /opt/venv
 RUN useradd --system --uid 10001 --user-group --create-home inferstream
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY streams ./streams
-COPY agents ./agents
-COPY topics ./topics
-COPY models ./models
-RUN pip install ".[gpu]" && rm -rf /app/streams /app/agents /app/topics
+COPY --from=builder /wheels /wheels
+RUN pip install "$(ls /wheels/inferstream-*.whl)[gpu]" && rm -rf /wheels
 COPY --from=builder --chown=10001:10001 /src/models/repository /app/models/repository
 USER 10001
 EXPOSE 8000 9100
