@@ -2,6 +2,8 @@
 to a Principal (tenant, subject, scopes).
 
 Scopes: "infer" allows every model, "infer:<model>" one model.
+Tenants and scopes are checked against a narrow charset wherever they come from a caller (token
+claims, key creation): they end up in PostgreSQL rows, Redis keys and logs.
 API keys look like `isk_<key_id>_<secret>`; only an HMAC-SHA256 of the secret (keyed by a server
 pepper) is stored. Keys are random and high-entropy, so a fast keyed hash is enough; a slow
 password hash would only cost latency on every request.
@@ -55,6 +57,35 @@ def _unauthenticated(reason: str) -> EventError:
     return EventError(ErrorCode.UNAUTHENTICATED, reason)
 
 
+# -- tenants and scopes --------------------------------------------------------------------
+
+_TENANT = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+_SCOPE = re.compile(r"[A-Za-z0-9._:/*-]{1,128}")
+MAX_SCOPES = 64
+TENANT_RULE = "1-64 characters from A-Z a-z 0-9 . _ : @ -"
+SCOPE_CHARS_RULE = "1-128 characters from A-Z a-z 0-9 . _ : / * -"
+SCOPE_RULE = f"at most {MAX_SCOPES} scopes, each {SCOPE_CHARS_RULE}"
+
+
+def is_valid_tenant(tenant: object) -> bool:
+    return isinstance(tenant, str) and _TENANT.fullmatch(tenant) is not None
+
+
+def are_valid_scopes(scopes: list[Any]) -> bool:
+    return len(scopes) <= MAX_SCOPES and all(isinstance(s, str) and _SCOPE.fullmatch(s) for s in scopes)
+
+
+def check_tenant_and_scopes(tenant: str, scopes: list[str]) -> None:
+    """For callers that issue credentials: ValueError naming the rule that `tenant` or `scopes` breaks."""
+    if not is_valid_tenant(tenant):
+        raise ValueError(f"tenant {tenant!r} is not valid: use {TENANT_RULE}")
+    if len(scopes) > MAX_SCOPES:
+        raise ValueError(f"scopes: {len(scopes)} given, at most {MAX_SCOPES} allowed")
+    for scope in scopes:
+        if not isinstance(scope, str) or _SCOPE.fullmatch(scope) is None:
+            raise ValueError(f"scope {scope!r} is not valid: use {SCOPE_CHARS_RULE}")
+
+
 # -- JWT -----------------------------------------------------------------------------------
 
 
@@ -99,14 +130,14 @@ def _reason(exc: jwt.PyJWTError) -> str:
             return f"invalid token ({type(exc).__name__})"
 
 
-def _scopes(value: Any) -> frozenset[str]:
+def _scopes(claim: str, value: Any) -> frozenset[str]:
+    """Never echoes the claim: its contents are the caller's."""
     if value is None:
         return frozenset()
-    if isinstance(value, str):
-        return frozenset(value.split())
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return frozenset(value)
-    raise _unauthenticated("token scope claim must be a space-separated string or a list of strings")
+    scopes = value.split() if isinstance(value, str) else value
+    if not isinstance(scopes, list) or not are_valid_scopes(scopes):
+        raise _unauthenticated(f"token {claim!r} claim must be a space-separated string or a list: {SCOPE_RULE}")
+    return frozenset(scopes)
 
 
 class JwtVerifier:
@@ -119,6 +150,7 @@ class JwtVerifier:
         issuer: str | None = None,
         audience: str | None = None,
         leeway_s: float = 0,
+        require_exp: bool = True,
         tenant_claim: str = "tenant",
         scope_claim: str = "scope",
     ) -> None:
@@ -128,6 +160,8 @@ class JwtVerifier:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
+        # A token without exp would be valid forever once issued (or leaked).
+        self._required_claims = ["exp"] if require_exp else []
         self.tenant_claim = tenant_claim
         self.scope_claim = scope_claim
 
@@ -139,6 +173,7 @@ class JwtVerifier:
             claims = jwt.decode(
                 token, self._keys[alg], algorithms=[alg],
                 issuer=self.issuer, audience=self.audience, leeway=self.leeway_s,
+                options={"require": self._required_claims},
             )
         except jwt.PyJWTError as exc:
             raise _unauthenticated(_reason(exc)) from None
@@ -157,12 +192,14 @@ class JwtVerifier:
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         tenant = claims.get(self.tenant_claim)
-        if not isinstance(tenant, str) or not tenant:
+        if tenant is None or tenant == "":
             raise _unauthenticated(f"token lacks the {self.tenant_claim!r} claim")
+        if not is_valid_tenant(tenant):
+            raise _unauthenticated(f"token {self.tenant_claim!r} claim must be {TENANT_RULE}")
         return Principal(
             tenant=tenant,
             subject=claims.get("sub") or tenant,  # PyJWT has checked that a present sub is a str
-            scopes=_scopes(claims.get(self.scope_claim)),
+            scopes=_scopes(self.scope_claim, claims.get(self.scope_claim)),
             method="jwt",
         )
 
@@ -171,6 +208,10 @@ class JwtVerifier:
 
 API_KEY_PREFIX = "isk"
 _API_KEY = re.compile(rf"{API_KEY_PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43,128}})")
+# The one answer to every bad key (malformed, unknown, revoked, wrong secret): a different
+# answer per case would tell a caller which key ids exist.
+INVALID_API_KEY = "invalid API key"
+_NO_HASH = "0" * 64  # compared against when a key has no stored hash, to do the same work
 
 
 def new_api_key() -> tuple[str, str, str]:
@@ -183,7 +224,8 @@ def new_api_key() -> tuple[str, str, str]:
 def parse_api_key(full: str) -> tuple[str, str]:
     match = _API_KEY.fullmatch(full)
     if match is None:
-        raise _unauthenticated(f"malformed API key (expected {API_KEY_PREFIX}_<key id>_<secret>)")
+        log.debug("API key refused: not %s_<key id>_<secret>", API_KEY_PREFIX)
+        raise _unauthenticated(INVALID_API_KEY)
     return match.group(1), match.group(2)
 
 
@@ -241,7 +283,9 @@ class ApiKeyStore:
         await self._pool.execute(API_KEYS_DDL)
 
     async def create(self, tenant: str, scopes: list[str], name: str = "") -> str:
-        """A new key; the full key is returned only here, the table keeps its hash."""
+        """A new key; the full key is returned only here, the table keeps its hash. ValueError
+        when the tenant or a scope breaks the rules every token claim is held to."""
+        check_tenant_and_scopes(tenant, list(scopes))
         key_id, secret, full = new_api_key()
         await self._pool.execute(
             "INSERT INTO api_keys (key_id, tenant, scopes, name, secret_hash) VALUES ($1, $2, $3, $4, $5)",
@@ -267,14 +311,14 @@ class ApiKeyStore:
         return status == "UPDATE 1"
 
     async def verify(self, full_key: str) -> Principal:
+        """The key's principal; UNAUTHENTICATED with INVALID_API_KEY for every bad key."""
         key_id, secret = parse_api_key(full_key)
         entry = await self._entry(key_id)
-        if entry["state"] == "unknown":
-            raise _unauthenticated("unknown key")
-        if entry["state"] == "revoked":
-            raise _unauthenticated("revoked")
-        if not secret_matches(secret, entry["hash"], self._pepper):
-            raise _unauthenticated("invalid key")
+        matches = secret_matches(secret, entry.get("hash", _NO_HASH), self._pepper)
+        if entry["state"] != "active" or not matches:
+            why = "wrong secret" if entry["state"] == "active" else entry["state"]
+            log.debug("API key %s refused: %s", key_id, why)
+            raise _unauthenticated(INVALID_API_KEY)
         return Principal(tenant=entry["tenant"], subject=key_id, scopes=frozenset(entry["scopes"]), method="api_key")
 
     def _cache_key(self, key_id: str) -> str:

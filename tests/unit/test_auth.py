@@ -3,6 +3,7 @@ import hashlib
 import hmac
 import json
 import time
+from dataclasses import dataclass
 
 import jwt
 import pytest
@@ -11,9 +12,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from streams.auth import (
     ANONYMOUS,
+    INVALID_API_KEY,
+    MAX_SCOPES,
+    ApiKeyStore,
     Authenticator,
     JwtVerifier,
     Principal,
+    check_tenant_and_scopes,
     hash_secret,
     new_api_key,
     parse_api_key,
@@ -45,11 +50,20 @@ def verifier(public_pem) -> JwtVerifier:
                        issuer=ISSUER, audience=AUDIENCE)
 
 
+@dataclass(frozen=True)
+class FromNow:
+    """A time claim relative to the moment the token is built, not to when the test was collected
+    (parameters are built at import, possibly many minutes before the test runs)."""
+
+    seconds: int
+
+
 def claims(**overrides) -> dict:
     now = int(time.time())
     base = {"sub": "alice", "tenant": "acme", "scope": "infer", "iss": ISSUER, "aud": AUDIENCE,
             "iat": now, "exp": now + 300}
-    return {k: v for k, v in {**base, **overrides}.items() if v is not None}
+    merged = {**base, **overrides}
+    return {k: now + v.seconds if isinstance(v, FromNow) else v for k, v in merged.items() if v is not None}
 
 
 def b64(data: bytes) -> str:
@@ -85,24 +99,64 @@ def test_valid_rs256_token_with_scope_list(verifier, rsa_key):
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        ({"exp": int(time.time()) - 60}, "expired"),
-        ({"nbf": int(time.time()) + 600}, "not yet valid"),
+        ({"exp": FromNow(-60)}, "expired"),
+        ({"nbf": FromNow(600)}, "not yet valid"),
+        ({"exp": None}, "'exp'"),
         ({"aud": "someone-else"}, "audience"),
         ({"aud": None}, "'aud'"),
         ({"iss": "https://evil.example"}, "issuer"),
         ({"iss": None}, "'iss'"),
         ({"tenant": None}, "'tenant'"),
         ({"tenant": ""}, "'tenant'"),
-        ({"scope": 42}, "scope"),
+        ({"tenant": "acme\u0000evil"}, "'tenant' claim must be"),
+        ({"tenant": "a" * 65}, "'tenant' claim must be"),
+        ({"tenant": "ac me"}, "'tenant' claim must be"),
+        ({"tenant": "acmé"}, "'tenant' claim must be"),
+        ({"tenant": "acme\n"}, "'tenant' claim must be"),
+        ({"tenant": "../acme"}, "'tenant' claim must be"),
+        ({"tenant": 42}, "'tenant' claim must be"),
+        ({"tenant": ["acme"]}, "'tenant' claim must be"),
+        ({"scope": 42}, "'scope' claim must be"),
+        ({"scope": {"infer": True}}, "'scope' claim must be"),
+        ({"scope": "infer\u0000"}, "'scope' claim must be"),
+        ({"scope": "infer infer:t\u00efny"}, "'scope' claim must be"),
+        ({"scope": ["infer", 7]}, "'scope' claim must be"),
+        ({"scope": ["infer", ""]}, "'scope' claim must be"),
+        ({"scope": ["infer:" + "m" * 123]}, "'scope' claim must be"),
+        ({"scope": " ".join(f"infer:m{i}" for i in range(MAX_SCOPES + 1))}, "'scope' claim must be"),
+        ({"scope": [f"infer:m{i}" for i in range(MAX_SCOPES + 1)]}, "'scope' claim must be"),
     ],
 )
 def test_bad_claims_are_rejected(verifier, overrides, reason):
-    assert reason in rejected(verifier, jwt.encode(claims(**overrides), SECRET, algorithm="HS256"))
+    token = jwt.encode(claims(**overrides), SECRET, algorithm="HS256")
+    message = rejected(verifier, token)
+    assert reason in message
+    for value in overrides.values():  # the message never quotes a claim's contents
+        assert not isinstance(value, str) or len(value) < 8 or value not in message
+
+
+def test_claims_at_the_limits_are_accepted(verifier):
+    tenant = "Az09._:@-" + "t" * 55
+    scopes = ["infer", "infer:" + "m" * 122] + [f"infer:v1/m-{i}.x_*" for i in range(MAX_SCOPES - 2)]
+    principal = verifier.verify(jwt.encode(claims(tenant=tenant, scope=scopes), SECRET, algorithm="HS256"))
+    assert (principal.tenant, principal.scopes) == (tenant, frozenset(scopes))
+    empty = verifier.verify(jwt.encode(claims(scope=""), SECRET, algorithm="HS256"))
+    assert empty.scopes == frozenset()
+
+
+def test_exp_is_optional_only_when_configured(public_pem):
+    token = jwt.encode(claims(exp=None), SECRET, algorithm="HS256")
+    lenient = JwtVerifier(["HS256"], hs_secret=SECRET, issuer=ISSUER, audience=AUDIENCE, require_exp=False)
+    assert lenient.verify(token).tenant == "acme"
+    strict = JwtVerifier(["HS256"], hs_secret=SECRET, issuer=ISSUER, audience=AUDIENCE)
+    assert "'exp'" in rejected(strict, token)
+    expired = jwt.encode(claims(exp=FromNow(-60)), SECRET, algorithm="HS256")
+    assert "expired" in rejected(lenient, expired)  # a present exp is still checked
 
 
 def test_leeway_tolerates_small_clock_skew():
     lenient = JwtVerifier(["HS256"], hs_secret=SECRET, leeway_s=30)
-    token = jwt.encode(claims(exp=int(time.time()) - 10, aud=None), SECRET, algorithm="HS256")
+    token = jwt.encode(claims(exp=FromNow(-10), aud=None), SECRET, algorithm="HS256")
     assert lenient.verify(token).tenant == "acme"
 
 
@@ -182,7 +236,49 @@ def test_api_key_format_and_hash():
 def test_malformed_api_keys(full):
     with pytest.raises(EventError) as caught:
         parse_api_key(full)
-    assert caught.value.code == ErrorCode.UNAUTHENTICATED
+    assert (caught.value.code, caught.value.message) == (ErrorCode.UNAUTHENTICATED, INVALID_API_KEY)
+
+
+class KnownEntries(ApiKeyStore):
+    """The key store's checks over fixed lookup results (what PostgreSQL or the cache would hold)."""
+
+    def __init__(self, entries: dict) -> None:
+        super().__init__(pool=None, redis=None, pepper="pepper")  # type: ignore[arg-type]
+        self.entries = entries
+
+    async def _entry(self, key_id: str) -> dict:
+        return self.entries.get(key_id, {"state": "unknown"})
+
+
+async def test_every_api_key_failure_answers_the_same():
+    active_id, secret, active = new_api_key()
+    revoked_id, revoked_secret, revoked = new_api_key()
+    store = KnownEntries({
+        active_id: {"state": "active", "tenant": "acme", "scopes": ["infer"], "hash": hash_secret(secret, "pepper")},
+        revoked_id: {"state": "revoked"},
+    })
+    assert (await store.verify(active)).tenant == "acme"
+    answers = set()
+    for full in [new_api_key()[2], revoked, f"isk_{active_id}_{new_api_key()[1]}", "isk_nope", active + "!"]:
+        with pytest.raises(EventError) as caught:
+            await store.verify(full)
+        answers.add((caught.value.code, caught.value.message))
+    assert answers == {(ErrorCode.UNAUTHENTICATED, INVALID_API_KEY)}
+
+
+@pytest.mark.parametrize(
+    ("tenant", "scopes", "problem"),
+    [
+        ("acme\u0000", ["infer"], "tenant"), ("", ["infer"], "tenant"), ("a" * 65, ["infer"], "tenant"),
+        ("ac me", ["infer"], "tenant"), ("acme", ["infer model"], "scope"), ("acme", [""], "scope"),
+        ("acme", ["infer", "infer\u0000"], "scope"), ("acme", ["infer"] * (MAX_SCOPES + 1), "scopes"),
+    ],
+)
+async def test_keys_are_not_issued_to_bad_tenants_or_scopes(tenant, scopes, problem):
+    with pytest.raises(ValueError, match=rf"^{problem}\b.* (is not valid: use|allowed)"):
+        check_tenant_and_scopes(tenant, scopes)
+    with pytest.raises(ValueError, match=rf"^{problem}\b"):  # refused before the database is touched
+        await KnownEntries({}).create(tenant, scopes)
 
 
 async def test_authenticator_paths(verifier):
@@ -205,3 +301,17 @@ async def test_authenticator_paths(verifier):
         with pytest.raises(EventError) as caught:
             await auth.authenticate(credentials)
         assert caught.value.code == ErrorCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tenant", "ac me"], "tenant 'ac me' is not valid"),
+    (["--tenant", "acme", "--scope", "infer", "--scope", "infer tiny"], "scope 'infer tiny' is not valid"),
+])
+def test_cli_refuses_a_bad_tenant_or_scope_before_connecting(args, message, monkeypatch):
+    from typer.testing import CliRunner
+
+    from streams import cli
+
+    monkeypatch.setattr(cli, "_keys_call", lambda *args: pytest.fail("the stores were reached"))
+    result = CliRunner().invoke(cli.app, ["keys", "create", *args])
+    assert result.exit_code == 1 and message in result.output, result.output
