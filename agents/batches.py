@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import faust
-import orjson
 
-from agents.common import run_step, start, to_messages
+from agents.common import process, start
+from streams import tracing
 from streams.batches import BatchRunner
 from streams.jobs import JobStore
 from streams.pipeline import Message, Outbox, Pipeline
+from topics.errors import EventError
 
 
 def register(app: faust.App, pipeline: Pipeline) -> None:
@@ -19,7 +20,14 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     async def run_batches(messages: Sequence[Message], box: Outbox) -> None:
         runner = BatchRunner(pipeline.settings, pipeline.registry, pipeline.store, JobStore(pipeline.results.pool))
         for message in messages:
-            await runner.run(orjson.loads(message.value)["batch_id"], box)
+            try:
+                batch_id = pipeline.batch_command(message)
+            except EventError as error:
+                span = tracing.start_span("batches", message.headers)
+                await pipeline.reject(box, message, error, None, "batches", span, answer=False)
+                span.end()
+                continue
+            await runner.run(batch_id, box)
         await box.flush()
 
     # One command at a time: a batch holds its command until its output is written.
@@ -27,4 +35,4 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     async def batches(stream: faust.StreamT) -> None:
         await start(pipeline)
         async for batch in stream.take_events(1, within=1.0):  # type: ignore[attr-defined]
-            await run_step(app, pipeline, "batches", run_batches, to_messages(batch))
+            await process(app, pipeline, "batches", run_batches, batch)

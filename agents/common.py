@@ -1,38 +1,21 @@
 """Glue shared by the agents: Faust events to plain messages, an outbox on Faust's producer, and
-the error policy around each step."""
+the error policy (`streams.failures`) around each step."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import cast
 
-import asyncpg
 import faust
-import urllib3.exceptions
-from aiokafka.errors import KafkaError
-from minio.error import MinioException
 
 from streams import tracing
+from streams.failures import MAX_MESSAGE_CHARS, Failure, backoff, classify
 from streams.metrics import STEP_RETRIES
 from streams.pipeline import Headers, Message, Outbox, Pipeline
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
-
-# Failures of a service (broker, PostgreSQL, S3) rather than of the data: wait and retry the
-# batch, however long it takes; acknowledging would lose the events.
-TRANSIENT = (
-    OSError, asyncio.TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError, asyncpg.CannotConnectNowError, MinioException, urllib3.exceptions.HTTPError,
-)
-ATTEMPTS_BEFORE_ISOLATING = 3
-MAX_BACKOFF_S = 10.0
-
-def backoff(failures: int) -> float:
-    return min(MAX_BACKOFF_S, 0.5 * 2 ** min(failures, 5))
-
 
 Step = Callable[[Sequence[Message], Outbox], Awaitable[None]]
 
@@ -41,11 +24,22 @@ def to_messages(batch: Sequence[faust.EventT]) -> list[Message]:
     out = []
     for event in batch:
         m = event.message
-        headers = cast(Headers, list(m.headers.items()) if isinstance(m.headers, dict) else list(m.headers or []))
         timestamp_ms = int(m.timestamp * 1000) if m.timestamp else None
         # A tombstone (no value) is an empty, undecodable event: dead-lettered, not dropped.
-        out.append(Message(m.value or b"", m.key, m.topic, m.partition, m.offset, headers, timestamp_ms))
+        out.append(Message(m.value or b"", m.key, m.topic, m.partition, m.offset, clean_headers(m.headers),
+                           timestamp_ms))
     return out
+
+
+def clean_headers(raw: object) -> Headers:
+    """Kafka headers as (str, bytes) pairs whatever a producer sent: a header without a value
+    has an empty one, so nothing downstream meets a None."""
+    pairs = raw.items() if isinstance(raw, dict) else raw or ()
+    headers: Headers = []
+    for key, value in pairs:  # type: ignore[attr-defined]
+        name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+        headers.append((name, bytes(value) if isinstance(value, bytes | bytearray | memoryview) else b""))
+    return headers
 
 
 def outbox(app: faust.App) -> Outbox:
@@ -63,48 +57,79 @@ async def start(pipeline: Pipeline) -> None:
         try:
             await pipeline.start()
             return
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if classify(exc) is not Failure.OUTAGE:
+                raise
             failures += 1
             log.warning("services not reachable yet (%r); retrying", exc)
             await asyncio.sleep(backoff(failures))
 
 
-async def run_step(app: faust.App, pipeline: Pipeline, stage: str, step: Step, messages: Sequence[Message]) -> None:
-    """Run one agent step until it succeeds. Service outages are retried with backoff; an
-    unexpected error that persists is narrowed down to the messages that cause it, which are
-    dead-lettered (INTERNAL) so that one poison event cannot stall a partition."""
-    failures = 0
+async def process(app: faust.App, pipeline: Pipeline, stage: str, step: Step, batch: Sequence[faust.EventT]) -> None:
+    """Run a step on a chunk of events, acknowledging them only if it returns.
+
+    Faust's `take_events` acknowledges a chunk in a `finally`, also when the agent body raised
+    or was cancelled mid-step. Each event holds one more reference until the step is done, so
+    that acknowledgement does not release the events of a step that did not finish: their
+    offsets are never committed, and they are read again after a restart or rebalance."""
+    for event in batch:
+        event.message.incref()
+    await run_step(app, pipeline, stage, step, to_messages(batch))
+    for event in batch:
+        event.message.decref()
+
+
+async def run_step(app: faust.App, pipeline: Pipeline, stage: str, step: Step, messages: Sequence[Message],
+                   retry: bool = True) -> None:
+    """Run one agent step until it succeeds. Outages are retried with backoff, for as long as
+    they last. Any other error is a bug or a poison event the step could not pin on one event:
+    the chunk is tried once more, then split in halves until the event that fails alone is found
+    and dead-lettered (INTERNAL)."""
+    outages = 0
     while True:
         try:
             await step(messages, outbox(app))
             return
-        except TRANSIENT as exc:
-            failures += 1
+        except Exception as exc:  # noqa: BLE001 - classified below
             STEP_RETRIES.labels(stage).inc()
-            delay = backoff(failures)
-            log.warning("%s: service unavailable (%r); retrying %d events in %.1f s",
-                        step.__name__, exc, len(messages), delay)
-            await asyncio.sleep(delay)
-        except Exception as exc:  # noqa: BLE001 - a bug or a poison event; see below
-            failures += 1
-            STEP_RETRIES.labels(stage).inc()
-            log.exception("%s failed on %d events (attempt %d)", step.__name__, len(messages), failures)
-            if failures < ATTEMPTS_BEFORE_ISOLATING:
+            if classify(exc) is Failure.OUTAGE:
+                outages += 1
+                delay = backoff(outages)
+                log.warning("%s: service unavailable (%r); retrying %d events in %.1f s",
+                            step.__name__, exc, len(messages), delay)
+                await asyncio.sleep(delay)
+                continue
+            log.exception("%s failed on %d events", step.__name__, len(messages))
+            if retry:
+                retry = False
                 continue
             if len(messages) == 1:
                 await _dead_letter(app, pipeline, stage, messages[0], exc)
                 return
-            for message in messages:
-                await run_step(app, pipeline, stage, step, [message])
+            half = len(messages) // 2
+            await run_step(app, pipeline, stage, step, messages[:half], retry=False)
+            await run_step(app, pipeline, stage, step, messages[half:], retry=False)
             return
 
 
 async def _dead_letter(app: faust.App, pipeline: Pipeline, stage: str, message: Message, exc: Exception) -> None:
-    box = outbox(app)
-    error = EventError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-    span = tracing.start_span(stage, message.headers)
+    """Dead-letter the event that fails alone; should even that fail for any reason but an
+    outage, a letter without the original or a reply, which cannot fail on the event's data."""
+    error = EventError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS])
+    span = tracing.start_span(stage, [])
     try:
-        await pipeline.reject(box, message, error, None, stage, span)
+        for bare in (False, True):
+            box = outbox(app)
+            try:
+                if bare:
+                    await pipeline.dead_letter_bare(box, message, error)
+                else:
+                    await pipeline.reject(box, message, error, None, stage, span)
+                await box.flush()
+                return
+            except Exception as failure:  # noqa: BLE001 - classified: an outage retries the chunk
+                if classify(failure) is Failure.OUTAGE or bare:
+                    raise
+                log.exception("dead-lettering %s failed; sending it without the original", message.source)
     finally:
         span.end()
-    await box.flush()

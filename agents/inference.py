@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from agents.common import run_step, start, to_messages
+from agents.common import process, start
 from streams.pipeline import Pipeline
 
 
@@ -15,6 +15,6 @@ def register(app: faust.App, pipeline: Pipeline, model: str) -> None:
     async def infer(stream: faust.StreamT) -> None:
         await start(pipeline)
         async for batch in stream.take_events(s.take_max, within=s.max_batch_delay_ms / 1000):  # type: ignore[attr-defined]
-            await run_step(app, pipeline, "inference", pipeline.infer, to_messages(batch))
+            await process(app, pipeline, "inference", pipeline.infer, batch)
 
     app.agent(topic, name=f"infer-{model}")(infer)

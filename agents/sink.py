@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from agents.common import run_step, start, to_messages
+from agents.common import process, start
 from streams.pipeline import Pipeline
 
 
@@ -16,4 +16,4 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     async def sink(stream: faust.StreamT) -> None:
         await start(pipeline)
         async for batch in stream.take_events(s.sink_batch_size, within=s.sink_max_delay_ms / 1000):  # type: ignore[attr-defined]
-            await run_step(app, pipeline, "sink", pipeline.sink, to_messages(batch))
+            await process(app, pipeline, "sink", pipeline.sink, batch)

@@ -31,6 +31,7 @@ from topics import events
 from topics.errors import ErrorCode, EventError
 from topics.events import ErrorInfo, InferenceRequest, InferenceResult, Status
 from topics.names import Topics
+from topics.seal import Sealer
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 50
@@ -51,7 +52,7 @@ def item_request_id(batch_id: str, index: int) -> str:
 
 def list_items(store: ObjectStore, uri: str, model: ModelInfo, limits: Limits) -> list[Item]:
     """The batch's items in a fixed order: JSONL lines in file order, images by key."""
-    bucket, key = parse_uri(uri)
+    bucket, key = parse_uri(store.check_caller_uri(uri))
     if key.endswith(".jsonl"):
         return _jsonl_items(store.get(uri), limits)
     preprocessing = model.preprocessing
@@ -59,7 +60,7 @@ def list_items(store: ObjectStore, uri: str, model: ModelInfo, limits: Limits) -
         raise EventError(ErrorCode.INVALID_SCHEMA, f"model {model.name} takes no images; give a .jsonl input")
     keys = sorted(
         o.object_name for o in store.client.list_objects(bucket, prefix=key, recursive=True)
-        if o.object_name.lower().endswith(IMAGE_SUFFIXES)
+        if o.object_name.lower().endswith(IMAGE_SUFFIXES) and store.caller_may_read(bucket, o.object_name)
     )
     return [Item(k.rsplit("/", 1)[-1], _image_loader(store, f"s3://{bucket}/{k}", model, preprocessing)) for k in keys]
 
@@ -114,6 +115,7 @@ class BatchRunner:
         self.registry = registry
         self.store = store
         self.jobs = jobs
+        self.sealer = Sealer(settings.cluster_secret)
         self.limits = Limits(settings.bridge_max_elements, settings.bridge_max_json_depth)
 
     async def run(self, batch_id: str, outbox: Outbox) -> None:
@@ -157,7 +159,9 @@ class BatchRunner:
                 request_id=request.request_id, correlation_id=item.item_id, model=batch.model,
                 status=Status.ERROR, error=ErrorInfo(code=exc.code, message=exc.message), batch_id=batch.batch_id,
             )
-            await outbox.put(self.topics.results, key, events.encode_result(result))
+            value = events.encode_result(result)
+            seal = self.sealer.seal(self.topics.results, key, value, {"rid": request.request_id})
+            await outbox.put(self.topics.results, key, value, [seal])
             return
         if sum(a.nbytes for a in inputs.values()) > self.settings.claim_check_bytes:
             request.inputs_ref = await self.store.aput(

@@ -71,6 +71,7 @@ from topics.admin import ensure_topics
 from topics.errors import ErrorCode, EventError
 from topics.events import Credentials, InferenceRequest, Result
 from topics.names import Topics, TopicSpec
+from topics.seal import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ HTTP_STATUS = {
     ErrorCode.UNKNOWN_MODEL: 404, ErrorCode.UNKNOWN_VERSION: 404, ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.PAYLOAD_UNAVAILABLE: 502, ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.UNAUTHENTICATED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.UNAVAILABLE: 503, ErrorCode.INVALID_REPLY_TO: 400, ErrorCode.DUPLICATE_REQUEST: 409,
     ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
 }
 # Probes and scrapes: counted in the metrics, not logged line by line.
@@ -422,9 +423,9 @@ class Bridge:
         batch_id = "b" + uuid.uuid4().hex
         await self.jobs.add_batch(batch_id, info.name, body.get("version"), input_uri, float(rate), len(items))
         try:
-            await self.client.produce(
-                self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id})
-            )
+            topic, key, value = self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id})
+            seal = Sealer(self.settings.cluster_secret).seal(topic, key, value, {"batch": batch_id})
+            await self.client.produce(topic, key, value, headers=[seal])
         except UpstreamUnavailable as exc:
             raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
         return web.json_response({"batch_id": batch_id, "status": "pending", "total": len(items),

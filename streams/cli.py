@@ -220,6 +220,14 @@ def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "",
 ) -> None:
     """Issue an API key. It is shown once; only its hash is stored."""
+    from rich.markup import escape
+
+    from streams.auth import check_tenant_and_scopes
+
+    try:  # before connecting: a bad tenant is the caller's mistake, whatever the stores' state
+        check_tenant_and_scopes(tenant, scope)
+    except ValueError as exc:
+        _fail(escape(str(exc)))
     console.print(_keys_call("create", tenant, scope, name))
 
 
@@ -617,19 +625,27 @@ app.add_typer(dlq_app, name="dlq")
 
 @dlq_app.command("list")
 def dlq_list(reason: Annotated[Optional[list[str]], typer.Option(help="only this reason (repeatable)")] = None) -> None:
-    """Dead letters: position (partition:offset), reason, source, request id, time."""
+    """Dead letters: position (partition:offset), reason, source, request id, time; and records
+    on the topic that are no dead letters, as UNREADABLE."""
     from datetime import UTC, datetime
 
-    from streams.dlq import read_letters, select
+    from rich.text import Text
 
-    letters = select(asyncio.run(read_letters(get_settings())), reasons=set(reason) if reason else None)
+    from streams.dlq import Letter, printable, read_letters, select
+
+    records = select(asyncio.run(read_letters(get_settings())), reasons=set(reason) if reason else None)
     table = Table("position", "reason", "source", "request id", "failed at", "message")
-    for x in letters:
+    for x in records:
+        if not isinstance(x, Letter):
+            table.add_row(x.position, "UNREADABLE", "-", "-", "-", Text(f"{x.problem} | {x.preview[:80]}"))
+            continue
         d = x.letter
-        table.add_row(x.position, d.reason.value, f"{d.source_topic}[{d.source_partition}]@{d.source_offset}",
-                      d.request_id or "-",
+        # The fields come from the topic: shown as plain text, never as markup or terminal codes.
+        table.add_row(x.position, d.reason.value,
+                      Text(printable(f"{d.source_topic}[{d.source_partition}]@{d.source_offset}")),
+                      Text(printable(d.request_id or "-")),
                       datetime.fromtimestamp(d.failed_ms / 1000, UTC).isoformat(timespec="seconds"),
-                      d.message[:80])
+                      Text(printable(d.message[:80])))
     console.print(table)
 
 
@@ -637,16 +653,18 @@ def dlq_list(reason: Annotated[Optional[list[str]], typer.Option(help="only this
 def dlq_show(position: Annotated[str, typer.Argument(help="PARTITION:OFFSET in the dead-letter topic")]) -> None:
     """One dead letter with its original event decoded."""
     from streams.dlq import describe, read_letters, select
+    from streams.objectstore import ObjectStore
     from streams.replay import parse_positions
 
     try:
         ((partition, offset),) = parse_positions([position])
     except ValueError as exc:
         _fail(str(exc))
-    found = select(asyncio.run(read_letters(get_settings())), positions={(partition, offset)})
+    settings = get_settings()
+    found = select(asyncio.run(read_letters(settings)), positions={(partition, offset)})
     if not found:
         _fail(f"no dead letter at {position}")
-    console.print_json(data=describe(found[0]))
+    console.print_json(data=asyncio.run(describe(ObjectStore(settings), found[0])))
 
 
 @dlq_app.command("redrive")
@@ -656,7 +674,9 @@ def dlq_redrive(
     all_letters: Annotated[bool, typer.Option("--all", help="every dead letter")] = False,
 ) -> None:
     """Send dead letters' original events back to their source topic (once per dead letter)."""
-    from streams.dlq import read_letters, redrive, select
+    from rich.markup import escape
+
+    from streams.dlq import StoreUnreachable, printable, read_letters, redrive, select
     from streams.replay import parse_positions
 
     if not (position or reason or all_letters):
@@ -668,11 +688,17 @@ def dlq_redrive(
     settings = get_settings()
     letters = select(asyncio.run(read_letters(settings)), positions=positions,
                      reasons=set(reason) if reason else None)
-    sent, skipped = asyncio.run(redrive(settings, letters))
+    try:
+        sent, skipped = asyncio.run(redrive(settings, letters))
+    except StoreUnreachable as exc:
+        _fail(escape(printable(str(exc))))
     for x in sent:
-        console.print(f"redriven {x.position} ({x.letter.reason.value}, {x.letter.request_id})"
-                      f" -> {x.letter.source_topic}")
-    console.print(f"redriven {len(sent)}, already redriven before {len(skipped)}")
+        note = " (redacted: sent without its credentials)" if x.letter.redacted else ""
+        console.print(escape(printable(f"redriven {x.position} ({x.letter.reason.value}, {x.letter.request_id})"
+                                       f" -> {x.letter.source_topic}{note}")))
+    for skip in skipped:
+        console.print(escape(printable(f"skipped {skip.record.position}: {skip.why}")))
+    console.print(f"redriven {len(sent)}, skipped {len(skipped)}")
 
 
 def main() -> None:

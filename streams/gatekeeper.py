@@ -29,7 +29,7 @@ def jwt_verifier(settings: Settings) -> JwtVerifier | None:
     return JwtVerifier(
         hs + rs, hs_secret=settings.jwt_hs_secret or None, rs_public_key=public_key or None,
         issuer=settings.jwt_issuer or None, audience=settings.jwt_audience or None,
-        leeway_s=settings.jwt_leeway_s,
+        leeway_s=settings.jwt_leeway_s, require_exp=settings.jwt_require_exp,
     )
 
 
@@ -63,27 +63,34 @@ class Gatekeeper:
     async def stop(self) -> None:
         await self.redis.aclose()
 
-    async def admit(self, request: InferenceRequest) -> Principal | EventError:
-        """The caller, or the reason to refuse the request (never raises)."""
+    async def authenticate(self, request: InferenceRequest) -> Principal | EventError:
+        """The caller allowed to call the request's model, or the reason to refuse it (never raises)."""
         if self._authenticator is None:
             raise RuntimeError("Gatekeeper.start() was not awaited")
         try:
             principal = await self._authenticator.authenticate(request.credentials)
             principal.authorize(request.model)
-            if principal is not ANONYMOUS:  # anonymous callers exist only where auth is off
-                await self._count(principal, request)
             return principal
         except EventError as error:
             return error
 
-    async def _count(self, principal: Principal, request: InferenceRequest) -> None:
+    async def count(self, principal: Principal, member: str) -> EventError | None:
+        """Count one admission against the tenant's limit. `member` names the admitted event
+        (its topic, partition and offset): a redelivery counts once, a reused request id again.
+        The reason to refuse it, or None."""
+        if principal is ANONYMOUS:  # anonymous callers exist only where auth is off
+            return None
         if self.tenant_limits is None:
             raise RuntimeError("Gatekeeper.start() was not awaited")
-        limit = await self.tenant_limits.get(principal.tenant)
-        decision = await self.limiter.check(f"tenant:{principal.tenant}", request.request_id, limit)
-        if not decision.allowed:
-            raise EventError(
-                ErrorCode.RATE_LIMITED,
-                f"tenant {principal.tenant!r} is over {decision.limit} requests per minute; "
-                f"retry in {decision.retry_after_s:.1f} s",
-            )
+        try:
+            limit = await self.tenant_limits.get(principal.tenant)
+            decision = await self.limiter.check(f"tenant:{principal.tenant}", member, limit)
+        except EventError as error:
+            return error
+        if decision.allowed:
+            return None
+        return EventError(
+            ErrorCode.RATE_LIMITED,
+            f"tenant {principal.tenant!r} is over {decision.limit} requests per minute; "
+            f"retry in {decision.retry_after_s:.1f} s",
+        )

@@ -14,10 +14,19 @@ from minio.error import S3Error
 from streams.settings import Settings
 from topics.errors import ErrorCode, EventError
 
+# S3 answers that mean the reference itself is bad (anything else is the server's trouble).
+MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidBucketName", "InvalidObjectName",
+                     "KeyTooLongError", "InvalidArgument"})
+
+# Prefixes of the product's own objects in its bucket (outputs, dead-lettered originals, batch
+# outputs, model artifacts): never readable through a caller's reference.
+INTERNAL_PREFIXES = ("results/", "deadletters/", "batches/", "models/")
+
 
 class ObjectStore:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
+        self.caller_buckets = frozenset(settings.s3_caller_buckets or [settings.s3_bucket])
         self.client = Minio(
             settings.s3_endpoint,
             access_key=settings.s3_access_key,
@@ -42,12 +51,28 @@ class ObjectStore:
         try:
             response = self.client.get_object(bucket, key)
         except S3Error as exc:
+            if exc.code not in MISSING:
+                raise  # the server's trouble, not the reference's: an outage, retried
             raise EventError(ErrorCode.PAYLOAD_UNAVAILABLE, f"cannot read {uri}: {exc.code}") from None
         try:
             return response.read()
         finally:
             response.close()
             response.release_conn()
+
+    def check_caller_uri(self, uri: str) -> str:
+        """A caller's s3:// reference, if it lies where callers may point; FORBIDDEN otherwise."""
+        bucket, key = parse_uri(uri)
+        if not self.caller_may_read(bucket, key):
+            raise EventError(ErrorCode.FORBIDDEN, f"{uri[:300]!r} is not open to callers: name an object in"
+                             f" {sorted(self.caller_buckets)} outside {list(INTERNAL_PREFIXES)}")
+        return uri
+
+    def caller_may_read(self, bucket: str, key: str) -> bool:
+        # Some S3 servers resolve dot segments: "requests/../results/x" must not reach results/.
+        if bucket not in self.caller_buckets or "\\" in key or any(p in (".", "..") for p in key.split("/")):
+            return False
+        return not (bucket == self.bucket and key.startswith(INTERNAL_PREFIXES))
 
     def presigned_get(self, uri: str, expires: timedelta = timedelta(hours=1)) -> str:
         bucket, key = parse_uri(uri)

@@ -9,24 +9,30 @@ are idempotent: results are upserted by request id, S3 keys derive from the requ
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import asyncpg
 import numpy as np
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient
 from opentelemetry.trace import Span
 
 from streams import tracing
 from streams.auth import Principal
+from streams.claims import Claim, RequestClaims, Seen, request_digest, seen
+from streams.failures import as_event_error
 from streams.gatekeeper import Gatekeeper
 from streams.logs import log_request
 from streams.metrics import DEAD_LETTERS, ERRORS, LATENCY, REQUESTS
 from streams.objectstore import ObjectStore
 from streams.registry import ModelInfo, ModelRegistry
 from streams.registry_store import RegistryFollower, fetch_artifact
+from streams.reply_topics import ReplyTopics
 from streams.results_store import ResultsStore, StoredResult
-from streams.routing import Router, check_deadline, check_inputs
+from streams.routing import Route, Router, check_deadline, check_inputs
 from streams.serving import Outcome, VersionServer
 from streams.settings import Settings
 from topics import events
@@ -38,7 +44,8 @@ from topics.events import (
     InferenceResult,
     Status,
 )
-from topics.names import Topics, valid_topic
+from topics.names import Topics
+from topics.seal import Sealer, SealError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,31 @@ class Message:
     headers: Headers = field(default_factory=list)
     timestamp_ms: int | None = None  # when it was produced
 
+    @property
+    def source(self) -> str:
+        """Where it was read: one admission per place, however often it is redelivered."""
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+@dataclass
+class Candidate:
+    """A decoded request at the intake, and what the intake establishes about it."""
+
+    msg: Message
+    parsed: events.Request
+    span: Span
+    principal: Principal | None = None
+    route: Route | None = None
+    digest: bytes = b""
+
+    @property
+    def request(self) -> InferenceRequest:
+        return self.parsed.header
+
+    @property
+    def tenant(self) -> str | None:
+        return self.principal.tenant if self.principal is not None else None
+
 
 class Outbox:
     """Collects produce futures; `flush` waits until the broker confirmed every send."""
@@ -74,10 +106,6 @@ class Outbox:
         await asyncio.gather(*pending)
 
 
-VERSION_HEADER = "inferstream-version"  # the version the intake routed a request to
-TENANT_HEADER = "inferstream-tenant"  # the tenant the auth stage established
-
-
 class Pipeline:
     def __init__(self, settings: Settings, registry: ModelRegistry, serve: list[str],
                  gatekeeper: Gatekeeper | None = None) -> None:
@@ -90,6 +118,10 @@ class Pipeline:
         self.store = ObjectStore(settings)
         self.results = ResultsStore(settings.postgres_dsn)
         self.follower = RegistryFollower(settings, registry, self._on_registry_change)
+        self.claims = RequestClaims(lambda: self.results.pool)
+        self.sealer = Sealer(settings.cluster_secret)
+        self._admin: AIOKafkaAdminClient | None = None
+        self.reply_topics = ReplyTopics(settings, self._list_topics)
         self._servers: dict[str, VersionServer] = {}  # by "name/version"
         self._server_lock = asyncio.Lock()
         self._started = False
@@ -107,6 +139,9 @@ class Pipeline:
                 await self.results.start()
                 if self.gatekeeper is not None:
                     await self.gatekeeper.start(self.results.pool)
+                self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
+                                                  request_timeout_ms=15000)
+                await self._admin.start()
                 await self.follower.start()  # replays the registry: loads every served version
             except BaseException:
                 await self._release()  # a retried start must not pile up connections
@@ -119,12 +154,20 @@ class Pipeline:
 
     async def _release(self) -> None:
         await self.follower.stop()
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
         for server in self._servers.values():
             await server.stop()
         self._servers.clear()
         if self.gatekeeper is not None:
             await self.gatekeeper.stop()
         await self.results.stop()
+
+    async def _list_topics(self) -> set[str]:
+        if self._admin is None:
+            raise RuntimeError("Pipeline.start() was not awaited")
+        return set(await self._admin.list_topics())
 
     def breaker_states(self) -> list[tuple[str, str, str, str]]:
         """(model, version, backend, breaker state) of every loaded backend."""
@@ -158,9 +201,11 @@ class Pipeline:
     # -- intake ------------------------------------------------------------------------------
 
     async def intake(self, messages: Sequence[Message], outbox: Outbox) -> None:
-        """Authenticate, rate-limit, validate and route each request to its model's topic."""
+        """Authenticate, check, rate-limit and route each request to its model's topic: the one
+        door of callers. What it forwards carries no credentials and none of the caller's
+        internal headers, and is sealed with what the intake established."""
         now = events.now_ms()
-        decoded: list[tuple[Message, events.Request, Span]] = []
+        candidates: list[Candidate] = []
         for msg in messages:
             span = tracing.start_span("intake", msg.headers)
             request: InferenceRequest | None = None
@@ -168,59 +213,154 @@ class Pipeline:
                 self._check_size(msg)
                 parsed = events.decode_request(msg.value)
                 request = parsed.header
+                request.tenant = None  # the caller's word; the tenant is whom the credentials name
                 check_deadline(request, now)
-                decoded.append((msg, parsed, span))
-            except EventError as error:
-                await self.reject(outbox, msg, error, request, "intake", span)
+                if request.reply_to is not None:
+                    await self.reply_topics.check(request.reply_to)
+                candidates.append(Candidate(msg, parsed, span))
+            except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
+                await self.reject(outbox, msg, as_event_error(exc), request, "intake", span)
                 span.end()
-        admitted = await self._admit([parsed.header for _, parsed, _ in decoded])
-        for (msg, parsed, span), principal in zip(decoded, admitted):
-            try:
-                await self._route(outbox, msg, parsed, principal, span, now)
-            finally:
-                span.end()
+        try:
+            routed = await self._authorize(outbox, candidates, now)
+            await self._admit(outbox, routed)
+        finally:
+            for candidate in candidates:
+                candidate.span.end()
         await outbox.flush()
 
-    async def _route(self, outbox: Outbox, msg: Message, parsed: events.Request,
-                     principal: Principal | EventError | None, span: Span, now: int) -> None:
-        request = parsed.header
-        if isinstance(principal, EventError):
-            await self.refuse(outbox, request, principal, "intake", span)
-            return
-        try:
-            key = msg.key or request.request_id.encode()
-            route = self.router.route(request, now, key=key.decode(errors="replace"))
-            if parsed.tensors:
-                check_inputs(route.model, parsed.tensors)
-        except EventError as error:
-            await self.reject(outbox, msg, error, request, "intake", span)
-            return
-        headers = [*tracing.with_trace(msg.headers, span), (VERSION_HEADER, route.model.version.encode())]
-        if principal is not None:
-            headers.append((TENANT_HEADER, principal.tenant.encode()))
-        await outbox.put(route.topic, key, msg.value, headers)
+    async def _authorize(self, outbox: Outbox, candidates: list[Candidate], now: int) -> list[Candidate]:
+        """Authenticate, route and validate; the candidates that passed, with their routes."""
+        principals = await asyncio.gather(*(self._principal(c.request) for c in candidates))
+        routed = []
+        for candidate, principal in zip(candidates, principals):
+            request = candidate.request
+            if isinstance(principal, EventError):
+                await self.refuse(outbox, request, principal, "intake", candidate.span)
+                continue
+            try:
+                if request.inputs_ref is not None:
+                    self.store.check_caller_uri(request.inputs_ref)
+                candidate.principal = principal
+                request.tenant = candidate.tenant
+                key = candidate.msg.key or request.request_id.encode()
+                candidate.route = self.router.route(request, now, key=key.decode(errors="replace"))
+                if candidate.parsed.tensors:
+                    check_inputs(candidate.route.model, candidate.parsed.tensors)
+                candidate.digest = request_digest(request, candidate.tenant, candidate.parsed.tensors)
+            except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
+                error = as_event_error(exc)
+                if error.code == ErrorCode.FORBIDDEN:
+                    await self.refuse(outbox, request, error, "intake", candidate.span)
+                else:
+                    await self.reject(outbox, candidate.msg, error, request, "intake", candidate.span)
+                continue
+            routed.append(candidate)
+        return routed
+
+    async def _principal(self, request: InferenceRequest) -> Principal | EventError | None:
+        return None if self.gatekeeper is None else await self.gatekeeper.authenticate(request)
+
+    async def _admit(self, outbox: Outbox, candidates: list[Candidate]) -> None:
+        """Idempotency by request id, then rate limits for what is new, then forward."""
+        claims = await self.claims.get(list({c.request.request_id for c in candidates}))
+        fresh: dict[str, Candidate] = {}  # the first new event of each id in the chunk
+        later: list[Candidate] = []  # judged once the fresh ones are claimed
+        for candidate in candidates:
+            rid = candidate.request.request_id
+            if rid not in claims and rid not in fresh:
+                fresh[rid] = candidate
+            elif rid in claims:
+                await self._seen_before(outbox, candidate, claims[rid])
+            else:
+                later.append(candidate)
+        limited = await asyncio.gather(*(self._count(c) for c in fresh.values()))
+        admitted = []
+        for candidate, refusal in zip(fresh.values(), limited):
+            if refusal is not None:
+                await self.refuse(outbox, candidate.request, refusal, "intake", candidate.span)
+            else:
+                admitted.append(candidate)
+        won = await self.claims.claim([Claim(c.request.request_id, c.digest, c.msg.source) for c in admitted])
+        for candidate in admitted:
+            if candidate.request.request_id in won:
+                await self._forward(outbox, candidate)
+            else:
+                later.append(candidate)  # claimed by another worker meanwhile
+        if later:
+            claims = await self.claims.get(list({c.request.request_id for c in later}))
+            for candidate in later:
+                await self._seen_before(outbox, candidate, claims[candidate.request.request_id])
+
+    async def _seen_before(self, outbox: Outbox, candidate: Candidate, claim: Claim) -> None:
+        request = candidate.request
+        match seen(claim, candidate.digest, candidate.msg.source):
+            case Seen.REDELIVERY:
+                await self._forward(outbox, candidate)
+            case Seen.CONFLICT:
+                error = EventError(ErrorCode.DUPLICATE_REQUEST, f"request id {request.request_id!r} was already"
+                                   " admitted with another body; use a new request id")
+                await self.refuse(outbox, request, error, "intake", candidate.span, store=False)
+            case _:  # a repeat: the stored answer, or the work again (counted once) while there is none
+                stored = (await self.results.answered([request.request_id])).get(request.request_id)
+                if stored is None:
+                    await self._forward(outbox, candidate)
+                else:
+                    await self._answer_again(outbox, request, stored, candidate.span)
+
+    async def _count(self, candidate: Candidate) -> EventError | None:
+        if self.gatekeeper is None or candidate.principal is None:
+            return None
+        return await self.gatekeeper.count(candidate.principal, candidate.msg.source)
+
+    async def _forward(self, outbox: Outbox, candidate: Candidate) -> None:
+        request, route = candidate.request, candidate.route
+        assert route is not None
+        key = candidate.msg.key or request.request_id.encode()
+        value = events.without_credentials(candidate.msg.value)
+        await self._put_sealed(outbox, route.topic, key, value, candidate.span, self._request_claims(
+            request.request_id, candidate.tenant, route.model.name, route.model.version))
         for shadow in self.registry.shadows(route.model.name):
-            await self._mirror(outbox, parsed, route.topic, shadow, headers)
+            await self._mirror(outbox, candidate, route.topic, shadow)
         REQUESTS.labels("intake", "ok").inc()
-        log_request(span, "intake", "routed", request.request_id, model=route.model.name,
-                    version=route.model.version, tenant=principal.tenant if principal else None)
+        log_request(candidate.span, "intake", "routed", request.request_id, model=route.model.name,
+                    version=route.model.version, tenant=candidate.tenant)
 
-    async def _admit(self, requests: list[InferenceRequest]) -> list[Principal | EventError | None]:
-        """Per request: the caller's Principal (None without a gatekeeper) or the EventError
-        that refuses it. Checked concurrently: each may wait on Redis."""
-        if self.gatekeeper is None:
-            return [None] * len(requests)
-        return list(await asyncio.gather(*(self.gatekeeper.admit(request) for request in requests)))
-
-    async def _mirror(self, outbox: Outbox, parsed: events.Request, topic: str, shadow: ModelInfo,
-                      headers: Headers) -> None:
+    async def _mirror(self, outbox: Outbox, candidate: Candidate, topic: str, shadow: ModelInfo) -> None:
         """A copy for a shadow version: its own request id, no reply, result stored only."""
-        header = parsed.header.model_copy(update={
-            "request_id": f"{parsed.header.request_id}.shadow.{shadow.version}", "version": shadow.version,
-            "shadow_of": parsed.header.request_id, "reply_to": None, "correlation_id": None,
+        origin = candidate.request
+        header = origin.model_copy(update={
+            "request_id": f"{origin.request_id}.shadow.{shadow.version}", "version": shadow.version,
+            "shadow_of": origin.request_id, "reply_to": None, "correlation_id": None, "credentials": None,
         })
-        headers = [(k, v) for k, v in headers if k != VERSION_HEADER] + [(VERSION_HEADER, shadow.version.encode())]
-        await outbox.put(topic, header.request_id.encode(), events.encode_request(header, parsed.tensors), headers)
+        claims = self._request_claims(header.request_id, candidate.tenant, shadow.name, shadow.version)
+        value = events.encode_request(header, candidate.parsed.tensors)
+        await self._put_sealed(outbox, topic, header.request_id.encode(), value, candidate.span, claims)
+
+    @staticmethod
+    def _request_claims(request_id: str, tenant: str | None, model: str, version: str) -> dict[str, str | None]:
+        return {"rid": request_id, "tenant": tenant, "model": model, "version": version}
+
+    async def _put_sealed(self, outbox: Outbox, topic: str, key: bytes | None, value: bytes, span: Span,
+                          claims: dict[str, str | None], headers: Headers | None = None) -> None:
+        """Send an event to an internal topic: the trace context, the seal, nothing of the caller's."""
+        sealed = [*tracing.with_trace(headers or [], span), self.sealer.seal(topic, key, value, claims)]
+        await outbox.put(topic, key, value, sealed)
+
+    def batch_command(self, msg: Message) -> str:
+        """The batch id of a batch job command, which only the product writes."""
+        try:
+            claims = self._open(msg)
+        except SealError as exc:
+            raise EventError(ErrorCode.UNAUTHENTICATED, f"batch command not written by the product ({exc})") from None
+        batch_id = claims.get("batch")
+        if not isinstance(batch_id, str) or not batch_id:
+            raise EventError(ErrorCode.INVALID_SCHEMA, "batch command without a batch id")
+        return batch_id
+
+    def _open(self, msg: Message) -> dict[str, Any]:
+        """The claims of an event on an internal topic; SealError unless the product wrote it."""
+        return self.sealer.open(msg.topic, msg.key, msg.value, msg.headers)
 
     def _check_size(self, msg: Message) -> None:
         if len(msg.value) > self.settings.max_message_bytes:
@@ -240,13 +380,24 @@ class Pipeline:
             span = tracing.start_span("inference", msg.headers)
             request: InferenceRequest | None = None
             try:
+                claims = self._open(msg)
+            except SealError as exc:
+                error = EventError(ErrorCode.UNAUTHENTICATED, f"not admitted by the intake ({exc}): send requests"
+                                   f" to {self.topics.requests}")
+                await self.reject(outbox, msg, error, None, "inference", span, answer=False)
+                span.end()
+                continue
+            try:
                 decoded = events.decode_request(msg.value)
                 request = decoded.header
+                if claims.get("rid") != request.request_id or claims.get("model") != request.model:
+                    raise EventError(ErrorCode.INTERNAL, "the seal's claims do not match the request")
                 check_deadline(request, started)
-                info = self.registry.resolve(request.model, _header(msg, VERSION_HEADER) or request.version)
-                request.tenant = _header(msg, TENANT_HEADER) or request.tenant
+                info = self.registry.resolve(request.model, claims.get("version"))
+                request.tenant = claims.get("tenant")
                 tensors = decoded.tensors
                 if request.inputs_ref:
+                    self.store.check_caller_uri(request.inputs_ref)
                     _, tensors = events.decode_bundle(await self.store.aget(request.inputs_ref))
                 check_inputs(info, tensors)
                 server = self._servers.get(info.key)
@@ -254,8 +405,8 @@ class Pipeline:
                     raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
                 LATENCY.labels("queue_wait", info.name).observe(max(0, started - request.created_ms) / 1000)
                 accepted.append((msg, request, info, span, asyncio.ensure_future(server.submit(tensors))))
-            except EventError as error:
-                await self.reject(outbox, msg, error, request, "inference", span)
+            except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
+                await self.reject(outbox, msg, as_event_error(exc), request, "inference", span)
                 span.end()
         for msg, request, info, span, pending in accepted:
             try:
@@ -309,7 +460,7 @@ class Pipeline:
             "inference": round(outcome.inference_ms, 3),
             "total": total_ms,
         }
-        await self._emit_result(outbox, result, outputs, request.reply_to, span, reply=_answers_caller(request))
+        await self._emit_result(outbox, result, outputs, self._reply_topic(request), span)
         REQUESTS.labels("inference", "ok").inc()
         LATENCY.labels("end_to_end", info.name).observe(total_ms / 1000)
         span.set_attributes({"inferstream.backend": outcome.backend, "inferstream.batch_size": outcome.batch_size})
@@ -320,25 +471,48 @@ class Pipeline:
 
     async def _emit_result(
         self, outbox: Outbox, result: InferenceResult, outputs: dict[str, np.ndarray] | None,
-        reply_to: str | None, span: Span, reply: bool = True,
+        reply_topic: str | None, span: Span, store: bool = True,
     ) -> None:
+        """The result to the caller's reply topic (None: no caller waits) and, sealed, to the
+        results topic (unless `store` is false)."""
         value = events.encode_result(result, outputs)
         key = result.request_id.encode()
         headers = [("request_id", key)]
         if result.correlation_id:
             headers.append(("correlation_id", result.correlation_id.encode()))
         headers = tracing.with_trace(headers, span)
-        # An invalid reply_to was already rejected; its error goes to the default replies topic.
-        reply_topic = reply_to if reply_to and valid_topic(reply_to) else self.topics.replies
-        if reply:
+        if reply_topic is not None:
             reply_key = (result.correlation_id or result.request_id).encode()
             await outbox.put(reply_topic, reply_key, value, headers)
-        await outbox.put(self.topics.results, key, value, headers)
+        if store:
+            await self._put_sealed(outbox, self.topics.results, key, value, span, {"rid": result.request_id}, headers)
+
+    def _reply_topic(self, request: InferenceRequest) -> str | None:
+        """Where an admitted request is answered: its reply_to (checked at the intake), else the
+        default replies topic; None for copies no caller waits for."""
+        return (request.reply_to or self.topics.replies) if _answers_caller(request) else None
+
+    async def _answer_again(self, outbox: Outbox, request: InferenceRequest, stored: asyncpg.Record,
+                            span: Span) -> None:
+        """A repeated request: its stored answer, with this caller's correlation id."""
+        result = InferenceResult(
+            request_id=request.request_id, correlation_id=request.correlation_id, model=stored["model"],
+            model_version=stored["model_version"], status=Status.OK, outputs_ref=stored["outputs_ref"],
+            batch_size=stored["batch_size"], tenant=stored["tenant"], batch_id=stored["batch_id"],
+            shadow_of=stored["shadow_of"], created_ms=request.created_ms,
+            timings_ms=orjson.loads(stored["timings_ms"]) if isinstance(stored["timings_ms"], str)
+            else dict(stored["timings_ms"] or {}),
+        )
+        outputs = events.decode_bundle(stored["outputs"])[1] if stored["outputs"] is not None else None
+        await self._emit_result(outbox, result, outputs, self._reply_topic(request), span, store=False)
+        REQUESTS.labels("intake", "repeated").inc()
+        log_request(span, "intake", "answered again", request.request_id, model=result.model)
 
     async def refuse(self, outbox: Outbox, request: InferenceRequest, error: EventError, stage: str,
-                     span: Span) -> None:
+                     span: Span, store: bool = True) -> None:
         """An error result for a request refused by policy or an outage (auth, rate limit, no
-        backend): the caller and the results table hear of it; it is no bad event to dead-letter."""
+        backend): the caller and (unless `store` is false) the results table hear of it; it is no
+        bad event to dead-letter."""
         REQUESTS.labels(stage, "refused").inc()
         ERRORS.labels(stage, error.code.value).inc()
         tracing.fail(span, error.code.value, error.message)
@@ -350,13 +524,14 @@ class Pipeline:
             tenant=request.tenant, batch_id=request.batch_id, shadow_of=request.shadow_of,
             created_ms=request.created_ms,
         )
-        await self._emit_result(outbox, result, None, request.reply_to, span, reply=_answers_caller(request))
+        await self._emit_result(outbox, result, None, self._reply_topic(request), span, store=store)
 
     async def reject(
         self, outbox: Outbox, msg: Message, error: EventError, request: InferenceRequest | None, stage: str,
-        span: Span,
+        span: Span, answer: bool = True,
     ) -> None:
-        """Dead-letter the event with its reason and, where the caller is known, reply with the error."""
+        """Dead-letter the event with its reason and, where the caller is known (and `answer`:
+        not for events from outside the product on internal topics), reply with the error."""
         request_id, reply_to, correlation_id = (
             (request.request_id, request.reply_to, request.correlation_id)
             if request else events.reply_address(msg.value)
@@ -367,14 +542,13 @@ class Pipeline:
         tracing.fail(span, error.code.value, error.message)
         log_request(span, stage, "rejected", request_id, logging.WARNING, code=error.code.value,
                     error=error.message, source=f"{msg.topic}[{msg.partition}]@{msg.offset}")
-        letter = DeadLetter(
-            reason=error.code, message=error.message, source_topic=msg.topic,
-            source_partition=msg.partition, source_offset=msg.offset, request_id=request_id,
-            original_b64=base64.b64encode(msg.value).decode(),
-        )
-        await outbox.put(self.topics.deadletter, msg.key, events.encode_dead_letter(letter),
-                         tracing.with_trace(msg.headers, span))
-        if request_id is None:
+        from streams.deadletters import dead_letter
+
+        letter, letter_key, letter_headers = await dead_letter(msg, error.code, error.message, request_id,
+                                                               self.store.aput, self.settings)
+        await outbox.put(self.topics.deadletter, letter_key, events.encode_dead_letter(letter),
+                         tracing.with_trace(letter_headers, span))
+        if request_id is None or not answer:
             return
         result = InferenceResult(
             request_id=request_id, correlation_id=correlation_id,
@@ -385,8 +559,22 @@ class Pipeline:
             shadow_of=request.shadow_of if request else None,
             created_ms=request.created_ms if request else None,
         )
-        await self._emit_result(outbox, result, None, reply_to, span,
-                                reply=request is None or _answers_caller(request))
+        if stage == "intake" or request is None:
+            # Not admitted: the reply address is the caller's word, used only where it passes.
+            reply_topic: str | None = self.reply_topics.resolve(reply_to)
+        else:
+            reply_topic = self._reply_topic(request)
+        await self._emit_result(outbox, result, None, reply_topic, span)
+
+    async def dead_letter_bare(self, outbox: Outbox, msg: Message, error: EventError) -> None:
+        """A dead letter with the event's place and reason only: the last resort when the full
+        one cannot be written. The original stays in its topic until retention removes it."""
+        letter = DeadLetter(
+            reason=error.code, message=f"{error.message} (original not kept: see the source topic)",
+            source_topic=msg.topic, source_partition=msg.partition, source_offset=msg.offset,
+            original_b64="", original_bytes=len(msg.value),
+        )
+        await outbox.put(self.topics.deadletter, None, events.encode_dead_letter(letter), [])
 
     # -- sink --------------------------------------------------------------------------------
 
@@ -398,9 +586,17 @@ class Pipeline:
             for msg in messages:
                 span = tracing.start_span("sink", msg.headers)
                 try:
+                    claims = self._open(msg)
                     decoded = events.decode_result(msg.value)
-                except EventError as error:
-                    await self.reject(outbox, msg, error, None, "sink", span)
+                    if claims.get("rid") != decoded.header.request_id:
+                        raise SealError("the seal's claims do not match the result")
+                except SealError as exc:
+                    error = EventError(ErrorCode.UNAUTHENTICATED, f"not written by the product ({exc})")
+                    await self.reject(outbox, msg, error, None, "sink", span, answer=False)
+                    span.end()
+                    continue
+                except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
+                    await self.reject(outbox, msg, as_event_error(exc), None, "sink", span, answer=False)
                     span.end()
                     continue
                 outputs = events.encode_bundle(decoded.tensors) if decoded.tensors else None
@@ -418,13 +614,6 @@ class Pipeline:
         finally:
             for _, _, span in stored:
                 span.end()
-
-
-def _header(msg: Message, name: str) -> str | None:
-    for key, value in msg.headers:
-        if key == name:
-            return value.decode()
-    return None
 
 
 def _answers_caller(request: InferenceRequest) -> bool:

@@ -24,6 +24,7 @@ from streams.objectstore import ObjectStore, parse_uri
 from streams.registry import ModelInfo, ModelRegistry, TensorSignature, load_repository
 from streams.settings import Settings
 from topics.names import Topics
+from topics.seal import Sealer, SealError
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,10 @@ class RegistryStore:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
         await producer.start()
         try:
+            sealer = Sealer(self.settings.cluster_secret)
             for info in infos:
-                await producer.send(self.topic, info.model_dump_json().encode(), key=info.key.encode())
+                key, value = info.key.encode(), info.model_dump_json().encode()
+                await producer.send(self.topic, value, key=key, headers=[sealer.seal(self.topic, key, value, {})])
             await producer.flush()
         finally:
             await producer.stop()
@@ -170,6 +173,7 @@ class RegistryFollower:
         self.registry = registry
         self.on_change = on_change
         self.topic = Topics(settings).registry
+        self.sealer = Sealer(settings.cluster_secret)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -218,6 +222,12 @@ class RegistryFollower:
         for records in (await self.consumer.getmany(timeout_ms=500)).values():
             for record in records:
                 if record.value is None:
+                    continue
+                try:
+                    self.sealer.open(self.topic, record.key, record.value, list(record.headers or ()))
+                except SealError as exc:
+                    log.warning("ignored a registry record at offset %d not written by the product: %s",
+                                record.offset, exc)
                     continue
                 try:
                     info = ModelInfo.model_validate_json(record.value)

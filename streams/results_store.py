@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 
 from streams.auth import API_KEYS_DDL
+from streams.claims import CLAIMS_DDL
 from streams.ratelimit import TENANT_LIMITS_DDL
 from topics.events import InferenceResult
 
@@ -74,6 +75,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE inference_results ADD COLUMN shadow_of text;
     """,
     API_KEYS_DDL + TENANT_LIMITS_DDL,
+    CLAIMS_DDL,
 ]
 
 _UPSERT = """
@@ -90,6 +92,8 @@ ON CONFLICT (request_id) DO UPDATE SET
     created_at = EXCLUDED.created_at, completed_at = EXCLUDED.completed_at,
     source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,
     batch_id = EXCLUDED.batch_id, shadow_of = EXCLUDED.shadow_of, stored_at = now()
+-- An answered request keeps its answer: a later error for the same id never replaces it.
+WHERE inference_results.status <> 'ok' OR EXCLUDED.status = 'ok'
 """
 
 _LOCK_ID = 0x1F5E_A3  # advisory lock: one migrator at a time across workers
@@ -157,6 +161,13 @@ class ResultsStore:
         latest = {item.result.request_id: item for item in items}
         async with self.pool.acquire() as conn:
             await conn.executemany(_UPSERT, [_row(i) for i in latest.values()])
+
+    async def answered(self, request_ids: list[str]) -> dict[str, asyncpg.Record]:
+        """The stored `ok` results of these request ids."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM inference_results WHERE request_id = ANY($1::text[]) AND status = 'ok'", request_ids,
+        )
+        return {row["request_id"]: row for row in rows}
 
     async def get(self, request_id: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow("SELECT * FROM inference_results WHERE request_id = $1", request_id)

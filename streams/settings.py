@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     s3_bucket: str = "inferstream"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
+    # Buckets a caller's s3:// references (inputs_ref, batch inputs) may name; empty: only
+    # `s3_bucket`. Outside them a reference is refused (FORBIDDEN), whatever the credentials reach.
+    s3_caller_buckets: list[str] = Field(default_factory=list)
 
     # PostgreSQL and Redis
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/inferstream"
@@ -66,6 +69,7 @@ class Settings(BaseSettings):
     # Payloads: tensor bundles larger than this travel by S3 reference (claim check).
     claim_check_bytes: int = 256 * 1024
     max_message_bytes: int = 4 * 1024 * 1024
+    deadletter_inline_bytes: int = 256 * 1024  # dead-lettered originals over this are stored in S3
 
     # Sink
     sink_batch_size: int = 500
@@ -98,10 +102,20 @@ class Settings(BaseSettings):
     jwt_issuer: str = ""
     jwt_audience: str = ""
     jwt_leeway_s: float = 0.0
+    jwt_require_exp: bool = True  # False: tokens without an `exp` claim are accepted (never expire)
     api_key_pepper: str = "inferstream-dev-pepper"
     api_key_cache_ttl_s: float = 30.0
     rate_limit_per_minute: int = 100  # per authenticated tenant; overridable per tenant
     rate_limit_fail_open: bool = False  # when Redis is unreachable: refuse (default) or admit
+
+    # Internal events (model topics, results, batch commands, registry records) carry a seal: an
+    # HMAC under this secret, shared by every worker, bridge and CLI of a deployment. Consumers
+    # serve only events whose seal opens. Set a long random value in production.
+    cluster_secret: str = "inferstream-dev-cluster-secret"
+    # reply_to must name an existing topic; the topic list is cached this long (a name not in it
+    # triggers a refresh, at most once per `reply_topics_refresh_s`).
+    reply_topics_cache_s: float = 30.0
+    reply_topics_refresh_s: float = 1.0
 
     # Backends
     triton_timeout_s: float = 10.0

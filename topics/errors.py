@@ -14,6 +14,8 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     PAYLOAD_UNAVAILABLE = "PAYLOAD_UNAVAILABLE"  # an S3 reference that cannot be read
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INVALID_REPLY_TO = "INVALID_REPLY_TO"  # an internal, malformed or missing reply topic
+    DUPLICATE_REQUEST = "DUPLICATE_REQUEST"  # a request id already admitted with another body
     UNAUTHENTICATED = "UNAUTHENTICATED"  # no, or invalid, credentials
     FORBIDDEN = "FORBIDDEN"  # valid credentials without the right to this model
     RATE_LIMITED = "RATE_LIMITED"

@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from topics import tensors as tensor_codec
 from topics.errors import ErrorCode, EventError
@@ -125,7 +125,13 @@ class InferenceResult(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """An event that could not be served (topic `<prefix>.deadletter`)."""
+    """An event that could not be served (topic `<prefix>.deadletter`).
+
+    The original travels inline (`original_b64`) when small, else as an S3 reference
+    (`original_ref`), so that a dead letter always fits in a Kafka message; a letter with neither
+    did not keep it (it stays in its source topic until retention removes it). Letters written
+    before references existed carry `original_b64` only, and still decode.
+    """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     reason: ErrorCode
@@ -134,11 +140,26 @@ class DeadLetter(BaseModel):
     source_partition: int
     source_offset: int
     request_id: str | None = None
-    original_b64: str  # the original event bytes, unchanged
+    original_b64: str | None = None  # the original event bytes (redacted), inline
+    original_ref: str | None = None  # or s3://bucket/key of them
+    original_bytes: int | None = None  # size of the stored original
+    redacted: bool = False  # credentials were removed from the original or its Kafka headers
+    headers_dropped: int = 0  # the original's Kafka headers left out for size
+    key_dropped: bool = False  # the original's Kafka key left out for size
     failed_ms: int = Field(default_factory=now_ms)
+
+    @model_validator(mode="after")
+    def _one_original(self) -> DeadLetter:
+        if self.original_b64 is not None and self.original_ref is not None:
+            raise ValueError("a dead letter carries original_b64 or original_ref, not both")
+        return self
 
     @property
     def original(self) -> bytes:
+        """The inline original; raises ValueError when it is in S3 (`original_ref`) or not kept."""
+        if self.original_b64 is None:
+            raise ValueError(f"the original is stored at {self.original_ref}" if self.original_ref
+                             else "the original was not kept")
         return base64.b64decode(self.original_b64)
 
 
@@ -240,6 +261,18 @@ def reply_address(raw: bytes) -> tuple[str | None, str | None, str | None]:
     return tuple(v if isinstance(v, str) and v else None for v in fields)  # type: ignore[return-value]
 
 
+def without_credentials(raw: bytes) -> bytes:
+    """A request event as the product passes it on: its `credentials` removed, tensors untouched
+    (the payload is not re-packed). Events without credentials come back unchanged."""
+    header, payload = unframe(raw)
+    if "credentials" not in header:
+        return raw
+    del header["credentials"]
+    if raw[:4] == MAGIC:
+        return frame(header, bytes(payload))
+    return orjson.dumps(header)
+
+
 # -- results -------------------------------------------------------------------------------
 
 
@@ -278,4 +311,18 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
 
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:
+    """Raises pydantic's ValidationError for anything that is not a dead letter."""
     return DeadLetter.model_validate_json(raw)
+
+
+def redact_credentials(raw: bytes) -> tuple[bytes, bool]:
+    """The event without the `credentials` of its header, and whether there were any. The payload
+    bytes are kept as they are; bytes that do not unframe as an event are returned unchanged (no
+    stage reads credentials from them either)."""
+    try:
+        header, payload = unframe(raw)
+    except EventError:
+        return raw, False
+    if header.pop("credentials", None) is None:
+        return raw, False
+    return (frame(header, bytes(payload)) if raw[:4] == MAGIC else orjson.dumps(header)), True
