@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import faust
 import mode
@@ -20,6 +21,8 @@ from streams.results_store import ResultsStore
 from streams.settings import Settings
 from streams.tracing import setup_tracing
 from topics.admin import ensure_topics
+
+log = logging.getLogger(__name__)
 
 
 async def bootstrap_registry(settings: Settings) -> list[str]:
@@ -43,13 +46,25 @@ async def bootstrap_registry(settings: Settings) -> list[str]:
     return serve
 
 
+class WorkerApp(faust.App):
+    async def _on_agent_error(self, agent: faust.types.AgentT, exc: BaseException) -> None:
+        """An agent whose body raised past the error policy stops the worker. The events it held
+        stay unacknowledged (`agents.common.process`), and the restarted worker, or another of
+        the group, reads them again; restarted in place, the agent would go on after them with
+        their offsets never committed."""
+        await super()._on_agent_error(agent, exc)
+        log.critical("agent %s crashed (%r); stopping the worker so that its events are read again",
+                     agent.name, exc)
+        await self.crash(exc)
+
+
 def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipeline]:
     if not serve:
         raise FileNotFoundError(f"no models to serve; run `inferstream models build` (repository: "
                                 f"{settings.model_repository})")
     pipeline = Pipeline(settings, ModelRegistry(), serve=serve, gatekeeper=Gatekeeper(settings))
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = WorkerApp(
         settings.app_id,
         broker=broker_url(settings.kafka_bootstrap, settings.kafka_fetch_max_wait_ms),
         value_serializer="raw",
