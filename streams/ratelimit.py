@@ -1,9 +1,10 @@
 """Request rate limits per subject (an API key or a tenant), shared by every worker through Redis.
 
-Each subject has a sliding log: a sorted set whose members are request ids scored by arrival
-time in ms. One Lua script drops the entries that left the window, lets a request id already in
-the log through again (a redelivered event is counted once), refuses a new id when the log holds
-`limit` entries, and otherwise adds it. Being one script it is atomic across workers, and being a
+Each subject has a sliding log: a sorted set whose members name admitted events (the intake
+uses their topic, partition and offset) scored by arrival time in ms. One Lua script drops the
+entries that left the window, lets a member already in the log through again (a redelivered
+event is counted once; a request id reused in a new event is a new member), refuses a new member
+when the log holds `limit` entries, and otherwise adds it. Being one script it is atomic across workers, and being a
 log rather than a counter it is exact at the window's boundary.
 
 `SlidingLog` is the same semantics in pure Python, for unit tests and as the reference.
@@ -23,7 +24,7 @@ from topics.errors import ErrorCode, EventError
 log = logging.getLogger(__name__)
 
 # KEYS[1]: the subject's log. ARGV: now_ms ("" = the Redis server's clock, one clock for every
-# worker), window_ms, limit, request id. Returns {allowed 0|1, entries in the window, oldest
+# worker), window_ms, limit, member. Returns {allowed 0|1, entries in the window, oldest
 # entry's ms or -1, now_ms}. An entry scored t is in the window while now - t < window.
 RATE_LIMIT_LUA = """
 local key, window, limit, member = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
@@ -115,12 +116,12 @@ class RateLimiter:
         self._store_up = True
 
     async def check(
-        self, subject: str, request_id: str, limit: int | None = None, now_ms: int | None = None
+        self, subject: str, member: str, limit: int | None = None, now_ms: int | None = None
     ) -> Decision:
-        """Count `request_id` against `subject`'s limit (the default unless given). `now_ms` is
+        """Count `member` against `subject`'s limit (the default unless given). `now_ms` is
         for tests; by default the Redis server's clock is used."""
         limit = self.default_limit if limit is None else limit
-        args = ["" if now_ms is None else now_ms, self.window_ms, limit, request_id]
+        args = ["" if now_ms is None else now_ms, self.window_ms, limit, member]
         try:
             allowed, count, oldest, now = await self._script(keys=[self._key(subject)], args=args)
         except RedisError as exc:
