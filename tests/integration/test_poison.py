@@ -1,0 +1,89 @@
+"""Poison events and crashes: a poison event costs its partition nothing but its own rejection,
+and an agent that crashes mid-chunk acknowledges nothing it took (its worker stops so that a
+restarted one reads those events again)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from streams.client import InferenceClient
+from streams.dlq import Letter, read_letters
+from streams.harness import tiny_input, wait_ready
+from topics import events
+from topics.errors import ErrorCode
+from topics.events import Status
+
+pytestmark = pytest.mark.integration
+FAULTS = Path(__file__).parent / "faults"
+
+
+async def test_a_crashed_agent_acknowledges_nothing_it_took(start_worker, settings, tmp_path, monkeypatch):
+    marker = f"crash-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+    monkeypatch.setenv("INFERSTREAM_FAULT_CRASH_MARKER", marker)
+    monkeypatch.setenv("INFERSTREAM_FAULT_ONCE_FILE", str(tmp_path / "crashed"))
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        pending = []
+        for i in range(30):
+            request = client.request("tiny", {}, timeout=120)
+            if i == 10:
+                request.request_id = f"{marker}-{request.request_id}"
+            pending.append((request, await client.send(request, tiny_input(seed=i), delivered=True)))
+        # The worker stops by itself once its agent crashed.
+        deadline = time.monotonic() + 60
+        while worker.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert (tmp_path / "crashed").exists(), worker.log()[-3000:]
+        assert worker.proc.poll() is not None, "the worker kept running with an agent that crashed"
+        monkeypatch.delenv("INFERSTREAM_FAULT_CRASH_MARKER")
+        start_worker()  # reads again what the crashed one took but never finished
+        results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
+    assert [r.header.status for r in results] == [Status.OK] * 30
+
+
+async def test_poison_events_are_rejected_alone_at_once(start_worker, settings):
+    """A null or garbage traceparent, non-UTF-8 and forged internal headers, a 65-dimension
+    shape: each poison event is dead-lettered on its own without retrying its chunk, and the
+    good requests produced after it on the same partition are answered."""
+    worker = start_worker()
+    poison_headers = [
+        [("traceparent", None)], [("traceparent", b"\xff\xfe garbage")], [("inferstream-version", b"\xff\xfe")],
+        [("tracestate", None), ("x", None)],
+    ]
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        poisoned, pending = [], []
+        for i, headers in enumerate(poison_headers):
+            request = client.request("tiny", {}, timeout=60)
+            request.request_id = f"headers-{i}-{request.request_id}"
+            pending.append((request, await client.send(request, tiny_input(seed=i), headers=headers)))
+        deep = client.request("tiny", {}, timeout=60)
+        body = orjson.loads(events.encode_request(deep, tiny_input(), binary=False))
+        body["inputs"][0]["shape"] = [1] * 65
+        body["inputs"][0]["data"] = [[0.0]]
+        await client.produce(client.topics.requests, b"same-key", orjson.dumps(body))
+        poisoned.append(deep.request_id)
+        for i in range(50):
+            request = client.request("tiny", {}, timeout=60)
+            pending.append((request, await client.send(request, tiny_input(seed=100 + i))))
+        results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            letters = {x.letter.request_id: x.letter for x in await read_letters(settings) if isinstance(x, Letter)}
+            if deep.request_id in letters:
+                break
+            await asyncio.sleep(0.5)
+    # Headers a producer may set, however odd, do not make a request poison.
+    assert [r.header.status for r in results] == [Status.OK] * len(results)
+    assert letters[deep.request_id].reason in (ErrorCode.INVALID_TENSOR, ErrorCode.INVALID_SCHEMA,
+                                               ErrorCode.INTERNAL)
+    log = worker.log()
+    assert "failed on" not in log and "Restarting dead Agent" not in log  # no chunk retried, no crash
