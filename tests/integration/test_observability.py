@@ -43,14 +43,18 @@ def requests_at(samples: dict, stage: str, outcome: str = "ok") -> float:
 
 
 async def settled(url: str, timeout: float = 30.0) -> dict:
-    """Metrics once every stage has seen the same number of requests (nothing in flight)."""
+    """Metrics once nothing is in flight: no stage's count moved for a second (a readiness probe
+    that timed out may still be answered, or rejected as late, after the one that got through)."""
     deadline = time.monotonic() + timeout
+    previous = None
     while True:
         samples = await scrape(url)
-        counts = {requests_at(samples, stage) for stage in ("intake", "inference", "sink")}
-        if len(counts) == 1 or time.monotonic() > deadline:
+        counts = tuple(requests_at(samples, stage, outcome) for stage in ("intake", "inference", "sink")
+                       for outcome in ("ok", "rejected", "refused"))
+        if counts == previous or time.monotonic() > deadline:
             return samples
-        await asyncio.sleep(0.3)
+        previous = counts
+        await asyncio.sleep(1.0)
 
 
 def traceparent(trace_id: str) -> str:
