@@ -290,7 +290,8 @@ def worker(
     if workers > 1:
         from streams.scaling import run_workers
 
-        raise typer.Exit(run_workers(workers, get_settings().metrics_port))
+        settings = get_settings()
+        raise typer.Exit(run_workers(workers, settings.metrics_port, settings.worker_restarts_per_minute))
     from streams.app import run_worker
 
     run_worker(get_settings())

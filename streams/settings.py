@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     metrics_port: int = 0
     # Only one worker of a group needs to export the group's consumer lag.
     metrics_lag: bool = True
+    # `worker --workers N` restarts a worker that died, unless it died more often in a minute.
+    worker_restarts_per_minute: int = Field(default=5, ge=0)
 
     # Logs and traces
     log_level: str = "info"

@@ -234,42 +234,56 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(300)
-async def test_workers_option_runs_a_group_and_stops_it(topics_ready, tmp_path):
+async def test_workers_option_runs_a_group_restarts_a_dead_worker_and_stops_on_sigterm(topics_ready, tmp_path):
     settings = topics_ready
-    env = {**os.environ, **settings_env(settings)}
 
-    def supervisor() -> subprocess.Popen:
+    def supervisor(**env: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--workers", "2"],
-                                cwd=PROJECT_ROOT, env=env, stdout=open(tmp_path / "supervisor.log", "ab"),
+                                cwd=PROJECT_ROOT, env={**os.environ, **settings_env(settings), **env},
+                                stdout=open(tmp_path / "supervisor.log", "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     async with InferenceClient(settings) as client:
-        clean = supervisor()
-        workers = await _two_children(clean)
+        proc = supervisor()
+        workers = await _two_children(proc)
+        restarted: list[int] = []
         try:
+            # A worker that dies on its own is started again; the survivor keeps running.
+            os.kill(workers[0], signal.SIGKILL)
+            restarted = await _two_children(proc, other_than=(workers[0],))
+            assert workers[1] in restarted and proc.poll() is None
             await asyncio.wait_for(client.infer("tiny", tiny_input(), timeout=90), 100)
-            clean.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(clean.wait, 60) == 0
-            assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 60) == 0
+            assert not any(Path(f"/proc/{pid}").exists() for pid in restarted)
         finally:
-            _kill(clean, workers)
+            _kill(proc, workers + restarted)
 
-        # A worker that dies on its own takes the supervisor down with an error.
-        crashed = supervisor()
-        workers = await _two_children(crashed)
+        # A worker that dies more often than the restart limit stops the group with an error.
+        looping = supervisor(INFERSTREAM_WORKER_RESTARTS_PER_MINUTE="1")
+        workers = await _two_children(looping)
+        again: list[int] = []
         try:
             os.kill(workers[0], signal.SIGKILL)
-            assert await asyncio.to_thread(crashed.wait, 60) == 1
+            again = await _two_children(looping, other_than=(workers[0],))
+            os.kill(next(pid for pid in again if pid != workers[1]), signal.SIGKILL)
+            assert await asyncio.to_thread(looping.wait, 60) == 1
+            assert not any(Path(f"/proc/{pid}").exists() for pid in again)
         finally:
-            _kill(crashed, workers)
+            _kill(looping, workers + again)
+    log = (tmp_path / "supervisor.log").read_text(errors="replace")
+    assert "restarting it in 1 s" in log and "it died too often, stopping all workers" in log
 
 
-async def _two_children(proc: subprocess.Popen) -> list[int]:
+async def _two_children(proc: subprocess.Popen, other_than: tuple[int, ...] = ()) -> list[int]:
+    """The supervisor's two worker pids once it has two, none of them in `other_than`."""
     deadline = time.monotonic() + 30
-    while len(children := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        children = _children(proc.pid)
+        if len(children) == 2 and not set(children) & set(other_than):
+            return children
         await asyncio.sleep(0.2)
-    assert len(children) == 2
-    return children
+    raise AssertionError(f"supervisor {proc.pid} has children {_children(proc.pid)}, not two new ones")
 
 
 def _kill(proc: subprocess.Popen, children: list[int]) -> None:
