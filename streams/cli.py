@@ -632,7 +632,8 @@ def dlq_list(reason: Annotated[Optional[list[str]], typer.Option(help="only this
 
     from rich.text import Text
 
-    from streams.dlq import Letter, printable, read_letters, select
+    from streams.dlq import Letter, read_letters, select
+    from topics.errors import printable
 
     records = select(asyncio.run(read_letters(get_settings())), reasons=set(reason) if reason else None)
     table = Table("position", "reason", "source", "request id", "failed at", "message")
@@ -677,8 +678,9 @@ def dlq_redrive(
     """Send dead letters' original events back to their source topic (once per dead letter)."""
     from rich.markup import escape
 
-    from streams.dlq import StoreUnreachable, printable, read_letters, redrive, select
+    from streams.dlq import StoreUnreachable, read_letters, redrive, select
     from streams.replay import parse_positions
+    from topics.errors import printable
 
     if not (position or reason or all_letters):
         _fail("name the letters: --offset P:O, --reason CODE or --all")

@@ -24,7 +24,7 @@ from streams.objectstore import ObjectStore
 from streams.replay import fixed_ends
 from streams.settings import Settings
 from topics import events
-from topics.errors import ErrorCode, EventError
+from topics.errors import ErrorCode, EventError, printable
 from topics.events import DeadLetter
 from topics.names import Topics, valid_topic
 
@@ -87,11 +87,6 @@ class Skipped:
 
 class StoreUnreachable(Exception):
     """S3 did not answer while reading a dead letter's original."""
-
-
-def printable(text: str) -> str:
-    """The text with control characters (terminal escapes among them) replaced, for display."""
-    return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
 def parse(partition: int, offset: int, key: bytes | None, headers: list[tuple[str, bytes]],

@@ -24,11 +24,18 @@ class ErrorCode(StrEnum):
     INTERNAL = "INTERNAL"
 
 
+def printable(text: str) -> str:
+    """The text with control characters replaced: messages quote what callers sent, and must
+    neither carry terminal escapes nor NUL (which PostgreSQL cannot store)."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 class EventError(Exception):
     """A request that cannot be served; goes to the dead-letter topic and, when possible, back
     to the caller as an error result."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
+        message = printable(message)
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

@@ -17,20 +17,43 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from topics import tensors as tensor_codec
 from topics.errors import ErrorCode, EventError
+from topics.tensors import MAX_DIMS
 
 MAGIC = b"ISV1"
 _LEN = struct.Struct(">I")
 SCHEMA_VERSION: Final = 1
 CONTENT_TYPE_BINARY = "application/vnd.inferstream.v1+binary"
 CONTENT_TYPE_JSON = "application/json"
+
+
+# Unix milliseconds the stores can hold (years 1970-9999).
+MAX_EPOCH_MS: Final = 253_402_300_799_999
+
+
+def _printable(text: str) -> str:
+    """Refuse control characters: PostgreSQL cannot store NUL, and none belongs in an id or name."""
+    if not text.isprintable():
+        raise ValueError("must not contain control characters")
+    return text
+
+
+# Caller-supplied strings: bounded and printable.
+_Printable = AfterValidator(_printable)
+Id = Annotated[str, Field(min_length=1, max_length=128), _Printable]
+Name = Annotated[str, Field(min_length=1, max_length=256), _Printable]
+Label = Annotated[str, Field(max_length=256), _Printable]
+TopicName = Annotated[str, Field(max_length=249), _Printable]
+Uri = Annotated[str, Field(max_length=1024), _Printable]
+Secret = Annotated[str, Field(max_length=8192), _Printable]
+EpochMs = Annotated[int, Field(ge=0, le=MAX_EPOCH_MS)]
 
 
 def now_ms() -> int:
@@ -45,15 +68,15 @@ class Credentials(BaseModel):
     """Carried unchanged from the caller to the auth stage."""
 
     model_config = ConfigDict(extra="forbid")
-    authorization: str | None = None  # "Bearer <jwt>"
-    api_key: str | None = None
+    authorization: Secret | None = None  # "Bearer <jwt>"
+    api_key: Secret | None = None
 
 
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    dtype: str
-    shape: list[int]
+    name: Name
+    dtype: Label  # checked against the supported dtypes where the tensor is decoded
+    shape: list[int] = Field(max_length=MAX_DIMS)
     offset: int | None = None  # binary form
     nbytes: int | None = None  # binary form
     data: list[Any] | None = None  # JSON form
@@ -63,10 +86,10 @@ class ReplayOrigin(BaseModel):
     """Where a replayed request came from (set by `inferstream replay`)."""
 
     model_config = ConfigDict(extra="forbid")
-    topic: str
-    partition: int
-    offset: int
-    request_id: str
+    topic: TopicName
+    partition: int = Field(ge=0, le=2**31 - 1)
+    offset: int = Field(ge=0, le=2**63 - 1)
+    request_id: Id
 
 
 class InferenceRequest(BaseModel):
@@ -75,21 +98,21 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
     # Required: every stage must agree on it, and a redelivered event keeps it.
-    request_id: str = Field(min_length=1, max_length=128)
-    model: str = Field(min_length=1, max_length=200)
-    version: str | None = None
+    request_id: Id
+    model: Name
+    version: Label | None = None
     inputs: list[TensorSpec] = Field(default_factory=list)
-    inputs_ref: str | None = None  # s3://bucket/key of a tensor bundle
-    reply_to: str | None = None  # topic for the result; the default replies topic when unset
-    correlation_id: str | None = None
-    deadline_ms: int | None = None  # unix epoch milliseconds
-    tenant: str | None = None
+    inputs_ref: Uri | None = None  # s3://bucket/key of a tensor bundle
+    reply_to: TopicName | None = None  # topic for the result; the default replies topic when unset
+    correlation_id: Label | None = None
+    deadline_ms: EpochMs | None = None
+    tenant: Label | None = None
     credentials: Credentials | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    batch_id: str | None = None  # set on the items of a batch job
-    shadow_of: str | None = None  # set on a shadow copy: the request id it mirrors
+    batch_id: Id | None = None  # set on the items of a batch job
+    shadow_of: Id | None = None  # set on a shadow copy: the request id it mirrors
     replay_of: ReplayOrigin | None = None  # set on a replayed copy: never answered to a caller
-    created_ms: int = Field(default_factory=now_ms)
+    created_ms: EpochMs = Field(default_factory=now_ms)
 
 
 class Status(StrEnum):
@@ -257,8 +280,18 @@ def reply_address(raw: bytes) -> tuple[str | None, str | None, str | None]:
         header, _ = unframe(raw)
     except EventError:
         return None, None, None
-    fields = (header.get(k) for k in ("request_id", "reply_to", "correlation_id"))
-    return tuple(v if isinstance(v, str) and v else None for v in fields)  # type: ignore[return-value]
+    return _valid_or_none(_ID, header.get("request_id")), _valid_or_none(_TOPIC, header.get("reply_to")), \
+        _valid_or_none(_LABEL, header.get("correlation_id"))
+
+
+_ID, _TOPIC, _LABEL = TypeAdapter(Id), TypeAdapter(TopicName), TypeAdapter(Label)
+
+
+def _valid_or_none(adapter: TypeAdapter[str], value: Any) -> str | None:
+    try:
+        return adapter.validate_python(value, strict=True) or None
+    except ValidationError:
+        return None
 
 
 def without_credentials(raw: bytes) -> bytes:

@@ -22,6 +22,7 @@ DTYPES: dict[str, np.dtype] = {
     )
 }
 _ALIGN = 8
+MAX_DIMS = 32  # numpy allows 64; no model input has more than a handful
 
 
 def _invalid(message: str) -> EventError:
@@ -32,14 +33,16 @@ def check_dtype(name: Any) -> np.dtype:
     try:
         return DTYPES[name]
     except (KeyError, TypeError):
-        raise _invalid(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)}") from None
+        raise _invalid(f"unsupported dtype {str(name)[:40]!r}; use one of {sorted(DTYPES)}") from None
 
 
 def check_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise _invalid(f"shape must be a list of non-negative integers, got {shape!r}")
+        raise _invalid(f"shape must be a list of non-negative integers, got {str(shape)[:200]}")
+    if len(shape) > MAX_DIMS:
+        raise _invalid(f"shape has {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
     return tuple(shape)
 
 

@@ -112,3 +112,29 @@ def test_reply_address_of_a_broken_event():
     raw = orjson.dumps({"request_id": "r9", "reply_to": "t", "correlation_id": "c", "model": 5})
     assert events.reply_address(raw) == ("r9", "t", "c")
     assert events.reply_address(b"\xff") == (None, None, None)
+    # Only what the schema would accept is used to answer.
+    raw = orjson.dumps({"request_id": "r" * 129, "reply_to": "t\x00", "correlation_id": ["c"]})
+    assert events.reply_address(raw) == (None, None, None)
+
+
+@pytest.mark.parametrize("change", [
+    {"request_id": "r\x00"}, {"correlation_id": "c\x00"}, {"batch_id": "b\n"}, {"model": "tiny\x1b[2J"},
+    {"correlation_id": "c" * 257}, {"reply_to": "t" * 250}, {"inputs_ref": "s3://b/" + "k" * 1024},
+    {"created_ms": -1}, {"deadline_ms": 10**18}, {"credentials": {"api_key": "k\x00"}},
+])
+def test_caller_strings_are_bounded_and_printable_and_times_in_range(change):
+    raw = orjson.dumps({"request_id": "r1", "model": "tiny", "inputs": [], **change})
+    assert code_of(raw) == ErrorCode.INVALID_SCHEMA
+
+
+def test_error_messages_never_carry_control_characters():
+    raw = orjson.dumps({"request_id": "r1", "model": "tiny", "\x00\x1b[31m": 1})
+    with pytest.raises(EventError) as caught:
+        events.decode_request(raw)
+    assert caught.value.message.isprintable() and "\x00" not in str(caught.value)
+
+
+def test_shapes_of_more_than_32_dimensions_are_refused():
+    raw = orjson.dumps({"request_id": "r1", "model": "tiny", "inputs": [
+        {"name": "x", "dtype": "float32", "shape": [1] * 33, "data": [1.0]}]})
+    assert code_of(raw) in (ErrorCode.INVALID_SCHEMA, ErrorCode.INVALID_TENSOR)
