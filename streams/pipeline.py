@@ -23,6 +23,7 @@ from opentelemetry.trace import Span
 from streams import tracing
 from streams.auth import Principal
 from streams.claims import Claim, RequestClaims, Seen, request_digest, seen
+from streams.deadletters import bounded, dead_letter
 from streams.failures import as_event_error
 from streams.gatekeeper import Gatekeeper
 from streams.logs import log_request
@@ -542,8 +543,6 @@ class Pipeline:
         tracing.fail(span, error.code.value, error.message)
         log_request(span, stage, "rejected", request_id, logging.WARNING, code=error.code.value,
                     error=error.message, source=f"{msg.topic}[{msg.partition}]@{msg.offset}")
-        from streams.deadletters import dead_letter
-
         letter, letter_key, letter_headers = await dead_letter(msg, error.code, error.message, request_id,
                                                                self.store.aput, self.settings)
         await outbox.put(self.topics.deadletter, letter_key, events.encode_dead_letter(letter),
@@ -570,9 +569,8 @@ class Pipeline:
         """A dead letter with the event's place and reason only: the last resort when the full
         one cannot be written. The original stays in its topic until retention removes it."""
         letter = DeadLetter(
-            reason=error.code, message=f"{error.message} (original not kept: see the source topic)",
+            reason=error.code, message=bounded(f"{error.message} (original not kept: see the source topic)"),
             source_topic=msg.topic, source_partition=msg.partition, source_offset=msg.offset,
-            original_b64="", original_bytes=len(msg.value),
         )
         await outbox.put(self.topics.deadletter, None, events.encode_dead_letter(letter), [])
 
