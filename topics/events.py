@@ -103,7 +103,9 @@ class InferenceRequest(BaseModel):
     version: Label | None = None
     inputs: list[TensorSpec] = Field(default_factory=list)
     inputs_ref: Uri | None = None  # s3://bucket/key of a tensor bundle
-    reply_to: TopicName | None = None  # topic for the result; the default replies topic when unset
+    # Topic for the result; the default replies topic when unset. Its length and name are checked
+    # against the topic rules at admission (INVALID_REPLY_TO).
+    reply_to: Annotated[str, _Printable] | None = None
     correlation_id: Label | None = None
     deadline_ms: EpochMs | None = None
     tenant: Label | None = None
