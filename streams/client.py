@@ -19,6 +19,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from streams.fetch_wait import wait_longer_when_behind
 from streams.objectstore import ObjectStore
 from streams.settings import Settings
 from topics import events
@@ -60,6 +61,7 @@ class InferenceClient:
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
+        wait_longer_when_behind(self._consumer)  # catches up on a burst of replies
         partitions = self._consumer.partitions_for_topic(self.reply_topic)
         if not partitions:
             await self._consumer._client.force_metadata_update()  # topic created just now
