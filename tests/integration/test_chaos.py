@@ -201,16 +201,19 @@ def private_stack(request: pytest.FixtureRequest, tmp_path: Path,
         asyncio.run(drop_database(settings.postgres_dsn))
 
 
-async def s3_outage(stack: LocalStack) -> None:
-    """SIGKILL the S3 server, keep it down S3_OUTAGE_S, then start it on the same ports and data."""
-    pid = int((stack.state_dir / "pids" / "s3.pid").read_text())
+async def outage(stack: LocalStack, service: str, down_s: float, back: list[float] | None = None) -> None:
+    """SIGKILL a stack service ("s3" or "kafka"), keep it down `down_s`, then start it on the same
+    ports and data; appends the loop time at which it answers again to `back`."""
+    pid = int((stack.state_dir / "pids" / f"{service}.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    while (await asyncio.to_thread(stack.status))["s3"]["running"]:
-        assert time.monotonic() - killed < 15, f"S3 server (pid {pid}) still running after SIGKILL"
+    while (await asyncio.to_thread(stack.status))[service]["running"]:
+        assert time.monotonic() - killed < 15, f"{service} (pid {pid}) still running after SIGKILL"
         await asyncio.sleep(0.1)
-    await asyncio.sleep(max(0.0, killed + S3_OUTAGE_S - time.monotonic()))
-    await asyncio.to_thread(stack.up)
+    await asyncio.sleep(max(0.0, killed + down_s - time.monotonic()))
+    await asyncio.to_thread(stack.up)  # returns once every service answers
+    if back is not None:
+        back.append(asyncio.get_running_loop().time())
 
 
 @pytest.mark.timeout(420)
@@ -220,26 +223,12 @@ async def test_s3_server_killed_and_restarted_mid_stream_loses_nothing(private_s
     try:
         async with InferenceClient(client_settings(settings)) as client:
             await wait_ready(client, worker)
-            stream = await steady_stream(client, at={DURATION_S / 3: lambda: s3_outage(stack)})
+            stream = await steady_stream(client, at={DURATION_S / 3: lambda: outage(stack, "s3", S3_OUTAGE_S)})
             figures = await figures_of("s3-kill", settings, client, stream, [worker], tmp_path)
         assert worker.proc.poll() is None, worker.log()[-3000:]
     finally:
         worker.stop()
     assert_nothing_lost(figures, [worker])
-
-
-async def broker_outage(stack: LocalStack, back: list[float]) -> None:
-    """SIGKILL the broker, keep it down BROKER_OUTAGE_S, then start it on the same port and storage;
-    appends the loop time at which it answers again to `back`."""
-    pid = int((stack.state_dir / "pids" / "kafka.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    while (await asyncio.to_thread(stack.status))["kafka"]["running"]:
-        assert time.monotonic() - killed < 15, f"broker (pid {pid}) still running after SIGKILL"
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(max(0.0, killed + BROKER_OUTAGE_S - time.monotonic()))
-    await asyncio.to_thread(stack.up)  # returns once the broker answers
-    back.append(asyncio.get_running_loop().time())
 
 
 def resume_figures(stream: Stream, back: float) -> dict[str, Any]:
@@ -273,7 +262,8 @@ async def test_broker_killed_and_restarted_mid_stream_workers_resume_and_lose_no
         async with InferenceClient(client_settings(settings)) as client:
             for worker in workers:
                 await wait_ready(client, worker)
-            stream = await steady_stream(client, at={DURATION_S / 3: lambda: broker_outage(stack, back)})
+            kill_broker = lambda: outage(stack, "kafka", BROKER_OUTAGE_S, back)  # noqa: E731
+            stream = await steady_stream(client, at={DURATION_S / 3: kill_broker})
             figures = await figures_of("broker-kill", settings, client, stream, workers, tmp_path)
         for worker in workers:
             assert worker.proc.poll() is None, worker.log()[-3000:]
