@@ -220,15 +220,21 @@ def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "",
 ) -> None:
     """Issue an API key. It is shown once; only its hash is stored."""
+    _check_tenant(tenant, scope)
+    console.print(_keys_call("create", tenant, scope, name))
+
+
+def _check_tenant(tenant: str, scopes: list[str] = []) -> None:  # noqa: B006 - never mutated
+    """Refuse a tenant (or scopes) the worker would never see in credentials, before connecting:
+    a bad tenant is the caller's mistake, whatever the stores' state."""
     from rich.markup import escape
 
     from streams.auth import check_tenant_and_scopes
 
-    try:  # before connecting: a bad tenant is the caller's mistake, whatever the stores' state
-        check_tenant_and_scopes(tenant, scope)
+    try:
+        check_tenant_and_scopes(tenant, scopes)
     except ValueError as exc:
         _fail(escape(str(exc)))
-    console.print(_keys_call("create", tenant, scope, name))
 
 
 @keys_app.command("list")
@@ -261,12 +267,14 @@ def _limits_call(method: str, *args):
 @limits_app.command("set")
 def limits_set(tenant: str, requests_per_minute: int) -> None:
     """Override the default rate limit for one tenant."""
+    _check_tenant(tenant)
     _limits_call("set", tenant, requests_per_minute)
     console.print(f"{tenant}: {requests_per_minute} requests per minute")
 
 
 @limits_app.command("clear")
 def limits_clear(tenant: str) -> None:
+    _check_tenant(tenant)
     _limits_call("clear", tenant)
     console.print(f"{tenant}: default limit ({get_settings().rate_limit_per_minute} per minute)")
 

@@ -304,14 +304,18 @@ async def test_authenticator_paths(verifier):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--tenant", "ac me"], "tenant 'ac me' is not valid"),
-    (["--tenant", "acme", "--scope", "infer", "--scope", "infer tiny"], "scope 'infer tiny' is not valid"),
+    (["keys", "create", "--tenant", "ac me"], "tenant 'ac me' is not valid"),
+    (["keys", "create", "--tenant", "acme", "--scope", "infer", "--scope", "infer tiny"],
+     "scope 'infer tiny' is not valid"),
+    (["limits", "set", "ac\x00me", "10"], "is not valid"),
+    (["limits", "clear", "x" * 65], "1-64 characters"),
 ])
 def test_cli_refuses_a_bad_tenant_or_scope_before_connecting(args, message, monkeypatch):
     from typer.testing import CliRunner
 
     from streams import cli
 
-    monkeypatch.setattr(cli, "_keys_call", lambda *args: pytest.fail("the stores were reached"))
-    result = CliRunner().invoke(cli.app, ["keys", "create", *args])
+    for stores in ("_keys_call", "_limits_call"):
+        monkeypatch.setattr(cli, stores, lambda *args: pytest.fail("the stores were reached"))
+    result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1 and message in result.output, result.output
