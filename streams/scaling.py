@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.core import GaugeMetricFamily
 
 from streams import metrics
+from streams.replay import fixed_ends
 from streams.settings import Settings
 from topics.names import Topics
 
@@ -43,7 +44,8 @@ class PartitionLag:
 
     @property
     def lag(self) -> int:
-        return self.end - self.committed
+        # A commit is never past the end: where a stale end says otherwise, nothing is behind.
+        return max(0, self.end - self.committed)
 
 
 def lag_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
@@ -87,7 +89,7 @@ class LagReader:
         ]
         # Earliest, not 0, where nothing was committed: retention may have removed the start.
         start = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
+        end = await fixed_ends(consumer, tps)  # the listed end can lag behind (see fixed_ends)
         committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
         return [
             PartitionLag(self.group, tp.topic, tp.partition,

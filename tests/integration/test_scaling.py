@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.client import InferenceClient, ReplyTimeout
 from streams.harness import settings_env, tiny_input, wait_ready
@@ -227,6 +229,42 @@ async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start
             await asyncio.sleep(1)
     assert any(s.get(topics.requests, 0) > 0 for s in seen), seen
     assert seen[-1].get(topics.requests) == 0, seen[-1:]
+
+
+@pytest.mark.timeout(120)
+async def test_lag_is_exact_when_batches_hold_several_records(topics_ready):
+    """The local broker answers ListOffsets(latest) below the end once a record batch holds several
+    records: lag must come out exact anyway, never negative."""
+    settings = topics_ready
+    topic, group = Topics(settings).requests, f"lag-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=200)
+    await producer.start()
+    try:
+        async def batch(count: int) -> None:  # one linger: one record batch on partition 0
+            sends = [await producer.send(topic, b"lag", partition=0) for _ in range(count)]
+            await asyncio.gather(*sends)
+
+        await batch(10)
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_end(tp)
+            await consumer.getmany(tp, timeout_ms=1000)  # the fetch learns the real end
+            end = consumer.highwater(tp)
+            assert end is not None
+            await consumer.commit({tp: end})
+        finally:
+            await consumer.stop()
+        caught_up = {p.partition: p.lag for p in await read_lag(settings, group) if p.topic == topic}
+        await batch(5)
+        behind = {p.partition: p.lag for p in await read_lag(settings, group) if p.topic == topic}
+    finally:
+        await producer.stop()
+    assert caught_up[0] == 0 and behind[0] == 5, (caught_up, behind)
+    assert all(lag >= 0 for lag in [*caught_up.values(), *behind.values()])
 
 
 def _children(pid: int) -> list[int]:
