@@ -31,6 +31,7 @@ from topics.events import Credentials
 log = logging.getLogger(__name__)
 
 INFER_SCOPE = "infer"
+ADMIN_SCOPE = "admin"  # registry changes
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Principal:
 
     def allows(self, model: str) -> bool:
         return INFER_SCOPE in self.scopes or f"{INFER_SCOPE}:{model}" in self.scopes
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_SCOPE in self.scopes
 
     def authorize(self, model: str) -> None:
         """Raise FORBIDDEN unless the principal may call `model`."""

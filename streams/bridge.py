@@ -14,6 +14,7 @@ several instances behind a load balancer never see each other's replies.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily
+from pydantic import ValidationError
 
 from models.preprocess import (
     image_to_tensor,
@@ -43,8 +45,10 @@ from models.preprocess import (
     top_k,
 )
 from streams import tracing
+from streams.auth import ADMIN_SCOPE, ANONYMOUS, ApiKeyStore, Authenticator, Principal
 from streams.batches import list_items, tensor_json
 from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
+from streams.gatekeeper import jwt_verifier
 from streams.jobs import JobStore
 from streams.kserve import (
     InferBody,
@@ -175,6 +179,9 @@ class Bridge:
         self.jobs = JobStore(self.db.pool)
         self.redis = aioredis.from_url(self.settings.redis_url)
         self.models = RegistryStore(self.settings, self.db.pool, self.redis)
+        keys = ApiKeyStore(self.db.pool, self.redis, self.settings.api_key_pepper,
+                           self.settings.api_key_cache_ttl_s, key_prefix=self.settings.topic_prefix)
+        self.authenticator = Authenticator(jwt_verifier(self.settings), keys, self.settings.auth_required)
         log.info("bridge %s reads replies from %s", self.instance, self.client.reply_topic)
 
     async def stop(self) -> None:
@@ -269,10 +276,9 @@ class Bridge:
     def _new_request(
         self, request: web.Request, info: ModelInfo, pinned_version: str | None, **fields
     ) -> InferenceRequest:
-        auth, key = request.headers.get("Authorization"), request.headers.get("X-API-Key")
         return self.client.request(
             info.name, {}, version=pinned_version, timeout=self._timeout(request),
-            credentials=Credentials(authorization=auth, api_key=key) if auth or key else None, **fields,
+            credentials=_credentials(request), **fields,
         )
 
     async def _call(self, request: web.Request, info: ModelInfo, inputs: dict[str, np.ndarray],
@@ -448,7 +454,16 @@ class Bridge:
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response([_public(i) for i in await self.models.list()])
 
+    async def _admin(self, request: web.Request) -> Principal:
+        """The caller, if it may change the registry: a principal with the admin scope, or, with
+        auth off, anyone who reaches a loopback-bound bridge. Raises 401/403 otherwise."""
+        principal = await self.authenticator.authenticate(_credentials(request))
+        if may_change_registry(principal, self.settings):
+            return principal
+        raise HTTPError(403, ErrorCode.FORBIDDEN.value, f"registry changes need the {ADMIN_SCOPE!r} scope")
+
     async def register_model(self, request: web.Request) -> web.Response:
+        await self._admin(request)
         body = await _json_object(request)
         try:
             fields = {k: v for k, v in body.items() if k not in ("name", "version", "artifact")}
@@ -464,6 +479,7 @@ class Bridge:
         return web.json_response(_public(saved), status=201)
 
     async def update_model(self, request: web.Request) -> web.Response:
+        await self._admin(request)
         name, version = request.match_info["model"], request.match_info["version"]
         current = await self.models.get(name, version)
         if current is None:
@@ -480,6 +496,7 @@ class Bridge:
         return web.json_response(_public(saved))
 
     async def retire_model(self, request: web.Request) -> web.Response:
+        await self._admin(request)
         name, version = request.match_info["model"], request.match_info["version"]
         current = await self.models.get(name, version)
         if current is None:
@@ -536,6 +553,15 @@ async def _image_bytes(request: web.Request) -> bytes:
     return data
 
 
+def _credentials(request: web.Request) -> Credentials | None:
+    """The caller's credentials: `Authorization` (bearer token) and/or `X-API-Key`."""
+    auth, key = request.headers.get("Authorization"), request.headers.get("X-API-Key")
+    try:
+        return Credentials(authorization=auth, api_key=key) if auth or key else None
+    except ValidationError:
+        raise HTTPError(401, ErrorCode.UNAUTHENTICATED.value, "malformed credentials") from None
+
+
 async def _json_object(request: web.Request) -> dict:
     try:
         body = orjson.loads(await request.read())
@@ -567,7 +593,30 @@ def openapi_document() -> dict:
     }
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere
+
+
+def may_change_registry(principal: Principal, settings: Settings) -> bool:
+    """An admin may; with auth off, so may anyone who reaches a loopback-bound bridge."""
+    return principal.is_admin or (principal is ANONYMOUS and is_loopback(settings.bridge_host))
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve without auth on an address other machines reach, unless told to."""
+    if not settings.auth_required and not is_loopback(settings.bridge_host) and not settings.bridge_open_without_auth:
+        raise ValueError(
+            f"the bridge would listen on {settings.bridge_host} with auth off: set INFERSTREAM_AUTH_REQUIRED=true, "
+            "bind 127.0.0.1, or set INFERSTREAM_BRIDGE_OPEN_WITHOUT_AUTH=true where the network is the boundary")
+
+
 def run_bridge(settings: Settings) -> None:
+    check_exposure(settings)
     setup_logging(settings, "bridge")
     tracing.setup_tracing(settings, "inferstream-bridge")
 

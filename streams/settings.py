@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # Clients and the HTTP bridge
     produce_timeout_s: float = 3.0  # a broker that takes longer is reported as unavailable
     bridge_host: str = "127.0.0.1"
+    # With auth off, the bridge binds only a loopback address unless this says otherwise (a
+    # network that is itself the boundary): anyone who reaches it could change the registry.
+    bridge_open_without_auth: bool = False
     bridge_port: int = 8000
     bridge_instance: str = ""  # names the bridge's own reply topic; unset: random per process
     bridge_timeout_s: float = 30.0  # default request deadline

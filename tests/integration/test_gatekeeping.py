@@ -202,3 +202,39 @@ async def test_registration_is_validated(start_bridge, start_worker, settings, t
         async with session.delete(f"{bridge.url}/v1/models/tiny/versions/9") as r:
             assert (await r.json())["status"] == "retired"
 
+
+
+async def test_registry_changes_through_the_bridge_need_the_admin_scope(start_bridge, settings):
+    import aiohttp
+
+    bridge = await start_bridge(**AUTH)
+    async with Stores(settings) as stores, aiohttp.ClientSession() as session:
+        artifact = str((await stores.registry.get("tiny", "1")).path)
+        admin_key = await stores.keys.create("ops", ["admin"], "registry")
+        infer_key = await stores.keys.create("acme", ["infer"], "caller")
+
+        async def change(method: str, path: str, headers: dict[str, str], body: dict | None = None) -> tuple[int, dict]:
+            async with session.request(method, f"{bridge.url}{path}", json=body, headers=headers) as r:
+                return r.status, await r.json()
+
+        register = {"name": "tiny", "version": "77", "artifact": artifact, "status": "draft"}
+        refused = [
+            ({}, 401), ({"Authorization": "Bearer not-a-token"}, 401), ({"X-API-Key": "isk_nope"}, 401),
+            ({"Authorization": f"Bearer {token()}"}, 403), ({"X-API-Key": infer_key}, 403),
+        ]
+        for headers, status in refused:
+            for method, path, body in [("POST", "/v1/models", register),
+                                       ("PATCH", "/v1/models/tiny/versions/1", {"weight": 1000}),
+                                       ("DELETE", "/v1/models/tiny/versions/1", None)]:
+                answer = await change(method, path, headers, body)
+                assert answer[0] == status, (method, headers, answer)
+        assert (await stores.registry.get("tiny", "1")).status == "active"
+        assert await stores.registry.get("tiny", "77") is None
+
+        admin_token = {"Authorization": f"Bearer {token(scope='admin')}"}
+        status, saved = await change("POST", "/v1/models", admin_token, register)
+        assert status == 201 and saved["status"] == "draft", saved
+        status, saved = await change("PATCH", "/v1/models/tiny/versions/77", {"X-API-Key": admin_key}, {"weight": 5})
+        assert status == 200 and saved["weight"] == 5, saved
+        status, saved = await change("DELETE", "/v1/models/tiny/versions/77", admin_token)
+        assert status == 200 and saved["status"] == "retired", saved
