@@ -569,7 +569,12 @@ def _replay_progress(job):
         def show(p):
             bar.update(task, total=p.total, completed=p.read, published=p.published, rate=p.rate)
 
-        return asyncio.run(Replayer(get_settings(), job).run(show))
+        async def main():
+            # Built inside the running loop: aiokafka binds its clients to the loop they are created in.
+            replayer = Replayer(get_settings(), job)
+            return await replayer.run(show)
+
+        return asyncio.run(main())
 
 
 @app.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 
 import asyncpg
@@ -13,10 +15,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.client import InferenceClient
 from streams.dlq import read_letters, redrive, select
-from streams.harness import tiny_input, wait_ready
+from streams.harness import settings_env, tiny_input, wait_ready
 from streams.objectstore import ObjectStore
 from streams.registry_store import RegistryStore, info_from_artifact
-from streams.replay import Replayer, ReplayJob, compare
+from streams.replay import Replayer, ReplayJob, compare, fixed_ends
+from streams.settings import PROJECT_ROOT
 from topics import events
 from topics.errors import ErrorCode
 from topics.names import Topics
@@ -97,6 +100,76 @@ async def test_time_window_replay_is_stored_beside_originals_and_compares(start_
         assert versions == {"2"}
         stored = orjson.loads(await ObjectStore(settings).aget(uri))
         assert stored["top1_agreement"] == 1.0 and stored["version"] == "2"
+    finally:
+        await pool.close()
+
+
+async def cli_replay(settings, *args: str, timeout: float = 120.0) -> str:
+    """`inferstream replay ARGS` as a process on the test's settings; its output (exit status 0)."""
+    env = {**os.environ, **settings_env(settings), "COLUMNS": "200"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streams.cli", "replay", *args, cwd=PROJECT_ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    text = out.decode()
+    assert proc.returncode == 0, text
+    return text
+
+
+async def topic_ends(settings, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: end for tp, end in (await fixed_ends(consumer, tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_stored(start_worker, settings):
+    """The README's `inferstream replay`, run as the command: a dry run counts the window and
+    sends nothing; the real replay publishes copies that the worker answers and stores beside
+    the originals."""
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        since = events.now_ms()  # after the readiness probes: the window holds only these
+        window = await answered(client, 4, seed=300)
+    requests_topic = Topics(settings).requests
+    checkpoints = settings.state_dir / "replay"
+    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
+    try:
+        before = await rows(pool, window, expect=4)
+        assert len(before) == 4
+
+        ends = await topic_ends(settings, requests_topic)
+        out = await cli_replay(settings, "--name", "clidry", "--since", str(since), "--dry-run")
+        assert "replay clidry: read " in out and "would publish 4 " in out, out
+        assert await topic_ends(settings, requests_topic) == ends  # nothing sent
+        assert not (checkpoints / "clidry.json").exists()  # a dry run keeps no checkpoint
+
+        out = await cli_replay(settings, "--name", "cli", "--since", str(since))
+        assert "replay cli: read " in out and "published 4 " in out, out
+        assert (checkpoints / "cli.json").exists()
+        assert sum((await topic_ends(settings, requests_topic)).values()) == sum(ends.values()) + 4
+
+        deadline = time.monotonic() + 60
+        while True:
+            replays = {r["request_id"]: r for r in await pool.fetch(
+                "SELECT * FROM inference_results WHERE request_id LIKE 'replay-cli-%'")}
+            if len(replays) >= 4 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert len(replays) == 4 and all(r["status"] == "ok" for r in replays.values()), replays
+        after = await rows(pool, window, expect=4)
+        assert {k: dict(v) for k, v in after.items()} == {k: dict(v) for k, v in before.items()}  # untouched
+        assert not await pool.fetch("SELECT 1 FROM inference_results WHERE request_id LIKE 'replay-clidry-%'")
     finally:
         await pool.close()
 
