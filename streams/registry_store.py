@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import onnxruntime as ort
@@ -79,6 +80,20 @@ def fetch_artifact(info: ModelInfo, store: ObjectStore, cache_dir: Path) -> Mode
     return info.model_copy(update={"path": local})
 
 
+def triton_host_allowed(url: str | None, hosts: list[str]) -> bool:
+    """Whether `url` is `host:port` with the host among `hosts`: the bridge and the workers
+    connect where a registration points, so only to Triton servers the settings name."""
+    if not url:
+        return False
+    try:
+        parts = urlsplit(f"//{url}")
+        port = parts.port
+    except ValueError:
+        return False
+    return (port is not None and parts.hostname is not None and parts.hostname in hosts
+            and f"//{url}" == f"//{parts.netloc}" and not parts.username and not parts.password)
+
+
 class RegistryStore:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
         self.settings = settings
@@ -128,11 +143,18 @@ class RegistryStore:
         from streams.triton_backend import check_triton_backend
 
         for spec in info.backends:
-            if spec.kind == "triton":
-                try:
-                    await check_triton_backend(info, spec, self.settings.triton_timeout_s)
-                except Exception as exc:  # noqa: BLE001 - unreachable or mismatched: refused
-                    raise RegistryError(f"{info.key}: Triton backend {spec.label}: {exc}") from None
+            if spec.kind != "triton":
+                continue
+            if not triton_host_allowed(spec.url, self.settings.triton_hosts):
+                raise RegistryError(f"{info.key}: Triton backend {spec.url!r} is not host:port on a host of"
+                                    " INFERSTREAM_TRITON_HOSTS")
+            try:
+                await check_triton_backend(info, spec, self.settings.triton_timeout_s)
+            except ValueError as exc:  # our comparison of the served model with the signature
+                raise RegistryError(f"{info.key}: Triton backend {spec.label}: {exc}") from None
+            except Exception:  # noqa: BLE001 - never echo what a remote answered: refused, alike
+                raise RegistryError(f"{info.key}: Triton backend {spec.label} did not answer as a Triton"
+                                    " server serving this model") from None
 
     async def publish(self, infos: builtins.list[ModelInfo]) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")

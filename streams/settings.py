@@ -122,6 +122,7 @@ class Settings(BaseSettings):
 
     # Backends
     triton_timeout_s: float = 10.0
+    triton_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])  # where backends may be
     breaker_failures: int = 3  # consecutive failures that open a backend's breaker
     breaker_cooldown_s: float = 5.0  # before a half-open probe
 

@@ -238,3 +238,42 @@ async def test_registry_changes_through_the_bridge_need_the_admin_scope(start_br
         assert status == 200 and saved["weight"] == 5, saved
         status, saved = await change("DELETE", "/v1/models/tiny/versions/77", admin_token)
         assert status == 200 and saved["status"] == "retired", saved
+
+
+async def test_triton_backends_only_on_allowed_hosts_and_remote_answers_never_echoed(start_bridge, settings):
+    import aiohttp
+    from aiohttp import web
+
+    from streams.stack import free_port
+
+    async def leak(request: web.Request) -> web.Response:
+        return web.Response(status=400, text="SECRET-BODY-of-an-internal-service")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", leak)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    open_port, closed_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", open_port).start()
+    bridge = await start_bridge()  # auth off, loopback: anonymous callers may change the registry
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def point_at(url: str, protocol: str = "http") -> tuple[int, str]:
+                body = {"backends": [{"kind": "triton", "url": url, "protocol": protocol}]}
+                async with session.patch(f"{bridge.url}/v1/models/tiny/versions/1", json=body) as r:
+                    return r.status, (await r.json())["error"]
+
+            for url in ["10.0.0.7:8001", "metadata.internal:80", f"127.0.0.1:{open_port}/v2?x=1",
+                        f"user@127.0.0.1:{open_port}", "127.0.0.1"]:
+                status, message = await point_at(url)
+                assert status == 400 and "INFERSTREAM_TRITON_HOSTS" in message, (url, message)
+            answered = await point_at(f"127.0.0.1:{open_port}")
+            refused = await point_at(f"127.0.0.1:{closed_port}")
+            assert answered[0] == refused[0] == 400
+            assert "SECRET" not in answered[1], answered
+            assert answered[1].replace(str(open_port), "PORT") == refused[1].replace(str(closed_port), "PORT")
+            async with session.get(f"{bridge.url}/v1/models") as r:
+                tiny = next(m for m in await r.json() if (m["name"], m["version"]) == ("tiny", "1"))
+            assert all(b["kind"] == "onnxruntime" for b in tiny["backends"]), tiny
+    finally:
+        await runner.cleanup()

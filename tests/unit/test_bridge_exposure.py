@@ -34,3 +34,15 @@ def test_registry_changes_need_the_admin_scope_or_an_anonymous_caller_on_loopbac
     assert may_change_registry(admin, local) and may_change_registry(admin, exposed)
     assert not may_change_registry(caller, local) and not may_change_registry(caller, exposed)
     assert may_change_registry(ANONYMOUS, local) and not may_change_registry(ANONYMOUS, exposed)
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("127.0.0.1:8001", True), ("localhost:8000", True),
+    ("127.0.0.1", False), ("10.0.0.7:8001", False), ("127.0.0.1:8001/v2", False), ("127.0.0.1:8001?x", False),
+    ("user@127.0.0.1:8001", False), ("127.0.0.1:99999", False), ("", False), (None, False),
+    ("127.0.0.1.example:80", False),
+])
+def test_triton_backends_only_on_allowed_hosts(url, allowed):
+    from streams.registry_store import triton_host_allowed
+
+    assert triton_host_allowed(url, ["127.0.0.1", "localhost"]) is allowed
