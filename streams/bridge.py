@@ -474,6 +474,8 @@ class Bridge:
             saved = await self.models.save(info)
         except KeyError as exc:
             raise HTTPError(400, "INVALID_REQUEST", f"missing field {exc}") from None
+        except ValidationError as exc:
+            raise HTTPError(400, "INVALID_MODEL", events.problems(exc)) from None
         except (RegistryError, ValueError) as exc:
             raise HTTPError(400, "INVALID_MODEL", str(exc)) from None
         return web.json_response(_public(saved), status=201)
@@ -491,6 +493,8 @@ class Bridge:
         try:
             updated = ModelInfo.model_validate({**current.model_dump(), **changes})
             saved = await self.models.save(updated)
+        except ValidationError as exc:
+            raise HTTPError(400, "INVALID_MODEL", events.problems(exc)) from None
         except (RegistryError, ValueError) as exc:
             raise HTTPError(400, "INVALID_MODEL", str(exc)) from None
         return web.json_response(_public(saved))

@@ -158,8 +158,11 @@ def models_register(
     max_batch_size: int = 64,
 ) -> None:
     """Register a model version; the artifact must load and match its signature."""
+    from pydantic import ValidationError
+
     from streams.registry import BackendSpec
     from streams.registry_store import RegistryError, info_from_artifact
+    from topics.events import problems
 
     settings = get_settings()
     backends = ([BackendSpec()] if onnxruntime else []) + [BackendSpec(kind="triton", url=u) for u in triton or []]
@@ -169,6 +172,8 @@ def models_register(
         info = info_from_artifact(name, version, artifact, _object_store(settings), settings.state_dir / "artifacts",
                                   status=status, weight=weight, shadow=shadow, backends=backends,
                                   max_batch_size=max_batch_size)
+    except ValidationError as exc:
+        _fail(f"{name}/{version}: {problems(exc)}")
     except RegistryError as exc:
         _fail(str(exc))
     saved = _registry_call("save", info)

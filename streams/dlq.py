@@ -97,8 +97,7 @@ def parse(partition: int, offset: int, key: bytes | None, headers: list[tuple[st
     try:
         letter = events.decode_dead_letter(value)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()[:3])
-        return Unreadable(partition, offset, f"not a dead letter: {problems}",
+        return Unreadable(partition, offset, f"not a dead letter: {events.problems(error, most=3)}",
                           printable(value[:PREVIEW_BYTES].decode(errors="replace")))
     return Letter(partition, offset, key, headers, letter)
 

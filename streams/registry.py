@@ -21,6 +21,9 @@ from streams import weighted
 from topics.errors import ErrorCode, EventError
 
 Status = Literal["active", "draft", "retired"]
+# Model names and versions name topics, S3 keys and directories: one safe pattern everywhere.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 
 class TensorSignature(BaseModel):
@@ -43,8 +46,8 @@ class BackendSpec(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str
-    version: str
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=NAME_PATTERN)
     max_batch_size: int
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]

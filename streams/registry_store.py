@@ -38,12 +38,19 @@ def check_artifact(info: ModelInfo) -> None:
     """The artifact must load and match the declared signature (onnxruntime backends)."""
     if not any(b.kind == "onnxruntime" for b in info.backends):
         return
-    try:
-        session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any load failure is a refusal
-        raise RegistryError(f"{info.key}: the artifact does not load: {exc}") from None
+    session = _load(info.path, info.key)
     _compare("input", info.inputs, session.get_inputs())
     _compare("output", info.outputs, session.get_outputs())
+
+
+def _load(path: Path, key: str) -> ort.InferenceSession:
+    """The artifact as an onnxruntime session. Any failure, a missing file included, is one
+    refusal: the message must not tell a caller what exists on this machine."""
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure is a refusal
+        log.info("%s: %s does not load: %r", key, path, exc)
+        raise RegistryError(f"{key}: the artifact does not load as an ONNX model") from None
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -270,10 +277,7 @@ def info_from_artifact(name: str, version: str, artifact: str, store: ObjectStor
     local = fetch_artifact(draft, store, cache_dir)
     if draft.inputs and draft.outputs:
         return local
-    try:
-        session = ort.InferenceSession(str(local.path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any load failure is a refusal
-        raise RegistryError(f"{name}/{version}: the artifact does not load: {exc}") from None
+    session = _load(local.path, local.key)
 
     def signature(nodes) -> list[TensorSignature]:
         return [TensorSignature(name=n.name, dtype=_ORT_TYPES.get(n.type, n.type),

@@ -245,14 +245,17 @@ def _header_specs(tensors: dict[str, np.ndarray], binary: bool) -> tuple[list[di
     return [tensor_codec.to_json(n, a) for n, a in tensors.items()], b""
 
 
+def problems(exc: ValidationError, most: int = 5) -> str:
+    """What a validation found, field by field, without quoting the input (pydantic's own text
+    repeats it)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:most])
+
+
 def _validate(model: type[BaseModel], header: dict[str, Any]) -> Any:
     try:
         return model.model_validate(header)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        raise EventError(ErrorCode.INVALID_SCHEMA, problems) from None
+        raise EventError(ErrorCode.INVALID_SCHEMA, problems(exc)) from None
 
 
 # -- requests ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from streams.auth import ApiKeyStore
 from streams.client import InferenceClient
 from streams.harness import tiny_input, wait_ready
+from streams.objectstore import ObjectStore
 from streams.registry_store import RegistryStore, info_from_artifact
 from topics.events import Credentials
 
@@ -277,3 +278,30 @@ async def test_triton_backends_only_on_allowed_hosts_and_remote_answers_never_ec
             assert all(b["kind"] == "onnxruntime" for b in tiny["backends"]), tiny
     finally:
         await runner.cleanup()
+
+
+async def test_registrations_name_nothing_outside_the_pattern_and_reveal_no_files(start_bridge, settings, tmp_path):
+    import aiohttp
+
+    bridge = await start_bridge()
+    async with Stores(settings) as stores, aiohttp.ClientSession() as session:
+        artifact = (await stores.registry.get("tiny", "1")).path
+        uploaded = await asyncio.to_thread(ObjectStore(settings).put, f"models/uploads/tiny-{tmp_path.name}.onnx",
+                                           artifact.read_bytes())
+
+        async def register(name, version, artifact: str) -> tuple[int, str]:
+            body = {"name": name, "version": version, "artifact": artifact, "status": "draft"}
+            async with session.post(f"{bridge.url}/v1/models", json=body) as r:
+                return r.status, (await r.json())["error"]
+
+        escapes = [("../../escaped", "1"), ("tiny", "../../../escaped"), (".hidden", "1"), ("tiny", "a/b"),
+                   ("x" * 129, "1"), ({"a": 1}, "1")]
+        for name, version in escapes:
+            status, message = await register(name, version, uploaded)
+            assert status == 400 and "input_value" not in message, (name, version, message)
+        assert not list(settings.state_dir.parent.rglob("*escaped*"))
+
+        # A file that exists but is no model, and one that does not exist: the same answer.
+        existing = await register("probe", "1", "/etc/passwd")
+        missing = await register("probe", "1", f"/nonexistent-{tmp_path.name}/model.onnx")
+        assert existing[0] == missing[0] == 400 and existing[1] == missing[1], (existing, missing)
