@@ -365,20 +365,27 @@ class Bridge:
 
     # -- jobs -------------------------------------------------------------------------------
 
+    async def _caller(self, request: web.Request) -> Principal:
+        """Who calls: the credentials' principal (anonymous with auth off and none given)."""
+        return await self.authenticator.authenticate(_credentials(request))
+
     async def create_job(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
         body = await _json_object(request)
-        model_name = body.get("model")
-        if not isinstance(model_name, str):
-            raise HTTPError(400, "INVALID_REQUEST", "a job needs a 'model'")
+        model_name, version = body.get("model"), body.get("version")
+        if not isinstance(model_name, str) or not isinstance(version, str | None):
+            raise HTTPError(400, "INVALID_REQUEST", "a job needs a 'model' (and may name a 'version'), as strings")
         try:
-            info = self.registry.resolve(model_name, body.get("version"))
+            info = self.registry.resolve(model_name, version)
         except EventError as exc:
             raise from_event_error(exc) from None
         inputs = parse_infer_request(orjson.dumps({"inputs": body.get("inputs")}), None, self.limits).inputs
         check_inputs(info, inputs)
-        job = InferenceRequest(request_id=events.new_request_id(), model=info.name, version=body.get("version"))
+        # The worker checks the credentials again and counts the job against the tenant's limit.
+        job = InferenceRequest(request_id=events.new_request_id(), model=info.name, version=version,
+                               credentials=_credentials(request))
         request[REQUEST_ID] = job.request_id
-        await self.jobs.add_job(job.request_id, info.name, job.version)
+        await self.jobs.add_job(job.request_id, info.name, job.version, caller.tenant)
         try:
             # No correlation id: nobody waits; the result lands in PostgreSQL.
             await self.client.send(job, inputs, delivered=True, headers=tracing.with_trace([], request[SPAN]))
@@ -388,12 +395,13 @@ class Bridge:
                                   "href": f"/v1/jobs/{job.request_id}"}, status=202)
 
     async def get_job(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
         job_id = request.match_info["job_id"]
+        if not _owns(caller, await self.jobs.job_tenant(job_id)):
+            raise HTTPError(404, "NOT_FOUND", f"no job {job_id}")  # the same whether it exists or not
         row = await self.db.get(job_id)
         if row is None:
-            if await self.jobs.job_exists(job_id):
-                return web.json_response({"job_id": job_id, "status": "pending"})
-            raise HTTPError(404, "NOT_FOUND", f"no job {job_id}")
+            return web.json_response({"job_id": job_id, "status": "pending"})
         answer = {"job_id": job_id, "model": row["model"], "model_version": row["model_version"],
                   "timings_ms": orjson.loads(row["timings_ms"])}
         if row["status"] != "ok":
@@ -409,15 +417,17 @@ class Bridge:
     # -- batches ----------------------------------------------------------------------------
 
     async def create_batch(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
         body = await _json_object(request)
-        model_name, input_uri = body.get("model"), body.get("input")
-        if not isinstance(model_name, str) or not isinstance(input_uri, str):
-            raise HTTPError(400, "INVALID_REQUEST", "a batch needs a 'model' and an 'input' (s3://bucket/key.jsonl or s3://bucket/prefix/)")
+        model_name, input_uri, version = body.get("model"), body.get("input"), body.get("version")
+        if not isinstance(model_name, str) or not isinstance(input_uri, str) or not isinstance(version, str | None):
+            raise HTTPError(400, "INVALID_REQUEST", "a batch needs a 'model' and an 'input' (s3://bucket/key.jsonl or"
+                            " s3://bucket/prefix/), and may name a 'version', as strings")
         rate = body.get("rate", self.settings.batch_rate)
         if not isinstance(rate, (int, float)) or not 0 < rate <= 100_000:
             raise HTTPError(400, "INVALID_REQUEST", "'rate' is items per second in (0, 100000]")
         try:
-            info = self.registry.resolve(model_name, body.get("version"))
+            info = self.registry.resolve(model_name, version)
             parse_uri(input_uri)
             items = await asyncio.to_thread(list_items, self.client.store, input_uri, info, self.limits)
         except EventError as exc:
@@ -427,7 +437,7 @@ class Bridge:
         if len(items) > self.settings.batch_max_items:
             raise HTTPError(413, "BATCH_TOO_LARGE", f"{len(items)} items; the limit is {self.settings.batch_max_items}")
         batch_id = "b" + uuid.uuid4().hex
-        await self.jobs.add_batch(batch_id, info.name, body.get("version"), input_uri, float(rate), len(items))
+        await self.jobs.add_batch(batch_id, info.name, version, input_uri, float(rate), len(items), caller.tenant)
         try:
             topic, key, value = self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id})
             seal = Sealer(self.settings.cluster_secret).seal(topic, key, value, {"batch": batch_id})
@@ -438,10 +448,11 @@ class Bridge:
                                   "href": f"/v1/batches/{batch_id}"}, status=202)
 
     async def get_batch(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
         batch_id = request.match_info["batch_id"]
         batch = await self.jobs.batch(batch_id)
-        if batch is None:
-            raise HTTPError(404, "NOT_FOUND", f"no batch {batch_id}")
+        if batch is None or not _owns(caller, batch.tenant):
+            raise HTTPError(404, "NOT_FOUND", f"no batch {batch_id}")  # the same whether it exists or not
         done, failed = await self.jobs.batch_progress(batch_id)
         answer = {"batch_id": batch_id, "model": batch.model, "status": batch.status, "total": batch.total,
                   "published": batch.published, "done": done, "failed": failed, "error": batch.error}
@@ -555,6 +566,11 @@ async def _image_bytes(request: web.Request) -> bytes:
     if not data:
         raise HTTPError(400, "INVALID_REQUEST", "empty body: send the image bytes")
     return data
+
+
+def _owns(caller: Principal, tenant: str | None) -> bool:
+    """Whether the caller may read what `tenant` submitted: its own tenant, or an admin."""
+    return tenant is not None and (caller.tenant == tenant or caller.is_admin)
 
 
 def _credentials(request: web.Request) -> Credentials | None:

@@ -28,32 +28,34 @@ class Batch:
     published: int
     output_ref: str | None
     error: str | None
+    tenant: str
 
 
 class JobStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def add_job(self, job_id: str, model: str, version: str | None) -> None:
+    async def add_job(self, job_id: str, model: str, version: str | None, tenant: str) -> None:
         await self.pool.execute(
-            "INSERT INTO inference_jobs (job_id, model, version) VALUES ($1, $2, $3)"
-            " ON CONFLICT (job_id) DO NOTHING", job_id, model, version,
+            "INSERT INTO inference_jobs (job_id, model, version, tenant) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (job_id) DO NOTHING", job_id, model, version, tenant,
         )
 
-    async def job_exists(self, job_id: str) -> bool:
-        return bool(await self.pool.fetchval("SELECT 1 FROM inference_jobs WHERE job_id = $1", job_id))
+    async def job_tenant(self, job_id: str) -> str | None:
+        """Whose job this is; None when there is no such job."""
+        return await self.pool.fetchval("SELECT tenant FROM inference_jobs WHERE job_id = $1", job_id)
 
     async def add_batch(self, batch_id: str, model: str, version: str | None, input_uri: str, rate: float,
-                        total: int) -> None:
+                        total: int, tenant: str) -> None:
         await self.pool.execute(
-            "INSERT INTO inference_batches (batch_id, model, version, input, rate, status, total)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            batch_id, model, version, input_uri, rate, BatchStatus.PENDING, total,
+            "INSERT INTO inference_batches (batch_id, model, version, input, rate, status, total, tenant)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            batch_id, model, version, input_uri, rate, BatchStatus.PENDING, total, tenant,
         )
 
     async def batch(self, batch_id: str) -> Batch | None:
         row = await self.pool.fetchrow(
-            "SELECT batch_id, model, version, input, rate, status, total, published, output_ref, error"
+            "SELECT batch_id, model, version, input, rate, status, total, published, output_ref, error, tenant"
             " FROM inference_batches WHERE batch_id = $1", batch_id,
         )
         return Batch(**dict(row)) if row else None

@@ -76,6 +76,11 @@ MIGRATIONS: list[str] = [
     """,
     API_KEYS_DDL + TENANT_LIMITS_DDL,
     CLAIMS_DDL,
+    # Jobs and batches belong to the tenant that submitted them (earlier ones: anonymous).
+    """
+    ALTER TABLE inference_jobs ADD COLUMN tenant text NOT NULL DEFAULT 'anonymous';
+    ALTER TABLE inference_batches ADD COLUMN tenant text NOT NULL DEFAULT 'anonymous';
+    """,
 ]
 
 _UPSERT = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 
 import asyncpg
@@ -305,3 +306,56 @@ async def test_registrations_name_nothing_outside_the_pattern_and_reveal_no_file
         existing = await register("probe", "1", "/etc/passwd")
         missing = await register("probe", "1", f"/nonexistent-{tmp_path.name}/model.onnx")
         assert existing[0] == missing[0] == 400 and existing[1] == missing[1], (existing, missing)
+
+
+async def test_jobs_and_batches_carry_credentials_and_are_readable_only_by_their_tenant(
+        start_worker, start_bridge, settings):
+    import aiohttp
+    from test_bridge import put_jsonl
+
+    worker = start_worker(**AUTH)
+    bridge = await start_bridge(**AUTH)
+    acme = {"Authorization": f"Bearer {token(tenant='acme')}"}
+    globex = {"Authorization": f"Bearer {token(tenant='globex')}"}
+    admin = {"Authorization": f"Bearer {token(tenant='ops', scope='admin')}"}
+    x = tiny_input(seed=3)["x"]
+    job = {"model": "tiny", "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                        "data": x.ravel().tolist()}]}
+    async with InferenceClient(settings) as client, aiohttp.ClientSession() as session:
+        await ready_with(client, worker, Credentials(authorization=acme["Authorization"]))
+
+        async with session.post(f"{bridge.url}/v1/jobs", json=job) as r:
+            assert r.status == 401, await r.text()
+        async with session.post(f"{bridge.url}/v1/jobs", json={**job, "version": {"a": 1}}, headers=acme) as r:
+            assert r.status == 400, await r.text()
+        async with session.post(f"{bridge.url}/v1/jobs", json=job, headers=acme) as r:
+            assert r.status == 202, await r.text()
+            href = f"{bridge.url}{(await r.json())['href']}"
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the worker authenticated the job with the caller's credentials, and ran it
+            async with session.get(href, headers=acme) as r:
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+            if answer["status"] != "pending" or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert answer["status"] == "completed", answer
+        async with session.get(href, headers=admin) as r:
+            assert r.status == 200 and (await r.json())["status"] == "completed"
+        async with session.get(href, headers=globex) as r:
+            stranger = (r.status, await r.json())
+        async with session.get(f"{bridge.url}/v1/jobs/{'0' * 32}", headers=globex) as r:
+            nobody = (r.status, await r.json())
+        assert stranger[0] == nobody[0] == 404 and "completed" not in str(stranger[1])
+        async with session.get(href) as r:
+            assert r.status == 401
+
+        uri = await asyncio.to_thread(put_jsonl, settings, f"inputs/batch-{uuid.uuid4().hex}.jsonl", [x])
+        async with session.post(f"{bridge.url}/v1/batches", json={"model": "tiny", "input": uri}, headers=acme) as r:
+            assert r.status == 202, await r.text()
+            batch = f"{bridge.url}{(await r.json())['href']}"
+        async with session.get(batch, headers=acme) as r:
+            assert r.status == 200 and (await r.json())["total"] == 1
+        async with session.get(batch, headers=globex) as r:
+            assert r.status == 404
