@@ -22,10 +22,24 @@ NORMALIZERS = {
 }
 
 
+class ImageError(ValueError):
+    """An image that cannot be read; the message names no internals."""
+
+
 def load_image(source: str | Path | bytes) -> Image.Image:
-    """Decode an image file (path or encoded bytes) into an RGB image."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        return image.convert("RGB")
+    """Decode an image file (path or encoded bytes) into an RGB image. Raises ImageError."""
+    where = "" if isinstance(source, bytes) else f"{source}: "
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{where}no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{where}a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{where}over {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, SyntaxError, ValueError):  # Pillow's ways of saying "not an image I read"
+        raise ImageError(f"{where}not an image in a format this reads (PNG, JPEG, GIF, BMP, TIFF, WebP)") from None
 
 
 def image_to_tensor(image: Image.Image, preprocessing: dict) -> np.ndarray:

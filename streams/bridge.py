@@ -38,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily
 from pydantic import ValidationError
 
 from models.preprocess import (
+    ImageError,
     image_to_tensor,
     load_image,
     load_labels,
@@ -352,8 +353,8 @@ class Bridge:
         try:
             preprocessing = info.preprocessing
             tensor = await asyncio.to_thread(lambda: image_to_tensor(load_image(data), preprocessing))
-        except (OSError, ValueError) as exc:
-            raise HTTPError(400, "INVALID_IMAGE", f"not a readable image: {exc}") from None
+        except ImageError as exc:
+            raise HTTPError(400, "INVALID_IMAGE", str(exc)) from None
         result, outputs = await self._call(request, info, {info.inputs[0].name: tensor})
         probs = probabilities(outputs[info.outputs[0].name], info.postprocessing)[0]
         return web.json_response({

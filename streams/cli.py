@@ -402,7 +402,10 @@ def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
         name, _, path = spec.partition("=")
         if not path:
             _fail(f"--input takes NAME=FILE.npy, got {spec!r}")
-        inputs[name] = np.load(path)
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            _fail(f"--input {name}: cannot read {path} as a .npy array ({type(exc).__name__})")
     return inputs
 
 
@@ -419,6 +422,7 @@ def infer(
 ) -> None:
     """Produce one request event, wait for its reply and print the prediction."""
     from models.preprocess import (
+        ImageError,
         image_to_tensor,
         load_image,
         load_labels,
@@ -438,7 +442,10 @@ def infer(
     if image is not None:
         if not info.preprocessing:
             _fail(f"model {model} takes no images")
-        inputs = {info.inputs[0].name: image_to_tensor(load_image(image), info.preprocessing)}
+        try:
+            inputs = {info.inputs[0].name: image_to_tensor(load_image(image), info.preprocessing)}
+        except ImageError as exc:
+            _fail(f"--image {exc}")
     elif input:
         inputs = _parse_inputs(input)
     else:

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streams.client import InferenceClient
 from streams.harness import settings_env, tiny_input, wait_ready
 from streams.objectstore import ObjectStore
+from streams.settings import PROJECT_ROOT
 from topics import events
 from topics.names import Topics
 
@@ -270,3 +271,20 @@ async def test_cli_infer_prints_the_top_labels(start_worker, settings):
     first = next(line for line in text.splitlines() if line.strip("│ ").startswith("1 "))
     assert "cat" in first, text
     assert sum(1 for line in text.splitlines() if line.strip("│ ")[:2] in {"1 ", "2 ", "3 ", "4 ", "5 "}) == 5
+
+
+@pytest.mark.parametrize("args", [
+    ["--model", "efficientnet-lite0", "--image", "/nonexistent/cat.png"],
+    ["--model", "efficientnet-lite0", "--image", "README.md"],
+    ["--model", "tiny", "--input", "x=/nonexistent/x.npy"],
+    ["--model", "tiny", "--input", "x=README.md"],
+])
+async def test_cli_infer_refuses_unreadable_inputs_in_one_line(settings, args):
+    env = {**os.environ, **settings_env(settings), "COLUMNS": "200"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streams.cli", "infer", *args, cwd=PROJECT_ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    text = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1 and text.startswith("error:"), text

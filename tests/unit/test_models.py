@@ -117,3 +117,15 @@ def test_load_model_info_and_labels(tmp_path):
     assert load_model_info(tmp_path) == info
     assert load_labels(tmp_path, info) == ["zero", "one"]
     assert load_labels(tmp_path, info | {"labels": None}) is None
+
+
+def test_unreadable_images_are_one_clean_error(tmp_path):
+    from models.preprocess import ImageError
+
+    cases = {b"not an image at all": "not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 32: "not an image",
+             tmp_path / "missing.png": "no such file", tmp_path: "a directory", tmp_path / "text.png": "not an image"}
+    (tmp_path / "text.png").write_text("hello")
+    for source, expected in cases.items():
+        with pytest.raises(ImageError) as caught:
+            load_image(source)
+        assert expected in str(caught.value) and "0x" not in str(caught.value), (source, caught.value)
