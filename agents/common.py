@@ -92,6 +92,11 @@ async def run_step(app: faust.App, pipeline: Pipeline, stage: str, step: Step, m
             return
         except Exception as exc:  # noqa: BLE001 - classified below
             STEP_RETRIES.labels(stage).inc()
+            if pipeline.stopping:
+                # The worker stops, closing stores and servers under the steps still running:
+                # nothing failing now is the events' fault. No rejection, no retry: the events
+                # stay unacknowledged, for the next owner of the partition.
+                raise
             if classify(exc) is Failure.OUTAGE:
                 outages += 1
                 delay = backoff(outages)

@@ -1,7 +1,8 @@
 """The one error policy of every agent step: what a failure means and what is done about it.
 
-- An **outage** (broker, PostgreSQL, Redis answering with a connection error, S3): the data is
-  fine, the service is not. The whole chunk is retried with backoff, however long it takes;
+- An **outage** (broker, PostgreSQL, Redis answering with a connection error, S3; a model server
+  of this worker that stopped under a request, as on shutdown or reload): the data is fine, the
+  service is not. The whole chunk is retried with backoff, however long it takes;
   acknowledging would lose the events.
 - A **bad event** (`EventError`): that request alone is rejected at once, with its reason, to
   the dead-letter topic and (where the caller is known) its reply topic.
@@ -28,8 +29,13 @@ from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
 
+class ServerStopped(Exception):
+    """A model server of this worker stopped (shutdown, reload) under a request: not the request's
+    fault, and no answer for it; the chunk is retried, by this worker or the next owner."""
+
+
 OUTAGES = (
-    OSError, asyncio.TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
+    ServerStopped, OSError, asyncio.TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError, asyncpg.CannotConnectNowError, MinioException, urllib3.exceptions.HTTPError,
     RedisConnectionError, RedisTimeoutError,
 )

@@ -24,7 +24,7 @@ from streams import tracing
 from streams.auth import Principal
 from streams.claims import Claim, RequestClaims, Seen, request_digest, seen
 from streams.deadletters import bounded, dead_letter
-from streams.failures import as_event_error
+from streams.failures import ServerStopped, as_event_error
 from streams.gatekeeper import Gatekeeper
 from streams.logs import log_request
 from streams.metrics import DEAD_LETTERS, ERRORS, LATENCY, REQUESTS
@@ -126,6 +126,7 @@ class Pipeline:
         self._servers: dict[str, VersionServer] = {}  # by "name/version"
         self._server_lock = asyncio.Lock()
         self._started = False
+        self._stopping = False
         self._start_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class Pipeline:
         async with self._start_lock:
             if self._started:
                 return
+            self._stopping = False
             try:
                 await asyncio.to_thread(self.store.ensure_bucket)
                 await self.results.start()
@@ -149,7 +151,12 @@ class Pipeline:
                 raise
             self._started = True
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def stop(self) -> None:
+        self._stopping = True  # from now on a missing server means "stopping", not "unavailable"
         await self._release()
         self._started = False
 
@@ -402,6 +409,8 @@ class Pipeline:
                     _, tensors = events.decode_bundle(await self.store.aget(request.inputs_ref))
                 check_inputs(info, tensors)
                 server = self._servers.get(info.key)
+                if server is None and self._stopping:
+                    raise ServerStopped(f"{info.key}: this worker is stopping")
                 if server is None:
                     raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
                 LATENCY.labels("queue_wait", info.name).observe(max(0, started - request.created_ms) / 1000)
@@ -426,6 +435,8 @@ class Pipeline:
             else:
                 await self.reject(outbox, msg, error, request, "inference", span)
             return
+        except ServerStopped:
+            raise  # no answer: the chunk is retried
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the agent
             log.exception("inference failed for %s", request.request_id)
             failure = EventError(ErrorCode.INFERENCE_FAILED, str(error))

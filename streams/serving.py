@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from streams.batcher import AdaptiveBatcher
+from streams.batcher import AdaptiveBatcher, BatcherStopped
 from streams.breaker import CircuitBreaker
+from streams.failures import ServerStopped
 from streams.metrics import BACKEND_ERRORS, BATCH_SIZE, LATENCY
 from streams.onnx_backend import OnnxModel
 from streams.registry import BackendSpec, ModelInfo
@@ -149,6 +150,8 @@ class VersionServer:
                 return await backend.batcher.submit(tensors)
             except EventError:
                 raise  # the request's own fault: the backend is fine
+            except BatcherStopped:
+                raise ServerStopped(f"{self.info.key} stopped") from None
             except asyncio.CancelledError:
                 raise  # the caller went away: no verdict on the backend
             except Exception as exc:  # noqa: BLE001 - a backend fault: try another
