@@ -73,21 +73,13 @@ from streams.routing import check_inputs
 from streams.settings import Settings
 from topics import events
 from topics.admin import ensure_topics
-from topics.errors import ErrorCode, EventError
+from topics.errors import HTTP_STATUS, ErrorCode, EventError
 from topics.events import Credentials, InferenceRequest, Result
 from topics.names import Topics, TopicSpec
 from topics.seal import Sealer
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS = {
-    ErrorCode.UNDECODABLE: 400, ErrorCode.INVALID_SCHEMA: 400, ErrorCode.INVALID_TENSOR: 400,
-    ErrorCode.UNKNOWN_MODEL: 404, ErrorCode.UNKNOWN_VERSION: 404, ErrorCode.PAYLOAD_TOO_LARGE: 413,
-    ErrorCode.PAYLOAD_UNAVAILABLE: 502, ErrorCode.DEADLINE_EXCEEDED: 504,
-    ErrorCode.UNAUTHENTICATED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.UNAVAILABLE: 503, ErrorCode.INVALID_REPLY_TO: 400, ErrorCode.DUPLICATE_REQUEST: 409,
-    ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
-}
 # Probes and scrapes: counted in the metrics, not logged line by line.
 QUIET_ROUTES = {"/metrics", "/v2/health/live", "/v2/health/ready"}
 # Request-scoped values: the request's trace span, and the id of the event it produced.
@@ -97,31 +89,29 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 TIMEOUT_HEADER = "X-Inferstream-Timeout"  # seconds; the request's deadline
 
 
-def error(status: int, code: str, message: str) -> web.Response:
+def error(code: ErrorCode, message: str) -> web.Response:
     """Every error is JSON: a stable code and a message (`error` is what tritonclient shows)."""
-    return web.json_response({"error": message, "code": code}, status=status, dumps=_dumps)
+    return web.json_response({"error": message, "code": code.value}, status=HTTP_STATUS[code], dumps=_dumps)
 
 
 def _dumps(value: object) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def from_event_error(exc: EventError) -> HTTPError:
-    return HTTPError(HTTP_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+# aiohttp's own refusals, in the bridge's vocabulary.
+ROUTING_ERRORS = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.PAYLOAD_TOO_LARGE}
 
 
 @dataclass(frozen=True)
 class Route:
+    """One route of the bridge: how it is served and how /openapi.json describes it."""
+
     method: str
     path: str
     handler: str
     summary: str
+    ok: int = 200  # the success status
+    errors: tuple[ErrorCode, ...] = ()  # the codes it answers beyond those every route may
 
 
 ROUTES = [
@@ -237,30 +227,24 @@ class Bridge:
         """The handler's response, or the JSON error response for what it raised."""
         try:
             return await handler(request)
-        except HTTPError as exc:
-            return error(exc.status, exc.code, exc.message)
         except EventError as exc:
-            return error(HTTP_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+            return error(exc.code, exc.message)
         except ProtocolError as exc:
-            return error(400, "INVALID_REQUEST", str(exc))
+            return error(ErrorCode.INVALID_REQUEST, str(exc))
         except web.HTTPRequestEntityTooLarge:
-            return error(413, ErrorCode.PAYLOAD_TOO_LARGE.value,
-                         f"request body over {self.settings.bridge_max_body_bytes} bytes")
+            return error(ErrorCode.PAYLOAD_TOO_LARGE, f"request body over {self.settings.bridge_max_body_bytes} bytes")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error(exc.status, "HTTP_" + str(exc.status), exc.reason)
+            return error(ROUTING_ERRORS.get(exc.status, ErrorCode.INVALID_REQUEST), exc.reason)
         except Exception:  # noqa: BLE001 - logged here; the caller gets no stack trace
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return error(500, ErrorCode.INTERNAL.value, "internal error")
+            return error(ErrorCode.INTERNAL, "internal error")
 
     # -- the request/reply core -------------------------------------------------------------
 
     def _model(self, request: web.Request) -> ModelInfo:
-        try:
-            return self.registry.resolve(request.match_info["model"], request.match_info.get("version"))
-        except EventError as exc:
-            raise from_event_error(exc) from None
+        return self.registry.resolve(request.match_info["model"], request.match_info.get("version"))
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -271,7 +255,7 @@ class Bridge:
         except ValueError:
             value = -1
         if not 0 < value <= 3600:
-            raise HTTPError(400, "INVALID_REQUEST", f"{TIMEOUT_HEADER} must be seconds in (0, 3600]")
+            raise EventError(ErrorCode.INVALID_REQUEST, f"{TIMEOUT_HEADER} must be seconds in (0, 3600]")
         return value
 
     def _new_request(
@@ -293,12 +277,11 @@ class Bridge:
             waiter = await self.client.send(event, inputs, headers=tracing.with_trace([], request[SPAN]))
             result = await self.client.wait(event, waiter)
         except UpstreamUnavailable as exc:
-            raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
+            raise EventError(ErrorCode.UNAVAILABLE, str(exc)) from None
         except ReplyTimeout as exc:
-            raise HTTPError(504, ErrorCode.DEADLINE_EXCEEDED.value, str(exc)) from None
+            raise EventError(ErrorCode.DEADLINE_EXCEEDED, str(exc)) from None
         if result.header.error:
-            raise HTTPError(HTTP_STATUS.get(result.header.error.code, 500), result.header.error.code.value,
-                            result.header.error.message)
+            raise EventError(result.header.error.code, result.header.error.message)
         outputs = await asyncio.to_thread(self.client.outputs, result)
         return result, outputs
 
@@ -309,7 +292,7 @@ class Bridge:
 
     async def ready(self, request: web.Request) -> web.Response:
         if not await self.client.broker_ready():
-            return error(503, "UNAVAILABLE", "the broker is not reachable")
+            return error(ErrorCode.UNAVAILABLE, "the broker is not reachable")
         return web.json_response({"ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -329,7 +312,7 @@ class Bridge:
         try:
             length = int(header_length) if header_length is not None else None
         except ValueError:
-            raise HTTPError(400, "INVALID_REQUEST", f"{HEADER_LENGTH} must be an integer") from None
+            raise EventError(ErrorCode.INVALID_REQUEST, f"{HEADER_LENGTH} must be an integer") from None
         body: InferBody = parse_infer_request(await request.read(), length, self.limits)
         result, outputs = await self._call(request, info, body.inputs, body.id)
         payload, json_length = build_infer_response(
@@ -347,14 +330,14 @@ class Bridge:
         info = self._model(request)
         labels = load_labels(info.model_dir, info.model_dump())
         if not info.preprocessing or not labels:
-            raise HTTPError(400, "INVALID_REQUEST", f"model {info.name} does not classify images")
+            raise EventError(ErrorCode.INVALID_REQUEST, f"model {info.name} does not classify images")
         k = _int_param(request, "top_k", 5, 1, len(labels))
         data = await _image_bytes(request)
         try:
             preprocessing = info.preprocessing
             tensor = await asyncio.to_thread(lambda: image_to_tensor(load_image(data), preprocessing))
         except ImageError as exc:
-            raise HTTPError(400, "INVALID_IMAGE", str(exc)) from None
+            raise EventError(ErrorCode.INVALID_IMAGE, str(exc)) from None
         result, outputs = await self._call(request, info, {info.inputs[0].name: tensor})
         probs = probabilities(outputs[info.outputs[0].name], info.postprocessing)[0]
         return web.json_response({
@@ -375,11 +358,8 @@ class Bridge:
         body = await _json_object(request)
         model_name, version = body.get("model"), body.get("version")
         if not isinstance(model_name, str) or not isinstance(version, str | None):
-            raise HTTPError(400, "INVALID_REQUEST", "a job needs a 'model' (and may name a 'version'), as strings")
-        try:
-            info = self.registry.resolve(model_name, version)
-        except EventError as exc:
-            raise from_event_error(exc) from None
+            raise EventError(ErrorCode.INVALID_REQUEST, "a job needs a 'model' (and may name a 'version'), as strings")
+        info = self.registry.resolve(model_name, version)
         inputs = parse_infer_request(orjson.dumps({"inputs": body.get("inputs")}), None, self.limits).inputs
         check_inputs(info, inputs)
         # The worker checks the credentials again and counts the job against the tenant's limit.
@@ -391,7 +371,7 @@ class Bridge:
             # No correlation id: nobody waits; the result lands in PostgreSQL.
             await self.client.send(job, inputs, delivered=True, headers=tracing.with_trace([], request[SPAN]))
         except UpstreamUnavailable as exc:
-            raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
+            raise EventError(ErrorCode.UNAVAILABLE, str(exc)) from None
         return web.json_response({"job_id": job.request_id, "status": "pending",
                                   "href": f"/v1/jobs/{job.request_id}"}, status=202)
 
@@ -399,7 +379,7 @@ class Bridge:
         caller = await self._caller(request)
         job_id = request.match_info["job_id"]
         if not _owns(caller, await self.jobs.job_tenant(job_id)):
-            raise HTTPError(404, "NOT_FOUND", f"no job {job_id}")  # the same whether it exists or not
+            raise EventError(ErrorCode.NOT_FOUND, f"no job {job_id}")  # the same whether it exists or not
         row = await self.db.get(job_id)
         if row is None:
             return web.json_response({"job_id": job_id, "status": "pending"})
@@ -422,21 +402,19 @@ class Bridge:
         body = await _json_object(request)
         model_name, input_uri, version = body.get("model"), body.get("input"), body.get("version")
         if not isinstance(model_name, str) or not isinstance(input_uri, str) or not isinstance(version, str | None):
-            raise HTTPError(400, "INVALID_REQUEST", "a batch needs a 'model' and an 'input' (s3://bucket/key.jsonl or"
-                            " s3://bucket/prefix/), and may name a 'version', as strings")
+            raise EventError(ErrorCode.INVALID_REQUEST, "a batch needs a 'model' and an 'input' (s3://bucket/key.jsonl"
+                             " or s3://bucket/prefix/), and may name a 'version', as strings")
         rate = body.get("rate", self.settings.batch_rate)
         if not isinstance(rate, (int, float)) or not 0 < rate <= 100_000:
-            raise HTTPError(400, "INVALID_REQUEST", "'rate' is items per second in (0, 100000]")
-        try:
-            info = self.registry.resolve(model_name, version)
-            parse_uri(input_uri)
-            items = await asyncio.to_thread(list_items, self.client.store, input_uri, info, self.limits)
-        except EventError as exc:
-            raise from_event_error(exc) from None
+            raise EventError(ErrorCode.INVALID_REQUEST, "'rate' is items per second in (0, 100000]")
+        info = self.registry.resolve(model_name, version)
+        parse_uri(input_uri)
+        items = await asyncio.to_thread(list_items, self.client.store, input_uri, info, self.limits)
         if not items:
-            raise HTTPError(400, "EMPTY_BATCH", f"no items in {input_uri}")
+            raise EventError(ErrorCode.INVALID_REQUEST, f"no items in {input_uri}")
         if len(items) > self.settings.batch_max_items:
-            raise HTTPError(413, "BATCH_TOO_LARGE", f"{len(items)} items; the limit is {self.settings.batch_max_items}")
+            raise EventError(ErrorCode.PAYLOAD_TOO_LARGE,
+                             f"{len(items)} items; the limit is {self.settings.batch_max_items}")
         batch_id = "b" + uuid.uuid4().hex
         await self.jobs.add_batch(batch_id, info.name, version, input_uri, float(rate), len(items), caller.tenant)
         try:
@@ -444,7 +422,7 @@ class Bridge:
             seal = Sealer(self.settings.cluster_secret).seal(topic, key, value, {"batch": batch_id})
             await self.client.produce(topic, key, value, headers=[seal])
         except UpstreamUnavailable as exc:
-            raise HTTPError(503, "UNAVAILABLE", str(exc)) from None
+            raise EventError(ErrorCode.UNAVAILABLE, str(exc)) from None
         return web.json_response({"batch_id": batch_id, "status": "pending", "total": len(items),
                                   "href": f"/v1/batches/{batch_id}"}, status=202)
 
@@ -453,7 +431,7 @@ class Bridge:
         batch_id = request.match_info["batch_id"]
         batch = await self.jobs.batch(batch_id)
         if batch is None or not _owns(caller, batch.tenant):
-            raise HTTPError(404, "NOT_FOUND", f"no batch {batch_id}")  # the same whether it exists or not
+            raise EventError(ErrorCode.NOT_FOUND, f"no batch {batch_id}")  # the same whether it exists or not
         done, failed = await self.jobs.batch_progress(batch_id)
         answer = {"batch_id": batch_id, "model": batch.model, "status": batch.status, "total": batch.total,
                   "published": batch.published, "done": done, "failed": failed, "error": batch.error}
@@ -472,7 +450,7 @@ class Bridge:
         principal = await self.authenticator.authenticate(_credentials(request))
         if may_change_registry(principal, self.settings):
             return principal
-        raise HTTPError(403, ErrorCode.FORBIDDEN.value, f"registry changes need the {ADMIN_SCOPE!r} scope")
+        raise EventError(ErrorCode.FORBIDDEN, f"registry changes need the {ADMIN_SCOPE!r} scope")
 
     async def register_model(self, request: web.Request) -> web.Response:
         await self._admin(request)
@@ -485,11 +463,11 @@ class Bridge:
             )
             saved = await self.models.save(info)
         except KeyError as exc:
-            raise HTTPError(400, "INVALID_REQUEST", f"missing field {exc}") from None
+            raise EventError(ErrorCode.INVALID_REQUEST, f"missing field {exc}") from None
         except ValidationError as exc:
-            raise HTTPError(400, "INVALID_MODEL", events.problems(exc)) from None
+            raise EventError(ErrorCode.INVALID_MODEL, events.problems(exc)) from None
         except (RegistryError, ValueError) as exc:
-            raise HTTPError(400, "INVALID_MODEL", str(exc)) from None
+            raise EventError(ErrorCode.INVALID_MODEL, str(exc)) from None
         return web.json_response(_public(saved), status=201)
 
     async def update_model(self, request: web.Request) -> web.Response:
@@ -497,18 +475,18 @@ class Bridge:
         name, version = request.match_info["model"], request.match_info["version"]
         current = await self.models.get(name, version)
         if current is None:
-            raise HTTPError(404, ErrorCode.UNKNOWN_VERSION.value, f"no registered version {name}/{version}")
+            raise EventError(ErrorCode.UNKNOWN_VERSION, f"no registered version {name}/{version}")
         changes = await _json_object(request)
         allowed = {"weight", "status", "shadow", "max_batch_delay_ms", "backends", "description"}
         if set(changes) - allowed:
-            raise HTTPError(400, "INVALID_REQUEST", f"can change only {sorted(allowed)}")
+            raise EventError(ErrorCode.INVALID_REQUEST, f"can change only {sorted(allowed)}")
         try:
             updated = ModelInfo.model_validate({**current.model_dump(), **changes})
             saved = await self.models.save(updated)
         except ValidationError as exc:
-            raise HTTPError(400, "INVALID_MODEL", events.problems(exc)) from None
+            raise EventError(ErrorCode.INVALID_MODEL, events.problems(exc)) from None
         except (RegistryError, ValueError) as exc:
-            raise HTTPError(400, "INVALID_MODEL", str(exc)) from None
+            raise EventError(ErrorCode.INVALID_MODEL, str(exc)) from None
         return web.json_response(_public(saved))
 
     async def retire_model(self, request: web.Request) -> web.Response:
@@ -516,7 +494,7 @@ class Bridge:
         name, version = request.match_info["model"], request.match_info["version"]
         current = await self.models.get(name, version)
         if current is None:
-            raise HTTPError(404, ErrorCode.UNKNOWN_VERSION.value, f"no registered version {name}/{version}")
+            raise EventError(ErrorCode.UNKNOWN_VERSION, f"no registered version {name}/{version}")
         saved = await self.models.save(current.model_copy(update={"status": "retired"}), validate=False)
         return web.json_response(_public(saved))
 
@@ -552,7 +530,7 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     if raw is None:
         return default
     if not raw.isdigit() or not low <= int(raw) <= high:
-        raise HTTPError(400, "INVALID_REQUEST", f"{name} must be an integer in [{low}, {high}]")
+        raise EventError(ErrorCode.INVALID_REQUEST, f"{name} must be an integer in [{low}, {high}]")
     return int(raw)
 
 
@@ -562,10 +540,10 @@ async def _image_bytes(request: web.Request) -> bytes:
         async for part in reader:
             if isinstance(part, BodyPartReader) and part.name in ("image", "file"):
                 return bytes(await part.read())
-        raise HTTPError(400, "INVALID_REQUEST", "multipart body has no 'image' part")
+        raise EventError(ErrorCode.INVALID_REQUEST, "multipart body has no 'image' part")
     data = await request.read()
     if not data:
-        raise HTTPError(400, "INVALID_REQUEST", "empty body: send the image bytes")
+        raise EventError(ErrorCode.INVALID_REQUEST, "empty body: send the image bytes")
     return data
 
 
@@ -580,16 +558,16 @@ def _credentials(request: web.Request) -> Credentials | None:
     try:
         return Credentials(authorization=auth, api_key=key) if auth or key else None
     except ValidationError:
-        raise HTTPError(401, ErrorCode.UNAUTHENTICATED.value, "malformed credentials") from None
+        raise EventError(ErrorCode.UNAUTHENTICATED, "malformed credentials") from None
 
 
 async def _json_object(request: web.Request) -> dict:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, "INVALID_REQUEST", f"body is not JSON: {exc}") from None
+        raise EventError(ErrorCode.INVALID_REQUEST, f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HTTPError(400, "INVALID_REQUEST", "body must be a JSON object")
+        raise EventError(ErrorCode.INVALID_REQUEST, "body must be a JSON object")
     return body
 
 

@@ -22,6 +22,29 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"  # every backend of the version is down, or the limiter's store is
     INFERENCE_FAILED = "INFERENCE_FAILED"
     INTERNAL = "INTERNAL"
+    # Answered only at the HTTP edge.
+    INVALID_REQUEST = "INVALID_REQUEST"  # a malformed body, parameter or header
+    INVALID_IMAGE = "INVALID_IMAGE"  # image bytes that do not decode
+    INVALID_MODEL = "INVALID_MODEL"  # a registration or change the registry refuses
+    UNSUPPORTED = "UNSUPPORTED"  # a Triton/KServe route this server does not offer
+    NOT_FOUND = "NOT_FOUND"  # no such route, job or batch (or not the caller's)
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+
+
+# The one HTTP status of each code, on every route of the bridge.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.UNDECODABLE: 400, ErrorCode.INVALID_SCHEMA: 400, ErrorCode.INVALID_TENSOR: 400,
+    ErrorCode.INVALID_REPLY_TO: 400, ErrorCode.INVALID_REQUEST: 400, ErrorCode.INVALID_IMAGE: 400,
+    ErrorCode.INVALID_MODEL: 400, ErrorCode.UNSUPPORTED: 400,
+    ErrorCode.UNAUTHENTICATED: 401, ErrorCode.FORBIDDEN: 403,
+    ErrorCode.UNKNOWN_MODEL: 404, ErrorCode.UNKNOWN_VERSION: 404, ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405, ErrorCode.DUPLICATE_REQUEST: 409, ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    # Well-formed, but names data that cannot be read (a missing S3 object).
+    ErrorCode.PAYLOAD_UNAVAILABLE: 422,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INFERENCE_FAILED: 500, ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503, ErrorCode.DEADLINE_EXCEEDED: 504,
+}
 
 
 def printable(text: str) -> str:
