@@ -21,13 +21,13 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
         runner = BatchRunner(pipeline.settings, pipeline.registry, pipeline.store, JobStore(pipeline.results.pool))
         for message in messages:
             try:
-                batch_id = pipeline.batch_command(message)
+                batch_id, owner = pipeline.batch_command(message)
             except EventError as error:
                 span = tracing.start_span("batches", message.headers)
                 await pipeline.reject(box, message, error, None, "batches", span, answer=False)
                 span.end()
                 continue
-            await runner.run(batch_id, box)
+            await runner.run(batch_id, owner, box)
         await box.flush()
 
     # One command at a time: a batch holds its command until its output is written.

@@ -58,6 +58,25 @@ class Principal:
 ANONYMOUS = Principal(tenant="anonymous", subject="anonymous", scopes=frozenset({INFER_SCOPE}), method="anonymous")
 
 
+def principal_claims(principal: Principal) -> dict[str, Any]:
+    """The principal as a seal carries it: a batch's owner, vouched for on each of its items."""
+    return {"tenant": principal.tenant, "subject": principal.subject, "scopes": sorted(principal.scopes),
+            "method": principal.method}
+
+
+def principal_from_claims(claims: Any) -> Principal | None:
+    """The principal a seal vouches for, or None when the claims do not describe one."""
+    if not isinstance(claims, dict) or claims.get("method") not in ("jwt", "api_key", "anonymous"):
+        return None
+    if claims["method"] == "anonymous":
+        return ANONYMOUS
+    tenant, subject, scopes = claims.get("tenant"), claims.get("subject"), claims.get("scopes")
+    if not (isinstance(tenant, str) and is_valid_tenant(tenant) and isinstance(subject, str)
+            and isinstance(scopes, list) and are_valid_scopes(scopes)):
+        return None
+    return Principal(tenant=tenant, subject=subject, scopes=frozenset(scopes), method=claims["method"])
+
+
 def _unauthenticated(reason: str) -> EventError:
     return EventError(ErrorCode.UNAUTHENTICATED, reason)
 

@@ -118,7 +118,9 @@ class BatchRunner:
         self.sealer = Sealer(settings.cluster_secret)
         self.limits = Limits(settings.bridge_max_elements, settings.bridge_max_json_depth)
 
-    async def run(self, batch_id: str, outbox: Outbox) -> None:
+    async def run(self, batch_id: str, owner: dict[str, Any] | None, outbox: Outbox) -> None:
+        """`owner`: the submitter's principal claims, vouched for on every item so the intake
+        admits (and counts) them as the submitter's requests."""
         batch = await self.jobs.batch(batch_id)
         if batch is None or batch.status in BatchStatus.FINAL:
             return
@@ -129,14 +131,14 @@ class BatchRunner:
             await self.jobs.update_batch(batch_id, status=BatchStatus.FAILED, error=exc.message)
             return
         await self.jobs.update_batch(batch_id, status=BatchStatus.RUNNING, total=len(items))
-        await self._publish(batch, items, outbox)
+        await self._publish(batch, owner, items, outbox)
         await self._collect(batch, len(items))
 
-    async def _publish(self, batch: Batch, items: list[Item], outbox: Outbox) -> None:
+    async def _publish(self, batch: Batch, owner: dict[str, Any] | None, items: list[Item], outbox: Outbox) -> None:
         interval = 1.0 / batch.rate if batch.rate > 0 else 0.0
         started, sent = time.monotonic(), 0
         for index in range(batch.published, len(items)):
-            await self._publish_item(batch, index, items[index], outbox)
+            await self._publish_item(batch, owner, index, items[index], outbox)
             sent += 1
             if (index + 1) % CHECKPOINT_EVERY == 0 or index + 1 == len(items):
                 await outbox.flush()  # confirmed by the broker before the cursor moves past them
@@ -145,7 +147,9 @@ class BatchRunner:
             if ahead > 0:
                 await asyncio.sleep(ahead)
 
-    async def _publish_item(self, batch: Batch, index: int, item: Item, outbox: Outbox) -> None:
+    async def _publish_item(
+        self, batch: Batch, owner: dict[str, Any] | None, index: int, item: Item, outbox: Outbox
+    ) -> None:
         request = InferenceRequest(
             request_id=item_request_id(batch.batch_id, index), model=batch.model, version=batch.version,
             correlation_id=item.item_id, batch_id=batch.batch_id,
@@ -168,7 +172,9 @@ class BatchRunner:
                 f"requests/{request.request_id}.bin", events.encode_bundle(inputs)
             )
             inputs = {}
-        await outbox.put(self.topics.requests, key, events.encode_request(request, inputs))
+        value = events.encode_request(request, inputs)
+        vouched = [self.sealer.seal(self.topics.requests, key, value, {"rid": request.request_id, "admission": owner})]
+        await outbox.put(self.topics.requests, key, value, vouched if owner is not None else None)
 
     async def _collect(self, batch: Batch, total: int) -> None:
         deadline = time.monotonic() + self.settings.batch_timeout_s

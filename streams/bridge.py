@@ -46,7 +46,7 @@ from models.preprocess import (
     top_k,
 )
 from streams import tracing
-from streams.auth import ADMIN_SCOPE, ANONYMOUS, ApiKeyStore, Authenticator, Principal
+from streams.auth import ADMIN_SCOPE, ANONYMOUS, ApiKeyStore, Authenticator, Principal, principal_claims
 from streams.batches import list_items, tensor_json
 from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
 from streams.gatekeeper import jwt_verifier
@@ -419,7 +419,8 @@ class Bridge:
         await self.jobs.add_batch(batch_id, info.name, version, input_uri, float(rate), len(items), caller.tenant)
         try:
             topic, key, value = self.client.topics.batches, batch_id.encode(), orjson.dumps({"batch_id": batch_id})
-            seal = Sealer(self.settings.cluster_secret).seal(topic, key, value, {"batch": batch_id})
+            claims = {"batch": batch_id, "admission": principal_claims(caller)}
+            seal = Sealer(self.settings.cluster_secret).seal(topic, key, value, claims)
             await self.client.produce(topic, key, value, headers=[seal])
         except UpstreamUnavailable as exc:
             raise EventError(ErrorCode.UNAVAILABLE, str(exc)) from None

@@ -63,12 +63,18 @@ class Gatekeeper:
     async def stop(self) -> None:
         await self.redis.aclose()
 
-    async def authenticate(self, request: InferenceRequest) -> Principal | EventError:
-        """The caller allowed to call the request's model, or the reason to refuse it (never raises)."""
+    async def authenticate(self, request: InferenceRequest, vouched: Principal | None = None) -> Principal | EventError:
+        """The caller allowed to call the request's model, or the reason to refuse it (never raises).
+        `vouched`: the principal a product seal names (a batch item's owner), instead of credentials."""
         if self._authenticator is None:
             raise RuntimeError("Gatekeeper.start() was not awaited")
         try:
-            principal = await self._authenticator.authenticate(request.credentials)
+            if vouched is None:
+                principal = await self._authenticator.authenticate(request.credentials)
+            elif vouched is ANONYMOUS and self._authenticator.required:
+                raise EventError(ErrorCode.UNAUTHENTICATED, "submitted without credentials, which are now required")
+            else:
+                principal = vouched
             principal.authorize(request.model)
             return principal
         except EventError as error:

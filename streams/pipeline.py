@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from opentelemetry.trace import Span
 
 from streams import tracing
-from streams.auth import Principal
+from streams.auth import Principal, principal_from_claims
 from streams.claims import Claim, RequestClaims, Seen, request_digest, seen
 from streams.deadletters import bounded, dead_letter
 from streams.failures import ServerStopped, as_event_error
@@ -46,7 +46,7 @@ from topics.events import (
     Status,
 )
 from topics.names import Topics
-from topics.seal import Sealer, SealError
+from topics.seal import SEAL_HEADER, Sealer, SealError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Candidate:
     msg: Message
     parsed: events.Request
     span: Span
+    vouched: Principal | None = None  # the principal the product sealed this request with
     principal: Principal | None = None
     route: Route | None = None
     digest: bytes = b""
@@ -225,7 +226,7 @@ class Pipeline:
                 check_deadline(request, now)
                 if request.reply_to is not None:
                     await self.reply_topics.check(request.reply_to)
-                candidates.append(Candidate(msg, parsed, span))
+                candidates.append(Candidate(msg, parsed, span, vouched=self._vouched(msg)))
             except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
                 await self.reject(outbox, msg, as_event_error(exc), request, "intake", span)
                 span.end()
@@ -239,7 +240,7 @@ class Pipeline:
 
     async def _authorize(self, outbox: Outbox, candidates: list[Candidate], now: int) -> list[Candidate]:
         """Authenticate, route and validate; the candidates that passed, with their routes."""
-        principals = await asyncio.gather(*(self._principal(c.request) for c in candidates))
+        principals = await asyncio.gather(*(self._principal(c) for c in candidates))
         routed = []
         for candidate, principal in zip(candidates, principals):
             request = candidate.request
@@ -266,8 +267,21 @@ class Pipeline:
             routed.append(candidate)
         return routed
 
-    async def _principal(self, request: InferenceRequest) -> Principal | EventError | None:
-        return None if self.gatekeeper is None else await self.gatekeeper.authenticate(request)
+    async def _principal(self, candidate: Candidate) -> Principal | EventError | None:
+        if self.gatekeeper is None:
+            return None
+        return await self.gatekeeper.authenticate(candidate.request, candidate.vouched)
+
+    def _vouched(self, msg: Message) -> Principal | None:
+        """The owner the product vouches for on a request it wrote itself (a batch's item); None
+        for a caller's request, whose credentials decide. A seal that does not open is a caller's
+        header like any other: ignored."""
+        if not any(k == SEAL_HEADER for k, _ in msg.headers):
+            return None
+        try:
+            return principal_from_claims(self._open(msg).get("admission"))
+        except SealError:
+            return None
 
     async def _admit(self, outbox: Outbox, candidates: list[Candidate]) -> None:
         """Idempotency by request id, then rate limits for what is new, then forward."""
@@ -355,8 +369,9 @@ class Pipeline:
         sealed = [*tracing.with_trace(headers or [], span), self.sealer.seal(topic, key, value, claims)]
         await outbox.put(topic, key, value, sealed)
 
-    def batch_command(self, msg: Message) -> str:
-        """The batch id of a batch job command, which only the product writes."""
+    def batch_command(self, msg: Message) -> tuple[str, dict[str, Any] | None]:
+        """The batch id of a batch job command, which only the product writes, and the claims of
+        the principal who submitted it (sealed onto each of its items)."""
         try:
             claims = self._open(msg)
         except SealError as exc:
@@ -364,7 +379,7 @@ class Pipeline:
         batch_id = claims.get("batch")
         if not isinstance(batch_id, str) or not batch_id:
             raise EventError(ErrorCode.INVALID_SCHEMA, "batch command without a batch id")
-        return batch_id
+        return batch_id, claims.get("admission")
 
     def _open(self, msg: Message) -> dict[str, Any]:
         """The claims of an event on an internal topic; SealError unless the product wrote it."""

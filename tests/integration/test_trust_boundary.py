@@ -139,6 +139,35 @@ async def test_internal_headers_from_a_caller_are_dropped(start_worker, settings
     assert row is not None and row["tenant"] == "acme"
 
 
+async def test_a_request_is_admitted_without_credentials_only_under_the_products_own_seal(start_worker, settings):
+    """Batch items carry their owner's principal in a seal; a caller can neither forge one nor
+    reuse a genuine one on another request."""
+    requests_topic = Topics(settings).requests
+    worker = start_worker(**AUTH)
+    acme = {"admission": {"tenant": "acme", "subject": "alice", "scopes": ["infer"], "method": "jwt"}}
+
+    def sealed(request: InferenceRequest, secret: str) -> list[tuple[str, bytes]]:
+        key, value = request.request_id.encode(), events.encode_request(request, tiny_input())
+        return [Sealer(secret).seal(requests_topic, key, value, {"rid": request.request_id, **acme})]
+
+    async with InferenceClient(settings) as client:
+        await ready_with(client, worker, Credentials(authorization=f"Bearer {token()}"))
+        genuine, forged, reused = (client.request("tiny", {}, timeout=30) for _ in range(3))
+        genuine_seal = sealed(genuine, settings.cluster_secret)
+        sends = [(genuine, genuine_seal), (forged, sealed(forged, "not-the-cluster-secret")),
+                 (reused, genuine_seal)]  # the genuine seal on another request
+        results = {}
+        for request, headers in sends:
+            waiter = await client.send(request, tiny_input(), headers=headers)
+            results[request.request_id] = await client.wait(request, waiter)
+    assert results[genuine.request_id].header.status == Status.OK, results[genuine.request_id].header.error
+    for request in (forged, reused):
+        error = results[request.request_id].header.error
+        assert error is not None and error.code == ErrorCode.UNAUTHENTICATED, error
+    row = await stored_when(settings, genuine.request_id, lambda r: True)
+    assert row is not None and row["tenant"] == "acme"
+
+
 async def test_forwarded_events_carry_no_credentials(start_worker, settings):
     worker = start_worker(**AUTH)
     secret = token(sub="carol")

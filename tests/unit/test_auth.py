@@ -22,6 +22,8 @@ from streams.auth import (
     hash_secret,
     new_api_key,
     parse_api_key,
+    principal_claims,
+    principal_from_claims,
     secret_matches,
 )
 from topics.errors import ErrorCode, EventError
@@ -319,3 +321,13 @@ def test_cli_refuses_a_bad_tenant_or_scope_before_connecting(args, message, monk
         monkeypatch.setattr(cli, stores, lambda *args: pytest.fail("the stores were reached"))
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_a_sealed_principal_round_trips_and_malformed_claims_name_nobody():
+    alice = Principal(tenant="acme", subject="alice", scopes=frozenset({"infer", "admin"}), method="jwt")
+    assert principal_from_claims(principal_claims(alice)) == alice
+    assert principal_from_claims(principal_claims(ANONYMOUS)) is ANONYMOUS
+    for claims in (None, "acme", {}, {**principal_claims(alice), "method": "root"},
+                   {**principal_claims(alice), "tenant": "bad tenant!"},
+                   {**principal_claims(alice), "scopes": "infer"}, {**principal_claims(alice), "subject": 7}):
+        assert principal_from_claims(claims) is None, claims
