@@ -27,6 +27,7 @@ class ObjectStore:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
         self.caller_buckets = frozenset(settings.s3_caller_buckets or [settings.s3_bucket])
+        self.artifact_buckets = frozenset(settings.s3_artifact_buckets or [settings.s3_bucket])
         self.client = Minio(
             settings.s3_endpoint,
             access_key=settings.s3_access_key,
@@ -68,9 +69,16 @@ class ObjectStore:
                              f" {sorted(self.caller_buckets)} outside {list(INTERNAL_PREFIXES)}")
         return uri
 
+    def check_artifact_uri(self, uri: str) -> str:
+        """A registration's s3:// artifact, if it lies in the artifact buckets; FORBIDDEN otherwise."""
+        bucket, key = parse_uri(uri)
+        if bucket not in self.artifact_buckets or not _plain_key(key):
+            raise EventError(ErrorCode.FORBIDDEN, f"{uri[:300]!r} is not in the artifact buckets"
+                             f" {sorted(self.artifact_buckets)} (INFERSTREAM_S3_ARTIFACT_BUCKETS)")
+        return uri
+
     def caller_may_read(self, bucket: str, key: str) -> bool:
-        # Some S3 servers resolve dot segments: "requests/../results/x" must not reach results/.
-        if bucket not in self.caller_buckets or "\\" in key or any(p in (".", "..") for p in key.split("/")):
+        if bucket not in self.caller_buckets or not _plain_key(key):
             return False
         return not (bucket == self.bucket and key.startswith(INTERNAL_PREFIXES))
 
@@ -83,6 +91,11 @@ class ObjectStore:
 
     async def aget(self, uri: str) -> bytes:
         return await asyncio.to_thread(self.get, uri)
+
+
+def _plain_key(key: str) -> bool:
+    # Some S3 servers resolve dot segments: "requests/../results/x" must not reach results/.
+    return "\\" not in key and not any(p in (".", "..") for p in key.split("/"))
 
 
 def parse_uri(uri: str) -> tuple[str, str]:

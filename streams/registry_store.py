@@ -273,6 +273,8 @@ def info_from_artifact(name: str, version: str, artifact: str, store: ObjectStor
                        **fields) -> ModelInfo:
     """A version record whose signature is read from its ONNX artifact (unless given)."""
     fields = {"max_batch_size": 64, "inputs": [], "outputs": [], **fields}
+    if artifact.startswith("s3://"):
+        store.check_artifact_uri(artifact)
     draft = ModelInfo(name=name, version=version, artifact=artifact, path=Path(artifact), **fields)
     local = fetch_artifact(draft, store, cache_dir)
     if draft.inputs and draft.outputs:

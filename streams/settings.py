@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # Buckets a caller's s3:// references (inputs_ref, batch inputs) may name; empty: only
     # `s3_bucket`. Outside them a reference is refused (FORBIDDEN), whatever the credentials reach.
     s3_caller_buckets: list[str] = Field(default_factory=list)
+    # Buckets a registration's s3:// artifact may name; empty: only `s3_bucket`.
+    s3_artifact_buckets: list[str] = Field(default_factory=list)
 
     # PostgreSQL and Redis
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/inferstream"
@@ -135,6 +137,9 @@ class Settings(BaseSettings):
     metrics_lag: bool = True
     # `worker --workers N` restarts a worker that died, unless it died more often in a minute.
     worker_restarts_per_minute: int = Field(default=5, ge=0)
+    # A live worker refreshes its heartbeat in Redis (and writes its model statistics) this often;
+    # the heartbeat expires after three intervals, so a dead worker stops counting as ready then.
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, le=60)
 
     # Logs and traces
     log_level: str = "info"

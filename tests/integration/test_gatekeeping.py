@@ -307,6 +307,23 @@ async def test_registrations_name_nothing_outside_the_pattern_and_reveal_no_file
         missing = await register("probe", "1", f"/nonexistent-{tmp_path.name}/model.onnx")
         assert existing[0] == missing[0] == 400 and existing[1] == missing[1], (existing, missing)
 
+        # S3 artifacts only from the artifact buckets (the product's by default), by a plain key.
+        store = ObjectStore(settings)
+        other = f"{settings.s3_bucket}-elsewhere"
+        if not store.client.bucket_exists(other):
+            store.client.make_bucket(other)
+        elsewhere = f"s3://{other}/tiny.onnx"
+        store.client.put_object(other, "tiny.onnx", __import__("io").BytesIO(artifact.read_bytes()),
+                                artifact.stat().st_size)
+        bucket, key = uploaded.removeprefix("s3://").split("/", 1)
+        dotted = f"s3://{bucket}/models/../{key}"
+        for uri in (elsewhere, dotted):
+            status, message = await register("tiny", "31", uri)
+            assert status == 403 and "artifact buckets" in message, (uri, status, message)
+        body = {"name": "tiny", "version": "31", "artifact": uploaded, "status": "draft"}
+        async with session.post(f"{bridge.url}/v1/models", json=body) as r:  # the product's bucket serves
+            assert r.status == 201, await r.text()
+
 
 async def test_jobs_and_batches_carry_credentials_and_are_readable_only_by_their_tenant(
         start_worker, start_bridge, settings):
