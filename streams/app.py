@@ -12,8 +12,10 @@ import redis.asyncio as aioredis
 from agents import batches, inference, intake, sink
 from streams import metrics
 from streams.gatekeeper import Gatekeeper
+from streams.heartbeats import Heartbeat
 from streams.kafka_transport import broker_url
 from streams.logs import setup_logging
+from streams.model_stats import STATS
 from streams.pipeline import Pipeline
 from streams.registry import ModelRegistry
 from streams.registry_store import RegistryStore
@@ -126,6 +128,36 @@ class PipelineConnections(mode.Service):
         await self.pipeline.stop()
 
 
+class Presence(mode.Service):
+    """The worker's heartbeat (`streams.heartbeats`): published once the worker serves, kept
+    through rebalances, withdrawn as soon as it stops."""
+
+    def __init__(self, app: faust.App, pipeline: Pipeline, settings: Settings) -> None:
+        super().__init__()
+        self.app, self.pipeline = app, pipeline
+        self.heartbeat = Heartbeat(settings, self.serving, STATS)
+        self._models: list[str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def serving(self) -> list[str] | None:
+        """The versions served now; None while the worker cannot serve."""
+        if not self.pipeline.started or self.app.should_stop:
+            self._models = None
+        elif not self.app.rebalancing:  # during a rebalance, what it served before
+            assigned = {tp.topic for tp in self.app.consumer.assignment()}
+            self._models = self.pipeline.served_versions(assigned) if assigned else None
+        return self._models
+
+    async def on_started(self) -> None:
+        self._task = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
+
+    async def on_stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.heartbeat.close()
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker in the foreground until SIGINT/SIGTERM."""
     setup_logging(settings, "worker")
@@ -138,7 +170,8 @@ def run_worker(settings: Settings) -> None:
         serve_metrics(app, pipeline, settings)
     # Our logging stays (Faust would replace it with colored text), and no banner or terminal
     # spinner is mixed into it (the spinner would also set the root logger to DEBUG).
-    worker = faust.Worker(app, PipelineConnections(pipeline), loglevel=settings.log_level, override_logging=False,
+    worker = faust.Worker(app, PipelineConnections(pipeline), Presence(app, pipeline, settings),
+                          loglevel=settings.log_level, override_logging=False,
                           quiet=True)
     worker.spinner = None
     worker.execute_from_commandline()

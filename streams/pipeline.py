@@ -28,6 +28,7 @@ from streams.failures import ServerStopped, as_event_error
 from streams.gatekeeper import Gatekeeper
 from streams.logs import log_request
 from streams.metrics import DEAD_LETTERS, ERRORS, LATENCY, REQUESTS
+from streams.model_stats import STATS
 from streams.objectstore import ObjectStore
 from streams.registry import ModelInfo, ModelRegistry
 from streams.registry_store import RegistryFollower, fetch_artifact
@@ -155,6 +156,18 @@ class Pipeline:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def started(self) -> bool:
+        """Started and not stopping: the registry replayed, its versions loaded."""
+        return self._started and not self._stopping
+
+    def served_versions(self, assigned_topics: set[str]) -> list[str]:
+        """The "name/version"s this worker serves: loaded, their model topic among the assigned
+        ones, and a backend whose breaker is not open."""
+        return [key for key, server in list(self._servers.items())
+                if self.topics.model(server.info.name) in assigned_topics
+                and any(state != "open" for state in server.balancer.states().values())]
 
     async def stop(self) -> None:
         self._stopping = True  # from now on a missing server means "stopping", not "unavailable"
@@ -445,6 +458,7 @@ class Pipeline:
         try:
             outcome = await pending
         except EventError as error:
+            STATS.failure(info.name, info.version, events.now_ms() - request.created_ms)
             if error.code == ErrorCode.UNAVAILABLE:
                 await self.refuse(outbox, request, error, "inference", span)  # an outage, not a bad event
             else:
@@ -454,6 +468,7 @@ class Pipeline:
             raise  # no answer: the chunk is retried
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the agent
             log.exception("inference failed for %s", request.request_id)
+            STATS.failure(info.name, info.version, events.now_ms() - request.created_ms)
             failure = EventError(ErrorCode.INFERENCE_FAILED, str(error))
             await self.reject(outbox, msg, failure, request, "inference", span)
             return
@@ -488,6 +503,8 @@ class Pipeline:
             "total": total_ms,
         }
         await self._emit_result(outbox, result, outputs, self._reply_topic(request), span)
+        STATS.success(info.name, info.version, _rows(info, outcome.outputs), total_ms, outcome.inference_ms,
+                      events.now_ms())
         REQUESTS.labels("inference", "ok").inc()
         LATENCY.labels("end_to_end", info.name).observe(total_ms / 1000)
         span.set_attributes({"inferstream.backend": outcome.backend, "inferstream.batch_size": outcome.batch_size})
@@ -643,6 +660,12 @@ class Pipeline:
 def _answers_caller(request: InferenceRequest) -> bool:
     """Shadow and replayed copies only store their results: no caller waits for them."""
     return request.shadow_of is None and request.replay_of is None
+
+
+def _rows(info: ModelInfo, outputs: dict[str, np.ndarray]) -> int:
+    """Inferences in a request: the length of its batch axis, or 1 for a model without one."""
+    first = next(iter(outputs.values()), None)
+    return int(first.shape[0]) if info.max_batch_size > 0 and first is not None and first.ndim else 1
 
 
 def _same_serving(old: ModelInfo, new: ModelInfo) -> bool:

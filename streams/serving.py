@@ -18,6 +18,7 @@ from streams.batcher import AdaptiveBatcher, BatcherStopped
 from streams.breaker import CircuitBreaker
 from streams.failures import ServerStopped
 from streams.metrics import BACKEND_ERRORS, BATCH_SIZE, LATENCY
+from streams.model_stats import STATS
 from streams.onnx_backend import OnnxModel
 from streams.registry import BackendSpec, ModelInfo
 from streams.settings import Settings
@@ -93,13 +94,14 @@ async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) 
         max_delay=(settings.max_batch_delay_ms if info.max_batch_delay_ms is None else info.max_batch_delay_ms) / 1000,
         max_pending=settings.max_inflight,
         name=f"{info.key}@{spec.label}",
-        observe=_batch_metrics(info.name, spec.label),
+        observe=_batch_metrics(info, spec.label),
     )
     await batcher.start()
     return Backend(spec, batcher, close)
 
 
-def _batch_metrics(model: str, backend: str):
+def _batch_metrics(info: ModelInfo, backend: str):
+    model = info.name
     batch_size, formation = BATCH_SIZE.labels(model, backend), LATENCY.labels("batch_formation", model)
     inference, errors = LATENCY.labels("inference", model), BACKEND_ERRORS.labels(model, backend)
 
@@ -110,6 +112,8 @@ def _batch_metrics(model: str, backend: str):
         inference.observe(run_s)
         if failed:
             errors.inc()
+        else:
+            STATS.execution(model, info.version, len(waits), run_s)
 
     return observe
 
