@@ -20,8 +20,9 @@ import asyncpg
 import onnxruntime as ort
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from minio.error import S3Error
 
-from streams.objectstore import ObjectStore, parse_uri
+from streams.objectstore import MISSING, ObjectStore, parse_uri
 from streams.registry import ModelInfo, ModelRegistry, TensorSignature, load_repository
 from streams.settings import Settings
 from topics.names import Topics
@@ -50,9 +51,11 @@ def _load(path: Path, key: str) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any load failure is a refusal
         log.info("%s: %s does not load: %r", key, path, exc)
-        raise RegistryError(f"{key}: the artifact does not load as an ONNX model") from None
+        raise RegistryError(UNLOADABLE.format(key=key)) from None
 
 
+# One message whatever the cause: a missing file or object, or one that is no model.
+UNLOADABLE = "{key}: the artifact does not load as an ONNX model"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
@@ -276,7 +279,12 @@ def info_from_artifact(name: str, version: str, artifact: str, store: ObjectStor
     if artifact.startswith("s3://"):
         store.check_artifact_uri(artifact)
     draft = ModelInfo(name=name, version=version, artifact=artifact, path=Path(artifact), **fields)
-    local = fetch_artifact(draft, store, cache_dir)
+    try:
+        local = fetch_artifact(draft, store, cache_dir)
+    except S3Error as exc:
+        if exc.code not in MISSING:
+            raise  # the S3 server's trouble, not the registration's
+        raise RegistryError(UNLOADABLE.format(key=draft.key)) from None
     if draft.inputs and draft.outputs:
         return local
     session = _load(local.path, local.key)

@@ -305,7 +305,9 @@ async def test_registrations_name_nothing_outside_the_pattern_and_reveal_no_file
         # A file that exists but is no model, and one that does not exist: the same answer.
         existing = await register("probe", "1", "/etc/passwd")
         missing = await register("probe", "1", f"/nonexistent-{tmp_path.name}/model.onnx")
+        missing_object = await register("probe", "1", f"s3://{settings.s3_bucket}/nothing-{tmp_path.name}.onnx")
         assert existing[0] == missing[0] == 400 and existing[1] == missing[1], (existing, missing)
+        assert missing_object == existing, missing_object
 
         # S3 artifacts only from the artifact buckets (the product's by default), by a plain key.
         store = ObjectStore(settings)
