@@ -94,6 +94,9 @@ class Candidate:
         return self.principal.tenant if self.principal is not None else None
 
 
+INTERNAL_REPLY = "internal error: the request was dead-lettered for the operators"
+
+
 class Outbox:
     """Collects produce futures; `flush` waits until the broker confirmed every send."""
 
@@ -592,10 +595,12 @@ class Pipeline:
                          tracing.with_trace(letter_headers, span))
         if request_id is None or not answer:
             return
+        # A bug's details (exception text, paths) are for the operators' dead letter only.
+        told = INTERNAL_REPLY if error.code == ErrorCode.INTERNAL else error.message
         result = InferenceResult(
             request_id=request_id, correlation_id=correlation_id,
             model=request.model if request else None, status=Status.ERROR,
-            error=ErrorInfo(code=error.code, message=error.message),
+            error=ErrorInfo(code=error.code, message=told),
             tenant=request.tenant if request else None,
             batch_id=request.batch_id if request else None,
             shadow_of=request.shadow_of if request else None,

@@ -105,3 +105,26 @@ async def test_a_model_server_stopped_under_a_request_is_an_outage_not_an_answer
     with pytest.raises(ServerStopped) as caught:
         await server.submit(tiny_input())
     assert classify(caught.value) is Failure.OUTAGE
+
+
+async def test_a_bug_answers_the_caller_internal_error_and_tells_details_only_to_the_dead_letter(
+        start_worker, settings, monkeypatch):
+    marker = f"bug-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+    monkeypatch.setenv("INFERSTREAM_FAULT_BUG_MARKER", marker)
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        request = client.request("tiny", {}, timeout=60)
+        request.request_id = f"{marker}-{request.request_id}"
+        result = await client.wait(request, await client.send(request, tiny_input()))
+        deadline = time.monotonic() + 30
+        letters: dict = {}
+        while request.request_id not in letters and time.monotonic() < deadline:
+            letters = {x.letter.request_id: x.letter for x in await read_letters(settings) if isinstance(x, Letter)}
+            await asyncio.sleep(0.3)
+    error = result.header.error
+    assert error is not None and error.code == ErrorCode.INTERNAL, error
+    assert "secret" not in error.message and "RuntimeError" not in error.message, error.message
+    letter = letters[request.request_id]
+    assert letter.reason == ErrorCode.INTERNAL and "RuntimeError: injected bug" in letter.message

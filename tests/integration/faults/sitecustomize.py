@@ -2,7 +2,7 @@
 
 INFERSTREAM_FAULT_CRASH_MARKER=<bytes>: the first chunk an agent takes that holds an event
 containing the marker crashes the agent outside its step's error handling, once per process
-(the marker file INFERSTREAM_FAULT_ONCE_FILE records that it happened)."""
+(the marker file INFERSTREAM_FAULT_ONCE_FILE records that it happened). More below."""
 
 import os
 
@@ -20,3 +20,18 @@ if marker and once:
         return original(batch)
 
     common.to_messages = to_messages
+
+# INFERSTREAM_FAULT_BUG_MARKER=<text>: a request whose id contains it meets a bug inside the
+# intake's step (its deadline check raises), always.
+bug = os.environ.get("INFERSTREAM_FAULT_BUG_MARKER")
+if bug:
+    import streams.pipeline as pipeline
+
+    checked = pipeline.check_deadline
+
+    def check_deadline(request, now):
+        if bug in request.request_id:
+            raise RuntimeError(f"injected bug at /srv/secret/path.py for {request.request_id}")
+        return checked(request, now)
+
+    pipeline.check_deadline = check_deadline
