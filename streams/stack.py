@@ -86,16 +86,42 @@ def _weed_sockets(s3_port: int) -> tuple[Path, ...]:
     return tuple(paths)
 
 
-def port_taken(port: int) -> bool:
-    """True when something listens on (or holds) 127.0.0.1:port."""
-    with socket.socket() as sock:
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on (or holds) host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
         # Like the servers themselves, ignore TIME_WAIT leftovers of an earlier run.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port a command is about to bind: what binds it and the setting that moves it."""
+
+    port: int
+    what: str
+    setting: str
+    host: str = "127.0.0.1"
+
+
+def check_ports(ports: list[Port]) -> None:
+    """Raise StackError, naming the port and its setting, when one of `ports` is taken or two of
+    them are the same; checked before anything starts."""
+    seen: dict[int, Port] = {}
+    for needed in ports:
+        other = seen.setdefault(needed.port, needed)
+        if other is not needed:
+            raise StackError(f"port {needed.port} is set for both {other.what} ({other.setting}) and "
+                             f"{needed.what} ({needed.setting}); set one of them to another port")
+    for needed in ports:
+        if port_taken(needed.port, needed.host):
+            raise StackError(f"port {needed.port} ({needed.what}) is taken by another process; set "
+                             f"{needed.setting} to another port, or stop that process")
 
 
 def _without_secret(url: str) -> str:
@@ -146,8 +172,8 @@ class LocalStack:
         """Start whatever is not running, wait until everything answers, return the endpoints."""
         for directory in ("s3", "pids", "logs"):
             (self.state_dir / directory).mkdir(parents=True, exist_ok=True)
+        check_ports(self.ports_to_bind())
         s3, kafka = self._s3_service(), self._kafka_service()
-        self._check_ports_free([s3, kafka])
         self._ensure_running(s3)
         self._ensure_buckets()
         self._ensure_running(kafka)
@@ -160,6 +186,13 @@ class LocalStack:
             "redis": _without_secret(self.settings.redis_url),
         }
 
+    def ports_to_bind(self) -> list[Port]:
+        """The ports `up()` would bind: those of the services not already running (reused ones
+        hold theirs)."""
+        return [Port(port, what, service.port_setting)
+                for service in (self._s3_service(), self._kafka_service()) if self._live_pid(service) is None
+                for what, port in service.ports.items()]
+
     def down(self) -> None:
         """Stop the processes this stack started; the broker first, as it writes to S3."""
         for service in (self._kafka_service(), self._s3_service()):
@@ -170,7 +203,8 @@ class LocalStack:
         (self.state_dir / "pids").mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         kafka = self._kafka_service()
-        self._check_ports_free([kafka])
+        if self._live_pid(kafka) is None:
+            check_ports([Port(port, what, kafka.port_setting) for what, port in kafka.ports.items()])
         self._ensure_running(kafka)
         return kafka.endpoint
 
@@ -267,17 +301,6 @@ class LocalStack:
         if self.settings.broker_port in s3_ports:
             raise StackError(f"INFERSTREAM_BROKER_PORT={self.settings.broker_port} collides with "
                              f"the S3 server's ports {sorted(s3_ports)}")
-
-    def _check_ports_free(self, services: list[_Service]) -> None:
-        """Fail before starting anything when a port we need is held by a process not ours."""
-        for service in services:
-            if self._live_pid(service) is not None:
-                continue
-            for what, port in service.ports.items():
-                if port_taken(port):
-                    raise StackError(
-                        f"port {port} ({what}) is taken by another process; set "
-                        f"{service.port_setting} to another port, or stop that process")
 
     def _ensure_running(self, service: _Service) -> None:
         pid = self._live_pid(service)
