@@ -1,6 +1,8 @@
 """Process logging: JSON lines (or plain text) on stdout, with request and trace ids, and no
 secrets: bearer tokens, JWTs and API keys are masked in every line, exceptions included.
 
+`compact` turns one such JSON line into a short line for a person at a terminal (`inferstream up`).
+
 `log_request` writes the one line per request and stage that lets an operator follow a request
 through the pipeline by its request id or trace id. Those lines cost about as much CPU as the rest
 of a small model's request path, so `log_requests` can keep a share of traces: chosen by trace id,
@@ -14,6 +16,7 @@ import logging
 import re
 import sys
 
+import orjson
 from opentelemetry.trace import Span
 from pythonjsonlogger.orjson import OrjsonFormatter
 
@@ -83,3 +86,39 @@ def log_request(span: Span, stage: str, message: str, request_id: str | None, le
         return
     REQUEST_LOG.log(level, message, extra={"stage": stage, "request_id": request_id, "trace_id": trace_id,
                                            "span_id": span_id, **fields})
+
+
+# Fields every JSON line has, or that only a machine wants: not repeated in a compact line.
+_ROUTINE_FIELDS = {"level", "logger", "message", "process", "service", "time", "trace_id", "span_id", "taskName",
+                   "exc_info", "stack_info"}
+_OWN_LOGGERS = ("inferstream", "streams", "agents", "topics", "models")
+
+
+def compact(line: str, service: str | None = None, chatter: bool = True) -> str | None:
+    """One log line as a person reads it: `HH:MM:SS service [LEVEL] message key=value...`, with
+    an exception's last line. A line that is not a JSON object is returned as it is. With
+    `chatter=False`, INFO and DEBUG lines of libraries (faust, aiokafka...) and of services
+    starting and stopping give None."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line.rstrip()
+    if not isinstance(record, dict):
+        return line.rstrip()
+    level = str(record.get("level", "INFO"))
+    logger = str(record.get("logger", ""))
+    message = str(record.get("message", ""))
+    if not chatter and level in ("DEBUG", "INFO") and (
+        not logger.startswith(_OWN_LOGGERS) or message.startswith("[^")  # mode's service start/stop lines
+    ):
+        return None
+    stamp = str(record.get("time", ""))[11:19]
+    parts = [stamp, str(service or record.get("service", ""))]
+    if level not in ("DEBUG", "INFO"):
+        parts.append(level)
+    parts.append(message)
+    parts += [f"{key}={value}" for key, value in record.items() if key not in _ROUTINE_FIELDS and value is not None]
+    error = str(record.get("exc_info") or "").strip().splitlines()
+    if error:
+        parts.append(f"({error[-1]})")
+    return " ".join(part for part in parts if part)
