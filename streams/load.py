@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,31 @@ def summarize(outcomes: Sequence[Outcome], rate: float, duration: float, **about
     }
 
 
+@dataclass
+class Tally:
+    """Counts so far, for a progress line a second: requests started, answered ok, answered with
+    an error or timed out, dropped (warm-up included)."""
+
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    dropped: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, status: str) -> None:
+        if status == OK:
+            self.ok += 1
+        elif status == DROPPED:
+            self.dropped += 1
+        else:
+            self.errors += 1
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((time.monotonic() if now is None else now) - self.started, 1e-9)
+        return (f"{elapsed:6.1f} s  sent {self.sent}  answered {self.ok}  errors {self.errors}  "
+                f"dropped {self.dropped}  {self.ok / elapsed:,.1f} ok/s")
+
+
 # -- the dispatcher ----------------------------------------------------------------------------
 
 
@@ -158,13 +183,14 @@ Send = Callable[[int], Awaitable[Reply]]  # called with the request's index in t
 
 async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | None = DEFAULT_MAX_INFLIGHT,
                    timeout: float = 10.0, grace: float = 1.0,
-                   clock: Callable[[], float] = time.monotonic) -> list[Outcome]:
+                   clock: Callable[[], float] = time.monotonic, tally: Tally | None = None) -> list[Outcome]:
     """Start `send(i)` at each slot's due time; the counted slots' outcomes, in schedule order.
 
     Each send is bounded by `timeout` + `grace` (time for the target's own deadline, set from
     the same timeout, to answer first); the call returns once every started request has
-    answered or timed out.
+    answered or timed out. `tally`, when given, counts the requests as they start and end.
     """
+    tally = tally or Tally()
     gate = InflightGate(max_inflight)
     outcomes: list[Outcome | None] = [None] * len(slots)
     tasks: set[asyncio.Task] = set()
@@ -180,6 +206,7 @@ async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | Non
             reply = Reply(ERROR, type(exc).__name__)
         finally:
             gate.release()
+        tally.count(reply.status)
         outcomes[index] = Outcome(slot.due, started, clock() - start, reply.status, reply.code, reply.request_id)
 
     for index, slot in enumerate(slots):
@@ -189,7 +216,9 @@ async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | Non
         now = clock() - start
         if not gate.try_acquire():
             outcomes[index] = Outcome(slot.due, None, now, DROPPED)
+            tally.count(DROPPED)
             continue
+        tally.sent += 1
         task = asyncio.create_task(one(index, slot, now))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -391,12 +420,25 @@ class LoadRun:
 
 
 async def run(driver: BridgeTarget | KafkaTarget, /, *, rate: float, duration: float, warmup: float = 0.0,
-              max_inflight: int | None = DEFAULT_MAX_INFLIGHT, timeout: float = 10.0, **about: Any) -> LoadRun:
+              max_inflight: int | None = DEFAULT_MAX_INFLIGHT, timeout: float = 10.0,
+              progress: Callable[[Tally], None] | None = None, every_s: float = 1.0, **about: Any) -> LoadRun:
     """Set up the target, drive it on the open-loop schedule, and summarize; `about` (target,
-    model, url, ...) is copied into the summary."""
+    model, url, ...) is copied into the summary. `progress` is called every `every_s` seconds
+    while the requests run, with the counts so far."""
     slots = schedule(rate, duration, warmup)
     async with driver:
-        outcomes = await run_load(driver.send, slots, max_inflight=max_inflight, timeout=timeout)
+        tally = Tally()
+
+        async def report() -> None:
+            while progress is not None:
+                await asyncio.sleep(every_s)
+                progress(tally)
+
+        reporter = asyncio.create_task(report())
+        try:
+            outcomes = await run_load(driver.send, slots, max_inflight=max_inflight, timeout=timeout, tally=tally)
+        finally:
+            reporter.cancel()
     inputs = {s.name: f"{s.dtype.name}{list(s.shape)}" for s in driver.specs}
     summary = summarize(outcomes, rate, duration, **about, warmup_s=warmup, max_inflight=max_inflight,
                         timeout_s=timeout, inputs=inputs)
