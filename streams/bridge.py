@@ -36,6 +36,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from models.preprocess import (
     ImageError,
@@ -45,19 +46,23 @@ from models.preprocess import (
     probabilities,
     top_k,
 )
-from streams import tracing
+from streams import heartbeats, model_stats, tracing
 from streams.auth import ADMIN_SCOPE, ANONYMOUS, ApiKeyStore, Authenticator, Principal, principal_claims
 from streams.batches import list_items, tensor_json
 from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
 from streams.gatekeeper import jwt_verifier
+from streams.heartbeats import served
 from streams.jobs import JobStore
 from streams.kserve import (
     InferBody,
     Limits,
     ProtocolError,
     build_infer_response,
+    model_config,
     model_metadata,
     parse_infer_request,
+    repository_index,
+    unsupported_message,
 )
 from streams.logs import log_request, setup_logging
 from streams.objectstore import parse_uri
@@ -87,6 +92,7 @@ SPAN = "inferstream_span"
 REQUEST_ID = "inferstream_request_id"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 TIMEOUT_HEADER = "X-Inferstream-Timeout"  # seconds; the request's deadline
+REDIS_READ_TIMEOUT_S = 2.0  # heartbeats and statistics: a slow Redis is an unavailable one
 
 
 def error(code: ErrorCode, message: str) -> web.Response:
@@ -114,14 +120,54 @@ class Route:
     errors: tuple[ErrorCode, ...] = ()  # the codes it answers beyond those every route may
 
 
+UNKNOWN = (ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_VERSION)
 ROUTES = [
     Route("GET", "/v2/health/live", "live", "Liveness"),
-    Route("GET", "/v2/health/ready", "ready", "Readiness: the broker takes requests"),
+    Route("GET", "/v2/health/ready", "ready", "Readiness: the broker takes requests and a worker of the group is live",
+          errors=(ErrorCode.UNAVAILABLE,)),
     Route("GET", "/v2", "server_metadata", "Server metadata"),
+    # Before /v2/models/{model}, which would take "stats" for a model name.
+    Route("GET", "/v2/models/stats", "model_stats", "Inference statistics of every version (Triton's format)",
+          errors=(ErrorCode.UNAVAILABLE,)),
     Route("GET", "/v2/models/{model}", "model_metadata", "Model metadata (newest version)"),
     Route("GET", "/v2/models/{model}/versions/{version}", "model_metadata", "Model metadata"),
-    Route("GET", "/v2/models/{model}/ready", "model_ready", "Model readiness"),
-    Route("GET", "/v2/models/{model}/versions/{version}/ready", "model_ready", "Model version readiness"),
+    Route("GET", "/v2/models/{model}/ready", "model_ready",
+          "Model readiness: a live worker serves every version unversioned requests reach",
+          errors=(*UNKNOWN, ErrorCode.UNAVAILABLE)),
+    Route("GET", "/v2/models/{model}/versions/{version}/ready", "model_ready",
+          "Model version readiness: a live worker serves the version", errors=(*UNKNOWN, ErrorCode.UNAVAILABLE)),
+    Route("GET", "/v2/models/{model}/config", "model_config", "Model configuration (Triton's JSON form)",
+          errors=UNKNOWN),
+    Route("GET", "/v2/models/{model}/versions/{version}/config", "model_config", "Model version configuration",
+          errors=UNKNOWN),
+    Route("GET", "/v2/models/{model}/stats", "model_stats", "Inference statistics of a model's versions",
+          errors=(*UNKNOWN, ErrorCode.UNAVAILABLE)),
+    Route("GET", "/v2/models/{model}/versions/{version}/stats", "model_stats", "Inference statistics of a version",
+          errors=(*UNKNOWN, ErrorCode.UNAVAILABLE)),
+    Route("POST", "/v2/repository/index", "repository_index",
+          "Registered versions, READY where a live worker serves them (body: optional {\"ready\": bool})",
+          errors=(ErrorCode.INVALID_REQUEST, ErrorCode.UNAVAILABLE)),
+    *(Route(method, path, "unsupported", f"Not supported: answers {ErrorCode.UNSUPPORTED.value}",
+            errors=(ErrorCode.UNSUPPORTED,)) for method, path in (
+        ("POST", "/v2/repository/models/{model}/load"),
+        ("POST", "/v2/repository/models/{model}/unload"),
+        ("GET", "/v2/logging"),
+        ("POST", "/v2/logging"),
+        ("GET", "/v2/trace/setting"),
+        ("POST", "/v2/trace/setting"),
+        ("GET", "/v2/models/{model}/trace/setting"),
+        ("POST", "/v2/models/{model}/trace/setting"),
+        ("GET", "/v2/systemsharedmemory/status"),
+        ("GET", "/v2/systemsharedmemory/region/{region}/status"),
+        ("POST", "/v2/systemsharedmemory/region/{region}/register"),
+        ("POST", "/v2/systemsharedmemory/region/{region}/unregister"),
+        ("POST", "/v2/systemsharedmemory/unregister"),
+        ("GET", "/v2/cudasharedmemory/status"),
+        ("GET", "/v2/cudasharedmemory/region/{region}/status"),
+        ("POST", "/v2/cudasharedmemory/region/{region}/register"),
+        ("POST", "/v2/cudasharedmemory/region/{region}/unregister"),
+        ("POST", "/v2/cudasharedmemory/unregister"),
+    )),
     Route("POST", "/v2/models/{model}/infer", "infer", "Inference (Open Inference Protocol, binary tensors too)"),
     Route("POST", "/v2/models/{model}/versions/{version}/infer", "infer", "Inference on a version"),
     Route("POST", "/v1/models/{model}/classify", "classify", "Classify an image (raw bytes or multipart 'image')"),
@@ -293,7 +339,11 @@ class Bridge:
     async def ready(self, request: web.Request) -> web.Response:
         if not await self.client.broker_ready():
             return error(ErrorCode.UNAVAILABLE, "the broker is not reachable")
-        return web.json_response({"ready": True})
+        workers = await self._live_workers()
+        if not workers:
+            raise EventError(ErrorCode.UNAVAILABLE, f"no worker of group {self.settings.app_id!r} is live: none has "
+                             f"sent a heartbeat in the last {self._heartbeat_ttl_s:g} s")
+        return web.json_response({"ready": True, "workers": len(workers)})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response({"name": "inferstream", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
@@ -303,8 +353,56 @@ class Bridge:
         return web.json_response(model_metadata(info, self.registry.versions(info.name)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._model(request)
-        return web.json_response({"name": request.match_info["model"], "ready": True})
+        info = self._model(request)
+        wanted = {info.key} if "version" in request.match_info else {i.key for i in self.registry.routable(info.name)}
+        missing = sorted(wanted - served(await self._live_workers()))
+        if missing:
+            raise EventError(ErrorCode.UNAVAILABLE, f"not ready: no live worker serves {', '.join(missing)}")
+        return web.json_response({"name": info.name, "ready": True})
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        info = self._model(request)
+        delay = self.settings.max_batch_delay_ms if info.max_batch_delay_ms is None else info.max_batch_delay_ms
+        return web.json_response(model_config(info, delay))
+
+    async def model_stats(self, request: web.Request) -> web.Response:
+        if "model" not in request.match_info:
+            versions = [(i.name, i.version) for i in self.registry.all() if i.status != "retired"]
+        elif "version" in request.match_info:
+            info = self._model(request)
+            versions = [(info.name, info.version)]
+        else:
+            name = self._model(request).name
+            versions = [(name, v) for v in self.registry.versions(name)]
+        try:
+            stats = await asyncio.wait_for(model_stats.read(self.redis, self.settings.topic_prefix, versions),
+                                           REDIS_READ_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError):
+            raise EventError(ErrorCode.UNAVAILABLE, "statistics cannot be read: Redis is unavailable") from None
+        return web.json_response({"model_stats": stats})
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await _json_object(request) if (await request.read()).strip() else {}
+        ready_only = body.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise EventError(ErrorCode.INVALID_REQUEST, "'ready' must be a boolean")
+        live = served(await self._live_workers())
+        return web.json_response(repository_index(self.registry.all(), live, ready_only))
+
+    async def unsupported(self, request: web.Request) -> web.Response:
+        raise EventError(ErrorCode.UNSUPPORTED, unsupported_message(request.path))
+
+    @property
+    def _heartbeat_ttl_s(self) -> float:
+        return self.settings.heartbeat_interval_s * heartbeats.TTL_INTERVALS
+
+    async def _live_workers(self) -> list[heartbeats.WorkerBeat]:
+        try:
+            return await asyncio.wait_for(
+                heartbeats.live_workers(self.redis, self.settings.topic_prefix, self.settings.app_id),
+                REDIS_READ_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError):
+            raise EventError(ErrorCode.UNAVAILABLE, "worker heartbeats cannot be read: Redis is unavailable") from None
 
     async def infer(self, request: web.Request) -> web.Response:
         info = self._model(request)

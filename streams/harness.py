@@ -127,20 +127,21 @@ class BridgeProcess(Service):
     def url(self) -> str:
         return f"http://{self.settings.bridge_host}:{self.settings.bridge_port}"
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until /v2/health/ready answers 200."""
+    async def wait_ready(self, timeout: float = 60.0, path: str = "/v2/health/live") -> None:
+        """Until `path` answers 200. /v2/health/live does once the bridge has started (connected to
+        the broker, PostgreSQL and Redis); /v2/health/ready only once a worker is live too."""
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 self.check_running()
                 try:
-                    async with session.get(f"{self.url}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    async with session.get(f"{self.url}{path}", timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status == 200:
                             return
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
-        raise TimeoutError(f"bridge not ready after {timeout} s:\n{self.log()[-3000:]}")
+        raise TimeoutError(f"bridge: {path} not 200 after {timeout} s:\n{self.log()[-3000:]}")
 
 
 def tiny_input(rows: int = 1, seed: int = 0) -> dict[str, np.ndarray]:

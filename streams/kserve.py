@@ -143,6 +143,76 @@ def model_metadata(info: ModelInfo, versions: list[str]) -> dict:
     }
 
 
+def model_config(info: ModelInfo, max_queue_delay_ms: float) -> dict:
+    """The /v2/models/{name}[/versions/{v}]/config response: the version's Triton model
+    configuration in Triton's JSON form, as a `config.pbtxt` for it would give (the batch axis is
+    not among the dims of a model with max_batch_size > 0; -1 marks a dynamic axis).
+    `max_queue_delay_ms` is how long the workers wait to fill a batch."""
+    batching = info.max_batch_size > 0
+
+    def tensor(t: TensorSignature, **extra: Any) -> dict:
+        dims = t.shape[1:] if batching and t.shape else t.shape
+        return {"name": t.name, "data_type": f"TYPE_{dtype_to_datatype(t.dtype)}", "dims": dims, **extra}
+
+    config: dict[str, Any] = {
+        "name": info.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"all": {}},  # every version not retired is served
+        "max_batch_size": info.max_batch_size,
+        "input": [tensor(t, format="FORMAT_NONE", is_shape_tensor=False, allow_ragged_batch=False, optional=False)
+                  for t in info.inputs],
+        "output": [tensor(t, label_filename=info.labels or "", is_shape_tensor=False) for t in info.outputs],
+        "default_model_filename": "model.onnx",
+        "parameters": {},
+    }
+    if batching:
+        config["dynamic_batching"] = {"preferred_batch_size": [], "preserve_ordering": False,
+                                      "max_queue_delay_microseconds": round(max_queue_delay_ms * 1000)}
+    return config
+
+
+# The Triton routes inferstream does not offer (by a part of their path): what each is, and why
+# not or what to use instead.
+_SHARED_MEMORY = ("inference runs in workers on other hosts than the caller; send tensors in the body (binary"
+                  " tensor extension) or, when large, by S3 reference (inputs_ref)")
+_UNSUPPORTED = {
+    "/v2/repository/models/": (
+        "model control (load/unload)", "every registered version is served by the workers; register a version"
+        " with POST /v1/models and retire one with DELETE /v1/models/{model}/versions/{version}"),
+    "/v2/logging": (
+        "log settings", "set INFERSTREAM_LOG_LEVEL, INFERSTREAM_LOG_FORMAT and INFERSTREAM_LOG_REQUESTS on the"
+        " workers and bridges"),
+    "/trace/setting": (
+        "trace settings", "traces follow the caller's W3C traceparent and are exported over OTLP"
+        " (INFERSTREAM_OTLP_ENDPOINT)"),
+    "/v2/systemsharedmemory/": ("system shared memory", _SHARED_MEMORY),
+    "/v2/cudasharedmemory/": ("CUDA shared memory", _SHARED_MEMORY),
+}
+
+
+def unsupported_message(path: str) -> str:
+    """The error message of an unsupported Triton route (its path template)."""
+    what, why = next(v for part, v in _UNSUPPORTED.items() if part in path)
+    return f"{what} is not supported by inferstream: {why}"
+
+
+def repository_index(infos: list[ModelInfo], served: set[str], ready_only: bool = False) -> list[dict]:
+    """The POST /v2/repository/index response: every registered version, READY when a live
+    worker serves it."""
+    index = []
+    for info in infos:
+        if info.status == "retired":
+            state, reason = "UNAVAILABLE", "retired"
+        elif info.key in served:
+            state, reason = "READY", ""
+        else:
+            state, reason = "UNAVAILABLE", "no live worker serves it"
+        if state == "READY" or not ready_only:
+            index.append({"name": info.name, "version": info.version, "state": state, "reason": reason})
+    return index
+
+
 @contextmanager
 def _about(what: str) -> Iterator[None]:
     """Prefix protocol errors with the tensor they concern."""

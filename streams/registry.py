@@ -142,13 +142,18 @@ class ModelRegistry:
                     ErrorCode.UNKNOWN_VERSION,
                     f"model {name!r} has no version {version!r}; versions: {self.versions(name)}",
                 ) from None
-        active = {v: info for v, info in versions.items() if info.status == "active" and not info.shadow}
-        weights = {v: info.weight for v, info in active.items() if info.weight > 0}
+        active = {info.version: info for info in self.routable(name)}
+        weights = {v: info.weight for v, info in active.items()}
         if not weights:
             raise EventError(ErrorCode.UNKNOWN_VERSION, f"model {name!r} has no active version with weight")
         if key is None or len(weights) == 1:
             return active[max(weights, key=_version_order)]
         return active[weighted.choose(weights, key)]
+
+    def routable(self, name: str) -> list[ModelInfo]:
+        """The versions a request without a version may reach: active, not shadow, with weight."""
+        return [info for info in self._live(self._models.get(name, {})).values()
+                if info.status == "active" and not info.shadow and info.weight > 0]
 
     def shadows(self, name: str) -> list[ModelInfo]:
         return [i for i in self._live(self._models.get(name, {})).values() if i.shadow and i.status == "active"]

@@ -24,6 +24,7 @@ async def test_tritonclient_infers_through_the_bridge(start_worker, start_bridge
 
     start_worker()
     bridge = await start_bridge()
+    await bridge.wait_ready(90, path="/v2/health/ready")  # a worker is live
     client = triton.InferenceServerClient(bridge.url.removeprefix("http://"))
     try:
         assert await client.is_server_live()
