@@ -193,7 +193,8 @@ _UNSUPPORTED = {
 
 def unsupported_message(path: str) -> str:
     """The error message of an unsupported Triton route (its path template)."""
-    what, why = next(v for part, v in _UNSUPPORTED.items() if part in path)
+    what, why = next((v for part, v in _UNSUPPORTED.items() if part in path),
+                     ("this Triton route", "see the README's table of Triton calls"))
     return f"{what} is not supported by inferstream: {why}"
 
 

@@ -113,3 +113,7 @@ def test_repository_index_is_ready_where_a_live_worker_serves():
 def test_unsupported_routes_say_what_and_why(path, what):
     message = unsupported_message(path)
     assert message.startswith(f"{what}") and "is not supported by inferstream: " in message
+
+
+def test_an_unlisted_path_still_gets_a_message():
+    assert unsupported_message("/v2/other").startswith("this Triton route is not supported by inferstream: ")
