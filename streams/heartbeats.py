@@ -34,6 +34,13 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 TTL_INTERVALS = 3
+# KEYS[1]: the index; KEYS[i + 1]: the heartbeat key of worker ARGV[i]. Drops the ids whose key is gone.
+PRUNE_LUA = """
+for i, worker in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('SREM', KEYS[1], worker) end
+end
+return 1
+"""
 MAX_WORKERS_READ = 1000  # a bound on one read of the index
 
 
@@ -79,10 +86,11 @@ async def live_workers(redis: aioredis.Redis, prefix: str, group: str) -> list[W
     ids = sorted(_text(i) for i in members)
     if not ids:
         return []
-    values = await redis.mget([worker_key(prefix, group, i) for i in ids])
-    gone = [i for i, value in zip(ids, values) if value is None]
-    if gone:
-        await redis.srem(index, *gone)
+    keys = [worker_key(prefix, group, i) for i in ids]
+    values = await redis.mget(keys)
+    gone = [(key, i) for key, i, value in zip(keys, ids, values) if value is None]
+    if gone:  # checked again in the script: a worker may have beaten since
+        await redis.register_script(PRUNE_LUA)(keys=[index, *(key for key, _ in gone)], args=[i for _, i in gone])
     beats = []
     for value in values:
         if value is not None:

@@ -68,6 +68,20 @@ async def test_ready_only_while_a_worker_serves(start_worker, start_bridge):
         assert (await status_of(session, url + "/v2/models/tiny/ready"))[0] == 503
 
 
+async def test_a_killed_worker_stops_counting_when_its_heartbeat_expires(start_worker, start_bridge):
+    worker = start_worker(models=["tiny"], **BEAT)
+    bridge = await start_bridge(**BEAT)
+    await bridge.wait_ready(90, path="/v2/health/ready")
+    worker.kill()  # no withdrawal: the heartbeat expires after three intervals (1.5 s)
+    async with aiohttp.ClientSession() as session:
+        async def unready() -> bool:
+            return (await status_of(session, bridge.url + "/v2/health/ready"))[0] == 503
+
+        await until(unready, 5, "server unready after the worker was killed")
+        status, body = await status_of(session, bridge.url + "/v2/models/tiny/versions/1/ready")
+    assert status == 503 and "no live worker serves tiny/1" in body["error"], body
+
+
 async def test_statistics_count_the_workers_inferences(start_worker, start_bridge):
     worker = start_worker(models=["tiny"], **BEAT)
     bridge = await start_bridge(**BEAT)

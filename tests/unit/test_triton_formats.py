@@ -117,3 +117,30 @@ def test_unsupported_routes_say_what_and_why(path, what):
 
 def test_an_unlisted_path_still_gets_a_message():
     assert unsupported_message("/v2/other").startswith("this Triton route is not supported by inferstream: ")
+
+
+class _Server:
+    def __init__(self, name: str, version: str, states: dict[str, str]) -> None:
+        self.info = built("tiny").model_copy(update={"name": name, "version": version})
+        self.balancer = self
+        self._states = states
+
+    def states(self) -> dict[str, str]:
+        return self._states
+
+
+def test_a_worker_serves_the_versions_it_loaded_whose_topic_it_holds_and_a_backend_is_not_cut_off():
+    from streams.pipeline import Pipeline
+    from streams.settings import Settings
+
+    pipeline = Pipeline(Settings(), ModelRegistry(), serve=["tiny", "other"])
+    pipeline._servers = {  # type: ignore[assignment]
+        "tiny/1": _Server("tiny", "1", {"onnxruntime": "closed"}),
+        "tiny/2": _Server("tiny", "2", {"triton-grpc://127.0.0.1:8001": "open"}),  # its only backend is down
+        "tiny/3": _Server("tiny", "3", {"onnxruntime": "closed", "triton-grpc://127.0.0.1:8001": "open"}),
+        "other/1": _Server("other", "1", {"onnxruntime": "half_open"}),
+    }
+    tiny, other = pipeline.topics.model("tiny"), pipeline.topics.model("other")
+    assert pipeline.served_versions({tiny, other}) == ["tiny/1", "tiny/3", "other/1"]
+    assert pipeline.served_versions({tiny}) == ["tiny/1", "tiny/3"]  # no partition of other's topic here
+    assert pipeline.served_versions(set()) == []
