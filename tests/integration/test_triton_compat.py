@@ -183,6 +183,38 @@ def drive_every_call(address: str) -> dict[str, object]:
     return answers
 
 
+async def drive_the_aio_client(address: str) -> None:
+    """tritonclient.http.aio: the same calls (it has no async_infer), the same answers."""
+    import tritonclient.http.aio as aio
+    from tritonclient.utils import InferenceServerException
+
+    public = {name for name in dir(aio.InferenceServerClient) if not name.startswith("_")}
+    assert public == (SERVED | REFUSED | LOCAL) - {"async_infer"}, sorted(public ^ (SERVED | REFUSED | LOCAL))
+    client = aio.InferenceServerClient(address)
+    x = tiny_input(rows=2, seed=3)["x"]
+    inp = aio.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    try:
+        assert await client.is_server_ready() and await client.is_model_ready("tiny", "1")
+        assert (await client.get_model_config("tiny"))["name"] == "tiny"
+        assert (await client.get_inference_statistics("tiny"))["model_stats"][0]["name"] == "tiny"
+        assert any(e["name"] == "tiny" for e in await client.get_model_repository_index())
+        result = await client.infer("tiny", [inp], headers={"X-Inferstream-Timeout": "10"})
+        assert result.as_numpy("y").shape == (2, 16)
+        for refused in (client.load_model("tiny"), client.unload_model("tiny"), client.get_trace_settings(),
+                        client.update_log_settings({"log_verbose_level": 1}), client.get_log_settings(),
+                        client.get_system_shared_memory_status(), client.unregister_system_shared_memory(),
+                        client.register_system_shared_memory("r", "/key", 64),
+                        client.get_cuda_shared_memory_status(), client.unregister_cuda_shared_memory(),
+                        client.register_cuda_shared_memory("r", b"handle", 0, 64),
+                        client.update_trace_settings("tiny", {"trace_level": ["TIMESTAMPS"]})):
+            with pytest.raises(InferenceServerException) as error:
+                await refused
+            assert error.value.status() == "400" and "is not supported by inferstream" in error.value.message()
+    finally:
+        await client.close()
+
+
 async def test_every_tritonclient_call_is_served_or_refused_saying_so(start_worker, start_bridge, settings):
     import tritonclient.http as triton
     from google.protobuf import json_format, text_format
@@ -196,6 +228,7 @@ async def test_every_tritonclient_call_is_served_or_refused_saying_so(start_work
     await bridge.wait_ready(90, path="/v2/health/ready")
     # geventhttpclient: the client lives and is called in one thread.
     answers = await asyncio.to_thread(drive_every_call, bridge.url.removeprefix("http://"))
+    await drive_the_aio_client(bridge.url.removeprefix("http://"))
 
     for check in ("is_server_live", "is_server_ready", "is_model_ready"):
         assert answers[check] is True
