@@ -1,4 +1,9 @@
-"""`inferstream` command line."""
+"""`inferstream` command line.
+
+Commands import what they use when they run: `inferstream --help` and the simple reads load no
+numpy, faust, aiokafka or onnxruntime. A user's mistake prints one `error:` line and exits 2; an
+unexpected error prints one line too and exits 1 (`--debug` shows its traceback instead).
+"""
 
 from __future__ import annotations
 
@@ -9,41 +14,151 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer import _click as click  # typer's own copy of click: its commands, contexts and exceptions
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from streams.settings import Settings, get_settings
+if TYPE_CHECKING:
+    import numpy as np
 
-app = typer.Typer(help="inferstream: Kafka-native inference.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack: broker, S3 server, PostgreSQL, Redis.", no_args_is_help=True)
-models_app = typer.Typer(help="Build and list models.", no_args_is_help=True)
-topics_app = typer.Typer(help="Kafka topics of the contract.", no_args_is_help=True)
+    from streams.settings import Settings
+
+USER_ERROR = 2  # the exit status of a refused command: bad input, a taken port, a missing id
+INTERNAL_ERROR = 1  # an unexpected error (a bug, or a service that failed mid-command)
+
+
+# -- help without type tags, errors in one line -----------------------------------------------
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its name (NAME), without `{name}` braces or a `<str>` type tag."""
+
+    def display_type_rich(self, ctx: click.Context) -> str | None:
+        return None
+
+    def _rich_display_name(self) -> str:
+        name = self.metavar or (self.name or "").upper()
+        return f"{name}..." if self.nargs != 1 else name
+
+    def _usage_display_name(self) -> str:
+        name = self._rich_display_name()
+        return name if self.required else f"[{name}]"
+
+
+class _Option(TyperOption):
+    """An option shown without a type tag (`<bool>`, `<int>`...): its help says what it takes."""
+
+    def display_type_rich(self, ctx: click.Context) -> str | None:
+        return self.metavar
+
+
+def _plain(param: click.Parameter) -> click.Parameter:
+    if type(param) is TyperArgument:
+        param.__class__ = _Argument
+    elif type(param) is TyperOption:
+        param.__class__ = _Option
+    return param
+
+
+def _debug_requested(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("debug"))
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return [_plain(p) for p in super().get_params(ctx)]
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:
+            if _debug_requested(ctx):
+                raise
+            _error(f"{_describe(exc)} ({type(exc).__name__}; --debug shows the traceback)")
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return [_plain(p) for p in super().get_params(ctx)]
+
+
+class _Typer(typer.Typer):
+    """A typer app whose commands show help without type tags and report errors in one line."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=_Group, no_args_is_help=True, add_completion=False,
+                         pretty_exceptions_enable=False, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+app = _Typer(help="inferstream: Kafka-native inference.")
+stack_app = _Typer(help="The local stack: start, stop and show the broker, S3 server, PostgreSQL and Redis.")
+models_app = _Typer(help="Models: build them, list, register and change registered versions.")
+topics_app = _Typer(help="Create the Kafka topics of the contract.")
+keys_app = _Typer(help="API keys: issue, list, revoke.")
+limits_app = _Typer(help="Per-tenant rate limits: set, list, clear.")
+dlq_app = _Typer(help="Dead letters: list, show, redrive.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
 app.add_typer(topics_app, name="topics")
-keys_app = typer.Typer(help="API keys: issue, list, revoke.", no_args_is_help=True)
-limits_app = typer.Typer(help="Per-tenant rate limits.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(limits_app, name="limits")
+app.add_typer(dlq_app, name="dlq")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", envvar="INFERSTREAM_DEBUG",
+                                        help="show the full traceback of an unexpected error")] = False,
+) -> None:
+    """inferstream: Kafka-native inference."""
+
+
+def get_settings() -> Settings:
+    from streams.settings import get_settings as settings
+
+    return settings()
+
+
+def _error(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "red"), " ", message))
 
 
 def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
+    """Refuse the command: one line, exit status 2."""
+    _error(message)
+    raise typer.Exit(USER_ERROR)
 
 
 # -- stack -------------------------------------------------------------------------------------
 
 
 def _local_stack(settings: Settings, storage: str | None = None):
-    from streams.stack import LocalStack
+    from streams.stack import LocalStack, StackError
 
-    return LocalStack(settings, broker_storage=storage)
+    try:
+        return LocalStack(settings, broker_storage=storage)
+    except StackError as exc:
+        _fail(str(exc))
 
 
 @stack_app.command("up")
@@ -69,6 +184,7 @@ def stack_down() -> None:
 
 @stack_app.command("status")
 def stack_status() -> None:
+    """Each service: running, PID, endpoint."""
     table = Table("service", "running", "pid", "endpoint")
     for name, info in _local_stack(get_settings()).status().items():
         table.add_row(name, str(info.get("running")), str(info.get("pid") or "-"), str(info.get("endpoint")))
@@ -78,13 +194,14 @@ def stack_status() -> None:
 # -- topics and models -------------------------------------------------------------------------
 
 
-def _create_topics(settings: Settings) -> None:
+def _create_topics(settings: Settings, quiet: bool = False) -> None:
     from streams.registry import ModelRegistry
     from topics.admin import ensure_topics
 
     models = ModelRegistry.load(settings.model_repository).names
     created = asyncio.run(ensure_topics(settings, models))
-    console.print(f"topics: created {created}" if created else "topics: all present")
+    if not quiet:
+        console.print(f"topics: created {created}" if created else "topics: all present")
 
 
 @topics_app.command("create")
@@ -96,7 +213,7 @@ def topics_create() -> None:
 @models_app.command("build")
 def models_build(
     only: Annotated[Optional[list[str]], typer.Option(help="model name (repeatable)")] = None,
-    force: bool = False,
+    force: Annotated[bool, typer.Option(help="build again even when built")] = False,
 ) -> None:
     """Build the models into the model repository (cached: existing ones are kept)."""
     from models.build import build_models
@@ -147,15 +264,15 @@ def models_list() -> None:
 
 @models_app.command("register")
 def models_register(
-    name: str,
-    version: str,
+    name: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str, typer.Argument(help="version name")],
     artifact: Annotated[str, typer.Option(help="model.onnx: a local path or s3://bucket/key")],
     status: Annotated[str, typer.Option(help="active, draft or retired")] = "draft",
     weight: Annotated[int, typer.Option(help="share of unversioned requests")] = 0,
     shadow: Annotated[bool, typer.Option(help="mirror requests here; results stored, never returned")] = False,
     triton: Annotated[Optional[list[str]], typer.Option(help="a Triton backend host:port (grpc), repeatable")] = None,
     onnxruntime: Annotated[bool, typer.Option(help="also serve in the workers' onnxruntime")] = True,
-    max_batch_size: int = 64,
+    max_batch_size: Annotated[int, typer.Option(help="the largest batch the model takes")] = 64,
 ) -> None:
     """Register a model version; the artifact must load and match its signature."""
     from pydantic import ValidationError
@@ -182,11 +299,11 @@ def models_register(
 
 @models_app.command("set")
 def models_set(
-    name: str,
-    version: str,
+    name: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str, typer.Argument(help="version name")],
     status: Annotated[Optional[str], typer.Option(help="active, draft or retired")] = None,
-    weight: Annotated[Optional[int], typer.Option()] = None,
-    shadow: Annotated[Optional[bool], typer.Option("--shadow/--no-shadow")] = None,
+    weight: Annotated[Optional[int], typer.Option(help="share of unversioned requests")] = None,
+    shadow: Annotated[Optional[bool], typer.Option("--shadow/--no-shadow", help="mirror requests here")] = None,
 ) -> None:
     """Change a version's status, routing weight or shadow flag (live: workers follow)."""
     current = _registry_call("get", name, version)
@@ -220,7 +337,7 @@ def _keys_call(method: str, *args):
 
 @keys_app.command("create")
 def keys_create(
-    tenant: Annotated[str, typer.Option()],
+    tenant: Annotated[str, typer.Option(help="the tenant the key authenticates")],
     scope: Annotated[list[str], typer.Option(help="'infer' (any model) or 'infer:<model>'; repeatable")] = ["infer"],  # noqa: B006
     name: Annotated[str, typer.Option(help="a label for the key")] = "",
 ) -> None:
@@ -232,18 +349,17 @@ def keys_create(
 def _check_tenant(tenant: str, scopes: list[str] = []) -> None:  # noqa: B006 - never mutated
     """Refuse a tenant (or scopes) the worker would never see in credentials, before connecting:
     a bad tenant is the caller's mistake, whatever the stores' state."""
-    from rich.markup import escape
-
     from streams.auth import check_tenant_and_scopes
 
     try:
         check_tenant_and_scopes(tenant, scopes)
     except ValueError as exc:
-        _fail(escape(str(exc)))
+        _fail(str(exc))
 
 
 @keys_app.command("list")
-def keys_list(tenant: Annotated[Optional[str], typer.Option()] = None) -> None:
+def keys_list(tenant: Annotated[Optional[str], typer.Option(help="only this tenant's keys")] = None) -> None:
+    """API keys (never their secrets): id, tenant, scopes, name, created, revoked."""
     table = Table("key id", "tenant", "scopes", "name", "created", "revoked")
     for key in _keys_call("list", tenant):
         table.add_row(key["key_id"], key["tenant"], " ".join(key["scopes"]), key["name"],
@@ -252,7 +368,7 @@ def keys_list(tenant: Annotated[Optional[str], typer.Option()] = None) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str) -> None:
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")]) -> None:
     """Revoke a key (by its id, the part after `isk_`); it stops working at once."""
     if not _keys_call("revoke", key_id):
         _fail(f"no key {key_id}")
@@ -270,7 +386,8 @@ def _limits_call(method: str, *args):
 
 
 @limits_app.command("set")
-def limits_set(tenant: str, requests_per_minute: int) -> None:
+def limits_set(tenant: Annotated[str, typer.Argument(help="the tenant")],
+               requests_per_minute: Annotated[int, typer.Argument(help="its limit")]) -> None:
     """Override the default rate limit for one tenant."""
     _check_tenant(tenant)
     _limits_call("set", tenant, requests_per_minute)
@@ -278,7 +395,8 @@ def limits_set(tenant: str, requests_per_minute: int) -> None:
 
 
 @limits_app.command("clear")
-def limits_clear(tenant: str) -> None:
+def limits_clear(tenant: Annotated[str, typer.Argument(help="the tenant")]) -> None:
+    """Give a tenant the default rate limit again."""
     _check_tenant(tenant)
     _limits_call("clear", tenant)
     console.print(f"{tenant}: default limit ({get_settings().rate_limit_per_minute} per minute)")
@@ -286,6 +404,7 @@ def limits_clear(tenant: str) -> None:
 
 @limits_app.command("list")
 def limits_list() -> None:
+    """The tenants with their own rate limit."""
     table = Table("tenant", "requests per minute")
     for tenant, limit in sorted(_limits_call("list").items()):
         table.add_row(tenant, str(limit))
@@ -325,68 +444,198 @@ def lag(group: Annotated[Optional[str], typer.Option(help="consumer group (defau
     console.print(f"suggested workers: {suggested_workers(lags, settings.scale_lag_per_worker)}")
 
 
+def _service_ports(settings: Settings, services: tuple[str, ...]):
+    """The ports the worker and the bridge bind."""
+    from streams.stack import Port
+
+    ports = []
+    if "bridge" in services:
+        ports.append(Port(settings.bridge_port, "HTTP bridge", "INFERSTREAM_BRIDGE_PORT", settings.bridge_host))
+    if "worker" in services and settings.metrics_port > 0:
+        ports.append(Port(settings.metrics_port, "worker metrics", "INFERSTREAM_METRICS_PORT"))
+    return ports
+
+
+def _check_ports(ports: list) -> None:
+    from streams.stack import StackError, check_ports
+
+    try:
+        check_ports(ports)
+    except StackError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def bridge() -> None:
     """Run the HTTP bridge in the foreground."""
     from streams.bridge import run_bridge
 
-    run_bridge(get_settings())
+    settings = get_settings()
+    _check_ports(_service_ports(settings, ("bridge",)))
+    run_bridge(settings)
+
+
+class _Child:
+    """A process `up` started, its output appended to a log file that `up` follows."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            self._offset = log_file.tell()  # follow only what this run writes
+            self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", name], stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def new_lines(self) -> list[str]:
+        with self.log_path.open("rb") as log_file:
+            log_file.seek(self._offset)
+            data = log_file.read()
+        end = data.rfind(b"\n") + 1  # a partly written line waits for the next call
+        self._offset += end
+        return data[:end].decode(errors="replace").splitlines()
+
+    def last_message(self) -> str:
+        from streams.logs import compact
+
+        lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        return (compact(lines[-1]) or lines[-1]) if lines else "no output"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _answers_http(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+UP_READY_TIMEOUT_S = 120.0
 
 
 @app.command()
 def up(
     build: Annotated[bool, typer.Option(help="build missing models first")] = True,
     storage: Annotated[Optional[str], typer.Option(help="broker storage: s3 or memory")] = None,
+    json_logs: Annotated[bool, typer.Option(help="also print the worker's and bridge's JSON log lines here")]
+    = False,
 ) -> None:
     """The main job: build models if missing, start the local stack, create topics, run a worker
     and the HTTP bridge.
-    Ctrl-C stops what it started; the next run reuses the stored data."""
+
+    Ctrl-C stops what it started; the next run reuses the stored data. Logs go to files under the
+    state directory; on a terminal each event is also shown as one short line."""
+    from streams.logs import compact
     from streams.stack import StackError
 
     settings = get_settings()
-    if build:
-        models_build(only=None, force=False)
     stack = _local_stack(settings, storage)
-    try:
-        for name, where in stack.up().items():
-            console.print(f"{name:>9}: {where}")
-        _create_topics(settings)
-    except StackError as exc:
-        stack.down()
-        _fail(str(exc))
-    children = {
-        name: subprocess.Popen([sys.executable, "-m", "streams.cli", name], start_new_session=True)
-        for name in ("worker", "bridge")
-    }
-    console.print(f"   worker: pid {children['worker'].pid}")
-    console.print(f"   bridge: http://{settings.bridge_host}:{settings.bridge_port} (pid {children['bridge'].pid})")
-    console.print("Ctrl-C stops everything")
+    # Every port this job binds, checked before anything starts (the stack's own that already
+    # run are reused, not bound).
+    _check_ports(stack.ports_to_bind() + _service_ports(settings, ("worker", "bridge")))
+    if build:
+        _build_quietly(settings.model_repository)
+    started: dict[str, _Child] = {}
     # Ctrl-C, and a service manager's stop, end the job (also where SIGINT came in ignored).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
+    failed: str | None = None
+    code = INTERNAL_ERROR
     try:
-        while all(child.poll() is None for child in children.values()):
-            time.sleep(0.5)
-        for name, child in children.items():
-            if child.poll() is not None:
-                console.print(f"[red]{name} exited with {child.returncode}[/red]")
+        try:
+            endpoints = stack.up()
+            _create_topics(settings, quiet=True)
+        except StackError as exc:
+            failed, code = str(exc), USER_ERROR
+            raise
+        logs = settings.state_dir / "logs"
+        started = {name: _Child(name, logs / f"{name}.log") for name in ("worker", "bridge")}
+        bridge_url = f"http://{settings.bridge_host}:{settings.bridge_port}"
+        failed = _wait_started(started, f"{bridge_url}/v2/health/live")
+        if failed:
+            raise StackError(failed)
+        status = stack.status()
+        pids = {name: started[name].proc.pid for name in started} | {
+            name: status[name]["pid"] for name in ("kafka", "s3") if status[name]["pid"]}
+        lines = [
+            ("bridge", f"{bridge_url}  (pid {pids['bridge']})"),
+            ("docs", f"{bridge_url}/openapi.json"),
+            ("metrics", f"{bridge_url}/metrics"
+                        + (f", worker http://127.0.0.1:{settings.metrics_port}/metrics"
+                           if settings.metrics_port > 0 else "")),
+            ("worker", f"pid {pids['worker']}"),
+            ("kafka", f"{endpoints['kafka']}" + (f"  (pid {pids['kafka']})" if "kafka" in pids else "")),
+            ("s3", f"{endpoints['s3']}" + (f"  (pid {pids['s3']})" if "s3" in pids else "")),
+            ("postgres", endpoints["postgres"]),
+            ("redis", endpoints["redis"]),
+            ("logs", f"{logs}/{{worker,bridge,kafka,s3}}.log"),
+        ]
+        for name, where in lines:
+            console.print(f"{name:>9}: {where}", soft_wrap=True, highlight=False)
+        console.print("inferstream is up; Ctrl-C stops everything", highlight=False)
+        follow = sys.stdout.isatty() or json_logs
+        while not failed:
+            for name, child in started.items():
+                if follow:
+                    for line in child.new_lines():
+                        shown = line if json_logs else compact(line, name, chatter=False)
+                        if shown:
+                            console.print(Text(shown), soft_wrap=True)
+                if child.proc.poll() is not None:
+                    failed = f"{name} (pid {child.proc.pid}) exited with {child.proc.returncode}: " \
+                             f"{child.last_message()}; log: {child.log_path}"
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
+    except StackError:
+        pass
     finally:
-        for child in children.values():
-            _stop_child(child)
+        for child in started.values():
+            child.stop()
         stack.down()
-        console.print("stopped")
+        if failed:
+            _error(failed)
+        else:
+            console.print("stopped")
+    if failed:
+        raise typer.Exit(code)
 
 
-def _stop_child(child: subprocess.Popen) -> None:
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def _build_quietly(repository: Path) -> None:
+    from models.build import MODELS, build_models, is_built
+
+    missing = [name for name in MODELS if not is_built(repository / name)]
+    if missing:
+        console.print(f"   models: building {', '.join(missing)} (a few seconds each)...", highlight=False)
+    build_models(repository)
+    console.print(f"   models: {', '.join(MODELS)} in {repository}", highlight=False)
+
+
+def _wait_started(children: dict[str, _Child], ready_url: str) -> str | None:
+    """Until the bridge answers; the error when a child exits first (or nothing answers)."""
+    deadline = time.monotonic() + UP_READY_TIMEOUT_S
+    while not _answers_http(ready_url):
+        for name, child in children.items():
+            if child.proc.poll() is not None:
+                return (f"{name} (pid {child.proc.pid}) exited with {child.proc.returncode} while starting: "
+                        f"{child.last_message()}; log: {child.log_path}")
+        if time.monotonic() > deadline:
+            return f"the bridge did not answer {ready_url} within {UP_READY_TIMEOUT_S:.0f} s; " \
+                   f"log: {children['bridge'].log_path}"
+        time.sleep(0.2)
+    return None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -397,6 +646,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    import numpy as np
+
     inputs = {}
     for spec in specs:
         name, _, path = spec.partition("=")
@@ -414,7 +665,7 @@ def infer(
     model: Annotated[str, typer.Option(help="model name")],
     image: Annotated[Optional[Path], typer.Option(help="image file (image models)")] = None,
     input: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE.npy (repeatable)")] = None,
-    version: Annotated[Optional[str], typer.Option()] = None,
+    version: Annotated[Optional[str], typer.Option(help="pin a model version")] = None,
     top_k: Annotated[int, typer.Option(help="labels to show for image models")] = 5,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 30.0,
     api_key: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_API_KEY", help="an API key")] = None,
@@ -483,7 +734,7 @@ def infer(
 
 
 @app.command()
-def result(request_id: str) -> None:
+def result(request_id: Annotated[str, typer.Argument(help="the request's id")]) -> None:
     """Show the stored result of a request (PostgreSQL)."""
     from streams.results_store import ResultsStore
 
@@ -521,7 +772,8 @@ def load_command(
     seed: Annotated[int, typer.Option(help="seed of the random inputs")] = 0,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the figures here")] = None,
 ) -> None:
-    """Drive the bridge or the Kafka ingress at a fixed rate (open loop) and print the figures."""
+    """Drive the bridge or the Kafka ingress at a fixed rate (open loop): a line of counts a second,
+    then the figures."""
     import json
 
     from aiokafka.errors import KafkaError
@@ -543,9 +795,12 @@ def load_command(
         else:
             driver = load_gen.KafkaTarget(get_settings(), model, version=version, timeout=timeout, shapes=shapes,
                                           api_key=api_key, token=token, seed=seed)
-        about = {"target": target, "model": model, "version": version, "url": url if target == "bridge" else None}
+        about: dict[str, Any] = {"target": target, "model": model, "version": version,
+                                 "url": url if target == "bridge" else None}
         done = asyncio.run(load_gen.run(driver, rate=rate, duration=duration, warmup=warmup,
-                                        max_inflight=max_inflight, timeout=timeout, **about))
+                                        max_inflight=max_inflight, timeout=timeout,
+                                        progress=lambda tally: console.print(tally.line(), highlight=False),
+                                        **about))
     except (ValueError, RuntimeError, OSError, EventError, KafkaError) as exc:
         _fail(getattr(exc, "message", None) or str(exc) or repr(exc))
     console.print(load_gen.summary_table(done.summary))
@@ -566,11 +821,32 @@ def _replay_filters(model, tenant, request_ids, request_ids_file, errors_only):
     return Filters(model, tenant, frozenset(ids) if ids else None, errors_only)
 
 
-def _replay_progress(job):
-    """Run the replay under a rich progress bar: read, published, rate, ETA."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+REPLAY_LINE_EVERY_S = 1.0
 
+
+def _replay_progress(job):
+    """Run the replay showing its progress (read, published, rate): a rich progress bar on a
+    terminal, otherwise a plain line at most once a second."""
     from streams.replay import Replayer
+
+    async def main(show):
+        # Built inside the running loop: aiokafka binds its clients to the loop they are created in.
+        replayer = Replayer(get_settings(), job)
+        return await replayer.run(show)
+
+    if not console.is_terminal:
+        last = [0.0]
+
+        def line(p):
+            if time.monotonic() - last[0] >= REPLAY_LINE_EVERY_S:
+                last[0] = time.monotonic()
+                verb = "would publish" if job.dry_run else "published"
+                console.print(f"replay {job.name}: read {p.read}/{p.total}, {verb} {p.published}, "
+                              f"{p.rate:.0f}/s", highlight=False, soft_wrap=True)
+
+        return asyncio.run(main(line))
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("replay {task.fields[name]}"), BarColumn(), TextColumn("read {task.completed}/{task.total}"),
                TextColumn("published {task.fields[published]}"), TextColumn("{task.fields[rate]:.0f}/s"),
@@ -581,12 +857,7 @@ def _replay_progress(job):
         def show(p):
             bar.update(task, total=p.total, completed=p.read, published=p.published, rate=p.rate)
 
-        async def main():
-            # Built inside the running loop: aiokafka binds its clients to the loop they are created in.
-            replayer = Replayer(get_settings(), job)
-            return await replayer.run(show)
-
-        return asyncio.run(main())
+        return asyncio.run(main(show))
 
 
 @app.command()
@@ -597,8 +868,8 @@ def replay(
     until: Annotated[Optional[str], typer.Option(help="ISO time or unix ms (excluded)")] = None,
     from_offset: Annotated[Optional[list[str]], typer.Option(help="P:O, first offset (repeatable)")] = None,
     to_offset: Annotated[Optional[list[str]], typer.Option(help="P:O, last offset, included (repeatable)")] = None,
-    model: Optional[str] = None,
-    tenant: Optional[str] = None,
+    model: Annotated[Optional[str], typer.Option(help="only this model's requests")] = None,
+    tenant: Annotated[Optional[str], typer.Option(help="only this tenant's requests")] = None,
     request_id: Annotated[Optional[list[str]], typer.Option(help="original request id (repeatable)")] = None,
     request_ids_file: Annotated[Optional[Path], typer.Option(help="original request ids, one a line")] = None,
     errors_only: Annotated[bool, typer.Option(help="only requests whose stored result is an error")] = False,
@@ -643,10 +914,6 @@ def replay(
                       f" latency diff ms {report['latency_diff_ms']}, differing {len(report['differing'])},"
                       f" missing {len(report['missing_replays'])}")
         console.print(f"report: {uri}")
-
-
-dlq_app = typer.Typer(help="Dead letters: list, show, redrive.", no_args_is_help=True)
-app.add_typer(dlq_app, name="dlq")
 
 
 @dlq_app.command("list")
@@ -719,7 +986,7 @@ def dlq_redrive(
     try:
         sent, skipped = asyncio.run(redrive(settings, letters))
     except StoreUnreachable as exc:
-        _fail(escape(printable(str(exc))))
+        _fail(printable(str(exc)))
     for x in sent:
         note = " (redacted: sent without its credentials)" if x.letter.redacted else ""
         console.print(escape(printable(f"redriven {x.position} ({x.letter.reason.value}, {x.letter.request_id})"
@@ -730,7 +997,20 @@ def dlq_redrive(
 
 
 def main() -> None:
-    app()
+    """The `inferstream` entry point: a usage error (unknown option, bad value) is one line too."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        code = 0
+    except click.exceptions.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _error(" ".join(exc.format_message().split()) + hint)
+        code = exc.exit_code
+    except typer.Abort:
+        code = INTERNAL_ERROR
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def test_cli_refuses_a_bad_tenant_or_scope_before_connecting(args, message, monk
     for stores in ("_keys_call", "_limits_call"):
         monkeypatch.setattr(cli, stores, lambda *args: pytest.fail("the stores were reached"))
     result = CliRunner().invoke(cli.app, args)
-    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_a_sealed_principal_round_trips_and_malformed_claims_name_nobody():
