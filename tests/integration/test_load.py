@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
+from cli_process import run_cli
 
 from streams import load
 from streams.client import InferenceClient
-from streams.harness import settings_env, tiny_input, wait_ready
+from streams.harness import tiny_input, wait_ready
 
 pytestmark = pytest.mark.integration
 RATE, SECONDS = 50, 3
@@ -62,22 +61,11 @@ async def stored_ok(settings, expect: int, *, since: datetime | None = None, req
         await conn.close()
 
 
-async def run_command(settings, json_path: Path, *args: str, timeout: float = 90.0) -> dict:
-    """`inferstream load ... --json PATH` as a process with the test's settings; its figures."""
-    env = {**os.environ, **settings_env(settings)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streams.cli", "load", *args, "--json", str(json_path), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, output.decode(errors="replace")
-    assert "achieved throughput" in output.decode(errors="replace")
-    return json.loads(json_path.read_text())
+async def run_command(settings, json_path: Path, *args: str, timeout: float = 90.0) -> tuple[dict, str]:
+    """`inferstream load ... --json PATH` as a process with the test's settings; its figures and output."""
+    out = (await run_cli("load", *args, "--json", str(json_path), settings=settings, timeout=timeout)).output
+    assert "achieved throughput" in out
+    return json.loads(json_path.read_text()), out
 
 
 def assert_all_ok(summary: dict, expected: int) -> None:
@@ -98,9 +86,13 @@ async def test_load_through_the_bridge(start_worker, start_bridge, settings, tmp
     assert done.summary["inputs"] == {"x": "float32[1, 16]"}  # from the bridge's model metadata
     assert await stored_ok(settings, EXPECTED, since=since) == EXPECTED
 
-    figures = await run_command(settings, tmp_path / "bridge.json", "--target", "bridge", "--url", bridge.url,
-                                "--rate", "20", "--duration", "2", "--warmup", "0.5", "--timeout", "10")
-    assert_all_ok(figures, 40)
+    figures, out = await run_command(settings, tmp_path / "bridge.json", "--target", "bridge", "--url", bridge.url,
+                                     "--rate", "20", "--duration", "3", "--warmup", "0.5", "--timeout", "10")
+    assert_all_ok(figures, 60)
+    # A line of counts a second while it runs, before the figures.
+    before_summary = out[:out.index("achieved throughput")]
+    progress = [line for line in before_summary.splitlines() if " sent " in line and " answered " in line]
+    assert len(progress) >= 2, out
     assert figures["target"] == "bridge" and figures["offered_rate"] == pytest.approx(20)
 
 
@@ -115,7 +107,7 @@ async def test_load_through_kafka(start_worker, settings, tmp_path):
     assert len(set(ids)) == EXPECTED and None not in ids
     assert await stored_ok(settings, EXPECTED, request_ids=ids) == EXPECTED
 
-    figures = await run_command(settings, tmp_path / "kafka.json", "--target", "kafka", "--rate", "20",
+    figures, _ = await run_command(settings, tmp_path / "kafka.json", "--target", "kafka", "--rate", "20",
                                 "--duration", "2", "--shape", "x=2,16", "--timeout", "10")
     assert_all_ok(figures, 40)
     assert figures["target"] == "kafka" and figures["inputs"] == {"x": "float32[2, 16]"}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -13,11 +11,11 @@ import orjson
 import pytest
 import skimage.data
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cli_process import run_cli
 
 from streams.client import InferenceClient
-from streams.harness import settings_env, tiny_input, wait_ready
+from streams.harness import tiny_input, wait_ready
 from streams.objectstore import ObjectStore
-from streams.settings import PROJECT_ROOT
 from topics import events
 from topics.names import Topics
 
@@ -260,14 +258,7 @@ async def test_cli_infer_prints_the_top_labels(start_worker, settings):
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-    env = {**os.environ, **settings_env(settings), "COLUMNS": "200"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streams.cli", "infer", "--model", "efficientnet-lite0",
-        "--image", str(CHELSEA), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    text = out.decode()
-    assert proc.returncode == 0, text
+    text = (await run_cli("infer", "--model", "efficientnet-lite0", "--image", str(CHELSEA), settings=settings)).output
     first = next(line for line in text.splitlines() if line.strip("│ ").startswith("1 "))
     assert "cat" in first, text
     assert sum(1 for line in text.splitlines() if line.strip("│ ")[:2] in {"1 ", "2 ", "3 ", "4 ", "5 "}) == 5
@@ -280,11 +271,5 @@ async def test_cli_infer_prints_the_top_labels(start_worker, settings):
     ["--model", "tiny", "--input", "x=README.md"],
 ])
 async def test_cli_infer_refuses_unreadable_inputs_in_one_line(settings, args):
-    env = {**os.environ, **settings_env(settings), "COLUMNS": "200"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streams.cli", "infer", *args, cwd=PROJECT_ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    text = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
-    assert proc.returncode == 1, text
+    text = (await run_cli("infer", *args, settings=settings, timeout=60, expect=2)).output  # a user error
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1 and text.startswith("error:"), text

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
+import re
 import time
 
 import asyncpg
@@ -12,14 +11,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from cli_process import run_cli
 
 from streams.client import InferenceClient
 from streams.dlq import read_letters, redrive, select
-from streams.harness import settings_env, tiny_input, wait_ready
+from streams.harness import tiny_input, wait_ready
 from streams.objectstore import ObjectStore
 from streams.registry_store import RegistryStore, info_from_artifact
 from streams.replay import Replayer, ReplayJob, compare, fixed_ends
-from streams.settings import PROJECT_ROOT
 from topics import events
 from topics.errors import ErrorCode
 from topics.names import Topics
@@ -104,24 +103,6 @@ async def test_time_window_replay_is_stored_beside_originals_and_compares(start_
         await pool.close()
 
 
-async def cli_replay(settings, *args: str, timeout: float = 120.0) -> str:
-    """`inferstream replay ARGS` as a process on the test's settings; its output (exit status 0)."""
-    env = {**os.environ, **settings_env(settings), "COLUMNS": "200"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streams.cli", "replay", *args, cwd=PROJECT_ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    text = out.decode()
-    assert proc.returncode == 0, text
-    return text
-
-
 async def topic_ends(settings, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
     await consumer.start()
@@ -149,12 +130,15 @@ async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_store
         assert len(before) == 4
 
         ends = await topic_ends(settings, requests_topic)
-        out = await cli_replay(settings, "--name", "clidry", "--since", str(since), "--dry-run")
+        out = (await run_cli("replay", "--name", "clidry", "--since", str(since), "--dry-run",
+                             settings=settings)).output
         assert "replay clidry: read " in out and "would publish 4 " in out, out
+        # Not a terminal: progress as plain lines (read so far of the window), then the summary.
+        assert re.search(r"^replay clidry: read \d+/\d+, would publish \d+, \d+/s$", out, re.M), out
         assert await topic_ends(settings, requests_topic) == ends  # nothing sent
         assert not (checkpoints / "clidry.json").exists()  # a dry run keeps no checkpoint
 
-        out = await cli_replay(settings, "--name", "cli", "--since", str(since))
+        out = (await run_cli("replay", "--name", "cli", "--since", str(since), settings=settings)).output
         assert "replay cli: read " in out and "published 4 " in out, out
         assert (checkpoints / "cli.json").exists()
         assert sum((await topic_ends(settings, requests_topic)).values()) == sum(ends.values()) + 4

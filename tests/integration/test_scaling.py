@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from cli_process import cli_popen, run_cli
 
 from streams.client import InferenceClient, ReplyTimeout
 from streams.harness import settings_env, tiny_input, wait_ready
@@ -203,12 +204,8 @@ async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start
         assert after[topics.model("tiny")] == before[topics.model("tiny")] == 0
         assert after == await lag_by_topic(settings)  # reading it changed nothing
 
-        env = {**os.environ, **settings_env(settings), "COLUMNS": "200", "INFERSTREAM_SCALE_LAG_PER_WORKER": "100"}
-        cli = await asyncio.create_subprocess_exec(sys.executable, "-m", "streams.cli", "lag",
-                                                   cwd=PROJECT_ROOT, env=env,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out = (await asyncio.wait_for(cli.communicate(), 60))[0].decode()
-        assert cli.returncode == 0, out
+        out = (await run_cli("lag", settings=settings, env={"INFERSTREAM_SCALE_LAG_PER_WORKER": "100"},
+                             timeout=60)).output
         total = sum(after.values())
         assert f"total lag: {total}" in out
         assert f"suggested workers: {min(4, -(-total // 100))}" in out
@@ -276,10 +273,8 @@ async def test_workers_option_runs_a_group_restarts_a_dead_worker_and_stops_on_s
     settings = topics_ready
 
     def supervisor(**env: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--workers", "2"],
-                                cwd=PROJECT_ROOT, env={**os.environ, **settings_env(settings), **env},
-                                stdout=open(tmp_path / "supervisor.log", "ab"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return cli_popen("worker", "--workers", "2", settings=settings, env=env,
+                         stdout=open(tmp_path / "supervisor.log", "ab"), stderr=subprocess.STDOUT)
 
     async with InferenceClient(settings) as client:
         proc = supervisor()
