@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install inferstream with everything the local stack, the model builds and the
-# tests need. Re-running is cheap: it reinstalls only when pyproject.toml changed.
+# tests need. Re-running is cheap: it reinstalls only when pyproject.toml changed. Says what it is
+# doing, step by step; pip's own output goes to .venv/setup.log (shown when a step fails).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. infra/local/steps.sh
 
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -10,6 +12,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
+  step "creating .venv with $("$PYTHON" --version 2>&1)"
   if ! "$PYTHON" -m venv .venv 2>/dev/null; then
     # Debian/Ubuntu ship venv separately.
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -20,12 +23,19 @@ if [ ! -x .venv/bin/python ]; then
       exit 1
     fi
   fi
+  done_step
 fi
 
 EXTRAS=${INFERSTREAM_EXTRAS:-cpu,stack,models,triton,dev}
 stamp=".venv/.inferstream-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS//,/-}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+  STEP_LOG=.venv/setup.log
+  : > "$STEP_LOG"
+  step "upgrading pip"
+  quietly .venv/bin/python -m pip install --upgrade pip
+  done_step
+  step "installing inferstream with its extras ($EXTRAS): about 1-4 min on a first run"
+  quietly .venv/bin/python -m pip install -e ".[$EXTRAS]"
+  done_step
   rm -f .venv/.inferstream-* && touch "$stamp"
 fi
