@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ]; then
   step "upgrading pip in $VENV"
   quietly "$VENV/bin/python" -m pip install --upgrade pip
   done_step
-  step "installing ${PACKAGES[*]} into $VENV: about 1-5 min on a first run (tritonserver is ~1 GB)"
+  step "installing ${PACKAGES[*]} into $VENV: about 430 MB, 15 s to a few minutes on a first run"
   quietly "$VENV/bin/python" -m pip install "${PACKAGES[@]}"
   done_step
   rm -f "$VENV"/.inferstream-* && touch "$stamp"
