@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,3 +108,55 @@ async def test_up_exits_non_zero_when_the_bridge_fails_to_start(up_settings):
     assert len(failure) == 1 and "bridge (pid" in failure[0] and "while starting" in failure[0], done.output
     assert "Traceback" not in done.output
     assert not any((up_settings.state_dir / "pids").iterdir())
+
+
+async def test_registry_keys_limits_results_and_dead_letters_through_the_cli(topics_ready, model_repository):
+    """Each read and write command as a user types it, on the test's stack."""
+    settings = topics_ready
+
+    async def cli(*args: str, expect: int = 0) -> str:
+        return (await run_cli(*args, settings=settings, timeout=60, expect=expect)).output
+
+    assert "topics: all present" in await cli("topics", "create")
+    assert "model ready: " in await cli("models", "build", "--only", "tiny")
+    assert re.search(r"│ tiny +│ 1 +│ active", await cli("models", "list"))
+    artifact = model_repository / "tiny" / "1" / "model.onnx"
+    assert "registered tiny/2 (revision 1, draft, weight 0)" in await cli("models", "register", "tiny", "2",
+                                                                           "--artifact", str(artifact))
+    assert "tiny/2: revision 2, active, weight 5" in await cli("models", "set", "tiny", "2", "--status", "active",
+                                                               "--weight", "5")
+    assert "error: no registered version tiny/9" in await cli("models", "set", "tiny", "9", "--weight", "1", expect=2)
+    assert re.search(r"│ tiny +│ 2 +│ active +│ 5 ", await cli("models", "list"))
+
+    key = re.search(r"isk_([0-9a-f]+)_\S+", await cli("keys", "create", "--tenant", "acme", "--name", "ci"))
+    assert key, "no key printed"
+    assert key.group(1) in await cli("keys", "list", "--tenant", "acme")
+    assert f"revoked {key.group(1)}" in await cli("keys", "revoke", key.group(1))
+    assert "error: no key nope" in await cli("keys", "revoke", "nope", expect=2)
+
+    assert "acme: 10 requests per minute" in await cli("limits", "set", "acme", "10")
+    assert re.search(r"│ acme +│ 10 ", await cli("limits", "list"))
+    assert "acme: default limit" in await cli("limits", "clear", "acme")
+
+    assert "error: no result for nothing-here" in await cli("result", "nothing-here", expect=2)
+    assert "position" in await cli("dlq", "list")
+    assert "error: no dead letter at 0:999999" in await cli("dlq", "show", "0:999999", expect=2)
+    assert re.search(r"│ kafka +│ True ", await cli("stack", "status"))
+
+
+async def test_stack_up_checks_its_ports_then_starts_reuses_and_stops(up_settings):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", up_settings.broker_port))
+        taken.listen()
+        done = await run_cli("stack", "up", settings=up_settings, timeout=30, expect=2)
+    assert len(done.lines) == 1 and f"port {up_settings.broker_port} (kafka)" in done.output, done.output
+    assert "INFERSTREAM_BROKER_PORT" in done.output
+    assert not [port for port in _stack_ports(up_settings) if port_taken(port)]  # the S3 server did not start
+
+    out = (await run_cli("stack", "up", settings=up_settings, timeout=60)).output
+    assert f"kafka: 127.0.0.1:{up_settings.broker_port}" in out and "topics: created" in out, out
+    # What runs is reused: its ports are not checked again.
+    assert "topics: all present" in (await run_cli("stack", "up", settings=up_settings, timeout=60)).output
+    assert re.search(r"│ s3 +│ True ", (await run_cli("stack", "status", settings=up_settings)).output)
+    await run_cli("stack", "down", settings=up_settings, timeout=60)
+    assert not [port for port in _stack_ports(up_settings) if port_taken(port)]
