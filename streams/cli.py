@@ -419,14 +419,15 @@ def worker(
     workers: Annotated[int, typer.Option(min=1, help="worker processes (one consumer group)")] = 1,
 ) -> None:
     """Run a worker (intake, inference and sink agents) in the foreground."""
+    settings = get_settings()
+    _check_ports(_service_ports(settings, ("worker",), workers))
     if workers > 1:
         from streams.scaling import run_workers
 
-        settings = get_settings()
         raise typer.Exit(run_workers(workers, settings.metrics_port, settings.worker_restarts_per_minute))
     from streams.app import run_worker
 
-    run_worker(get_settings())
+    run_worker(settings)
 
 
 @app.command()
@@ -444,15 +445,16 @@ def lag(group: Annotated[Optional[str], typer.Option(help="consumer group (defau
     console.print(f"suggested workers: {suggested_workers(lags, settings.scale_lag_per_worker)}")
 
 
-def _service_ports(settings: Settings, services: tuple[str, ...]):
-    """The ports the worker and the bridge bind."""
+def _service_ports(settings: Settings, services: tuple[str, ...], workers: int = 1):
+    """The ports the bridge and the worker processes bind (worker i serves its metrics on the
+    metrics port + i)."""
     from streams.stack import Port
 
     ports = []
     if "bridge" in services:
         ports.append(Port(settings.bridge_port, "HTTP bridge", "INFERSTREAM_BRIDGE_PORT", settings.bridge_host))
     if "worker" in services and settings.metrics_port > 0:
-        ports.append(Port(settings.metrics_port, "worker metrics", "INFERSTREAM_METRICS_PORT"))
+        ports += [Port(settings.metrics_port + i, "worker metrics", "INFERSTREAM_METRICS_PORT") for i in range(workers)]
     return ports
 
 

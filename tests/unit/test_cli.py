@@ -120,6 +120,14 @@ def test_bridge_refuses_a_taken_port_in_one_line_before_starting(tmp_path):
                           "INFERSTREAM_BRIDGE_PORT to another port, or stop that process"], done.output
 
 
+def test_worker_refuses_a_taken_metrics_port_before_starting():
+    with _listening() as taken:
+        port = taken.getsockname()[1]
+        done = run_cli_sync("worker", "--workers", "2", env={"INFERSTREAM_METRICS_PORT": str(port)}, timeout=30)
+    assert done.code == 2 and len(done.lines) == 1, done.output
+    assert f"port {port} (worker metrics) is taken" in done.output and "INFERSTREAM_METRICS_PORT" in done.output
+
+
 def test_check_ports_names_a_taken_port_and_a_port_set_twice():
     with _listening() as taken:
         port = taken.getsockname()[1]
