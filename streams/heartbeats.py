@@ -124,6 +124,7 @@ class Heartbeat:
         self.interval_s = settings.heartbeat_interval_s
         self.unavailable_count = 0  # beats Redis could not take
         self.published = False
+        self.models: list[str] = []  # as last published
         self._store_up = True
 
     @property
@@ -138,9 +139,9 @@ class Heartbeat:
                 beat = WorkerBeat(worker=self.worker, group=self.settings.app_id, host=socket.gethostname(),
                                   pid=os.getpid(), models=sorted(models))
                 await publish(self.redis, self.prefix, beat, self.interval_s * TTL_INTERVALS)
-                if not self.published:
+                if beat.models != self.models or not self.published:
                     log.info("worker %s live in group %s, serving %s", self.worker, self.settings.app_id, beat.models)
-                self.published = True
+                self.published, self.models = True, beat.models
             elif self.published:
                 await self.withdraw()
         except (RedisError, OSError) as exc:
@@ -155,7 +156,8 @@ class Heartbeat:
         await self.stats.flush(self.redis, self.prefix)
 
     async def run(self) -> None:
-        """Beat every interval; withdraw within a tick of `serving()` answering None."""
+        """Beat every interval, and within a tick of what `serving()` answers changing: the
+        first heartbeat follows the worker becoming able to serve, the withdrawal its stopping."""
         tick = min(0.2, self.interval_s)
         while True:
             try:
@@ -164,8 +166,12 @@ class Heartbeat:
                 log.exception("heartbeat failed")
             for _ in range(max(round(self.interval_s / tick), 1)):
                 await asyncio.sleep(tick)
-                if self.published and self.serving() is None:
+                if self._changed():
                     break
+
+    def _changed(self) -> bool:
+        models = self.serving()
+        return (models is not None) != self.published or (models is not None and sorted(models) != self.models)
 
     async def withdraw(self) -> None:
         await withdraw(self.redis, self.prefix, self.settings.app_id, self.worker)

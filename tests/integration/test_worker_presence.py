@@ -82,3 +82,33 @@ async def test_redis_down_fails_no_beat_and_loses_no_count(settings, caplog):
     assert stats.pending()[("tiny", "1")]["success_count"] == 1  # kept for when Redis is back
     assert sum("heartbeat not written" in r.message for r in caplog.records) == 1  # once per outage
     await asyncio.wait_for(heartbeat.close(), 10)
+
+
+async def test_the_heartbeat_follows_what_the_worker_serves_within_a_tick(redis, settings):
+    slow = settings.model_copy(update={"heartbeat_interval_s": 10.0})  # a change must not wait for it
+    serving: list[str] | None = None
+    heartbeat = Heartbeat(slow, lambda: serving, ModelStats(), worker="w", redis=redis_client(slow.redis_url))
+    group = slow.topic_prefix, slow.app_id
+    task = asyncio.create_task(heartbeat.run())
+
+    async def listed(expected: set[str] | None) -> None:
+        for _ in range(10):  # 1 s: a few ticks
+            beats = await live_workers(redis, *group)
+            if (served(beats) if beats else None) == expected:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"heartbeat not {expected} within 1 s: {beats}")
+
+    try:
+        await asyncio.sleep(0.5)
+        await listed(None)
+        serving = ["tiny/1"]
+        await listed({"tiny/1"})
+        serving = ["tiny/1", "tiny/2"]
+        await listed({"tiny/1", "tiny/2"})
+        serving = None
+        await listed(None)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await heartbeat.close()
