@@ -19,7 +19,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -66,6 +65,7 @@ from streams.kserve import (
 )
 from streams.logs import log_request, setup_logging
 from streams.objectstore import parse_uri
+from streams.openapi import CALLER, CREDENTIAL_ERRORS, REQUEST_ERRORS, Route, openapi_document
 from streams.registry import ModelInfo, ModelRegistry
 from streams.registry_store import (
     RegistryError,
@@ -108,18 +108,12 @@ def _dumps(value: object) -> str:
 ROUTING_ERRORS = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.PAYLOAD_TOO_LARGE}
 
 
-@dataclass(frozen=True)
-class Route:
-    """One route of the bridge: how it is served and how /openapi.json describes it."""
-
-    method: str
-    path: str
-    handler: str
-    summary: str
-    ok: int = 200  # the success status
-    errors: tuple[ErrorCode, ...] = ()  # the codes it answers beyond those every route may
-
-
+# What a request for inference may be answered, through the worker or at the edge.
+INFERENCE = (
+    ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_TENSOR, ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN,
+    ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_VERSION, ErrorCode.DUPLICATE_REQUEST, ErrorCode.PAYLOAD_UNAVAILABLE,
+    ErrorCode.RATE_LIMITED, ErrorCode.INFERENCE_FAILED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED,
+)
 UNKNOWN = (ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_VERSION)
 ROUTES = [
     Route("GET", "/v2/health/live", "live", "Liveness"),
@@ -129,8 +123,8 @@ ROUTES = [
     # Before /v2/models/{model}, which would take "stats" for a model name.
     Route("GET", "/v2/models/stats", "model_stats", "Inference statistics of every version (Triton's format)",
           errors=(ErrorCode.UNAVAILABLE,)),
-    Route("GET", "/v2/models/{model}", "model_metadata", "Model metadata (newest version)"),
-    Route("GET", "/v2/models/{model}/versions/{version}", "model_metadata", "Model metadata"),
+    Route("GET", "/v2/models/{model}", "model_metadata", "Model metadata (newest version)", errors=UNKNOWN),
+    Route("GET", "/v2/models/{model}/versions/{version}", "model_metadata", "Model metadata", errors=UNKNOWN),
     Route("GET", "/v2/models/{model}/ready", "model_ready",
           "Model readiness: a live worker serves every version unversioned requests reach",
           errors=(*UNKNOWN, ErrorCode.UNAVAILABLE)),
@@ -146,7 +140,7 @@ ROUTES = [
           errors=(*UNKNOWN, ErrorCode.UNAVAILABLE)),
     Route("POST", "/v2/repository/index", "repository_index",
           "Registered versions, READY where a live worker serves them (body: optional {\"ready\": bool})",
-          errors=(ErrorCode.INVALID_REQUEST, ErrorCode.UNAVAILABLE)),
+          body="RepositoryIndexRequest", errors=(ErrorCode.INVALID_REQUEST, ErrorCode.UNAVAILABLE)),
     *(Route(method, path, "unsupported", f"Not supported: answers {ErrorCode.UNSUPPORTED.value}",
             errors=(ErrorCode.UNSUPPORTED,)) for method, path in (
         ("POST", "/v2/repository/models/{model}/load"),
@@ -168,21 +162,38 @@ ROUTES = [
         ("POST", "/v2/cudasharedmemory/region/{region}/unregister"),
         ("POST", "/v2/cudasharedmemory/unregister"),
     )),
-    Route("POST", "/v2/models/{model}/infer", "infer", "Inference (Open Inference Protocol, binary tensors too)"),
-    Route("POST", "/v2/models/{model}/versions/{version}/infer", "infer", "Inference on a version"),
-    Route("POST", "/v1/models/{model}/classify", "classify", "Classify an image (raw bytes or multipart 'image')"),
-    Route("POST", "/v1/jobs", "create_job", "Submit an inference job; answers 202 with its id"),
-    Route("GET", "/v1/jobs/{job_id}", "get_job", "Job status and result"),
-    Route("POST", "/v1/batches", "create_batch", "Submit a batch job over an S3 input; answers 202"),
-    Route("GET", "/v1/batches/{batch_id}", "get_batch", "Batch progress and output"),
+    *(Route("POST", path, "infer", summary, body="InferRequest", headers=(*CALLER, TIMEOUT_HEADER, HEADER_LENGTH),
+            errors=INFERENCE, answers="infer") for path, summary in (
+        ("/v2/models/{model}/infer", "Inference (Open Inference Protocol, binary tensors too)"),
+        ("/v2/models/{model}/versions/{version}/infer", "Inference on a version"))),
+    Route("POST", "/v1/models/{model}/classify", "classify", "Classify an image (raw bytes or multipart 'image')",
+          body="image", query=("top_k",), headers=(*CALLER, TIMEOUT_HEADER),
+          errors=(*INFERENCE, ErrorCode.INVALID_IMAGE)),
+    Route("POST", "/v1/jobs", "create_job", "Submit an inference job; answers 202 with its id", ok=202,
+          body="JobRequest", headers=CALLER,
+          errors=(*REQUEST_ERRORS, *CREDENTIAL_ERRORS, *UNKNOWN, ErrorCode.INVALID_TENSOR, ErrorCode.UNAVAILABLE)),
+    Route("GET", "/v1/jobs/{job_id}", "get_job", "Job status and result", headers=CALLER,
+          errors=(*CREDENTIAL_ERRORS, ErrorCode.NOT_FOUND)),
+    Route("POST", "/v1/batches", "create_batch", "Submit a batch job over an S3 input; answers 202", ok=202,
+          body="BatchRequest", headers=CALLER,
+          errors=(*REQUEST_ERRORS, *CREDENTIAL_ERRORS, *UNKNOWN, ErrorCode.INVALID_SCHEMA, ErrorCode.INVALID_TENSOR,
+                  ErrorCode.PAYLOAD_UNAVAILABLE, ErrorCode.UNAVAILABLE)),
+    Route("GET", "/v1/batches/{batch_id}", "get_batch", "Batch progress and output", headers=CALLER,
+          errors=(*CREDENTIAL_ERRORS, ErrorCode.NOT_FOUND)),
     Route("GET", "/v1/models", "list_models", "Registered models and versions"),
     Route("POST", "/v1/models", "register_model",
-          "Register a model version (validated: the artifact must load and match)"),
+          "Register a model version (validated: the artifact must load and match); needs the admin scope",
+          ok=201, body="ModelRegistration", headers=CALLER,
+          errors=(*REQUEST_ERRORS, *CREDENTIAL_ERRORS, ErrorCode.INVALID_MODEL)),
     Route("PATCH", "/v1/models/{model}/versions/{version}", "update_model",
-          "Change weight, status, shadow, batching or backends"),
-    Route("DELETE", "/v1/models/{model}/versions/{version}", "retire_model", "Retire a version"),
+          "Change weight, status, shadow, batching or backends; needs the admin scope", body="ModelChange",
+          headers=CALLER, errors=(*REQUEST_ERRORS, *CREDENTIAL_ERRORS, ErrorCode.UNKNOWN_VERSION,
+                                  ErrorCode.INVALID_MODEL)),
+    Route("DELETE", "/v1/models/{model}/versions/{version}", "retire_model",
+          "Retire a version; needs the admin scope", headers=CALLER,
+          errors=(*CREDENTIAL_ERRORS, ErrorCode.UNKNOWN_VERSION)),
     Route("GET", "/openapi.json", "openapi", "This document"),
-    Route("GET", "/metrics", "metrics", "Prometheus metrics"),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics", answers="text/plain"),
 ]
 
 
@@ -600,7 +611,7 @@ class Bridge:
     # -- documents --------------------------------------------------------------------------
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi_document())
+        return web.json_response(openapi_document(ROUTES))
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.prometheus), content_type="text/plain")
@@ -668,27 +679,6 @@ async def _json_object(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise EventError(ErrorCode.INVALID_REQUEST, "body must be a JSON object")
     return body
-
-
-def openapi_document() -> dict:
-    paths: dict[str, dict] = {}
-    for route in ROUTES:
-        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in ("model", "version", "job_id", "batch_id") if "{" + p + "}" in route.path]
-        paths.setdefault(route.path, {})[route.method.lower()] = {
-            "summary": route.summary, "operationId": f"{route.handler}_{route.method.lower()}_{len(paths)}",
-            "parameters": params,
-            "responses": {"200": {"description": "OK"}, "default": {"description": "Error",
-                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
-        }
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "inferstream bridge", "version": "0.1.0"},
-        "paths": paths,
-        "components": {"schemas": {"Error": {"type": "object", "required": ["error", "code"], "properties": {
-            "error": {"type": "string", "description": "what went wrong"},
-            "code": {"type": "string", "description": "stable error code"}}}}},
-    }
 
 
 def is_loopback(host: str) -> bool:

@@ -67,7 +67,7 @@ async def test_fuzzing_from_the_document_finds_no_server_error(start_worker, sta
         # A deadline the worker can meet: a tiny one is a correct 504, not a finding.
         "-H", "X-Inferstream-Timeout: 30",
         "--report", "har", "--report-har-path", str(har),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,  # its state stays there
     )
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), 900)
