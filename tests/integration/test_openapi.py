@@ -57,6 +57,8 @@ async def test_fuzzing_from_the_document_finds_no_server_error(start_worker, sta
     bridge = await start_bridge()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
+    # Until the worker's heartbeat says it serves the example model: before, 503 is the right answer.
+    await bridge.wait_ready(60, path="/v2/models/tiny/ready")
     har = tmp_path / "fuzz.har"
     st = Path(sys.executable).with_name("st")
     proc = await asyncio.create_subprocess_exec(
