@@ -534,8 +534,7 @@ def up(
     json_logs: Annotated[bool, typer.Option(help="also print the worker's and bridge's JSON log lines here")]
     = False,
 ) -> None:
-    """The main job: build models if missing, start the local stack, create topics, run a worker
-    and the HTTP bridge.
+    """The main job: build models if missing, start the local stack and topics, run a worker and the bridge.
 
     Ctrl-C stops what it started; the next run reuses the stored data. Logs go to files under the
     state directory; on a terminal each event is also shown as one short line."""
@@ -774,8 +773,7 @@ def load_command(
     seed: Annotated[int, typer.Option(help="seed of the random inputs")] = 0,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the figures here")] = None,
 ) -> None:
-    """Drive the bridge or the Kafka ingress at a fixed rate (open loop): a line of counts a second,
-    then the figures."""
+    """Drive the bridge or the Kafka ingress at a fixed rate (open loop); counts each second, then figures."""
     import json
 
     from aiokafka.errors import KafkaError
@@ -920,8 +918,7 @@ def replay(
 
 @dlq_app.command("list")
 def dlq_list(reason: Annotated[Optional[list[str]], typer.Option(help="only this reason (repeatable)")] = None) -> None:
-    """Dead letters: position (partition:offset), reason, source, request id, time; and records
-    on the topic that are no dead letters, as UNREADABLE."""
+    """Dead letters: position, reason, source, request id, time (foreign records as UNREADABLE)."""
     from datetime import UTC, datetime
 
     from rich.text import Text

@@ -49,6 +49,8 @@ def test_every_command_has_a_description_and_help_without_type_tags():
     for path, command in _commands(root):
         if path:
             assert (command.help or "").strip(), f"`inferstream {' '.join(path)}` has no description"
+            # The summary in the parent's list is the first paragraph: one line, or it breaks mid-sentence.
+            assert "\n" not in command.help.strip().split("\n\n")[0], f"`inferstream {' '.join(path)}` summary"
         result = CliRunner().invoke(cli.app, [*path, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
         tags = TYPE_TAG.findall(result.output)
