@@ -8,6 +8,7 @@ unexpected error prints one line too and exits 1 (`--debug` shows its traceback 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -99,7 +100,16 @@ class _Typer(typer.Typer):
 
     def command(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("cls", _Command)
-        return super().command(*args, **kwargs)
+        register = super().command(*args, **kwargs)
+
+        def decorator(function: Any) -> Any:
+            # Rich help keeps a docstring's line breaks: one line per paragraph reflows to the terminal.
+            if function.__doc__:
+                paragraphs = inspect.cleandoc(function.__doc__).split("\n\n")
+                function.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+            return register(function)
+
+        return decorator
 
 
 def _describe(exc: BaseException) -> str:
