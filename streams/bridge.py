@@ -339,7 +339,7 @@ class Bridge:
             raise EventError(ErrorCode.DEADLINE_EXCEEDED, str(exc)) from None
         if result.header.error:
             raise EventError(result.header.error.code, result.header.error.message)
-        outputs = await asyncio.to_thread(self.client.outputs, result)
+        outputs = await self.client.outputs(result)
         return result, outputs
 
     # -- Open Inference Protocol ------------------------------------------------------------

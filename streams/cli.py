@@ -719,7 +719,7 @@ def infer(
         async with InferenceClient(settings) as client:
             result = await client.infer(model, inputs, version=version, timeout=timeout,
                                         credentials=credentials if api_key or token else None)
-            return result, client.outputs(result) if result.header.status == "ok" else {}
+            return result, await client.outputs(result) if result.header.status == "ok" else {}
 
     try:
         result, outputs = asyncio.run(call())

@@ -209,9 +209,11 @@ class InferenceClient:
         request = self.request(model, inputs, version=version, timeout=timeout, **fields)
         return await self.wait(request, await self.send(request, inputs))
 
-    def outputs(self, result: Result) -> dict[str, np.ndarray]:
-        """The result's tensors, fetched from S3 when they came by reference."""
+    async def outputs(self, result: Result) -> dict[str, np.ndarray]:
+        """The result's tensors: inline ones as they are (no thread hop), those that came by
+        reference fetched from S3 and decoded off the event loop."""
         if result.header.outputs_ref:
-            _, tensors = events.decode_bundle(self.store.get(result.header.outputs_ref))
+            bundle = await self.store.aget(result.header.outputs_ref)
+            _, tensors = await asyncio.to_thread(events.decode_bundle, bundle)
             return tensors
         return result.tensors

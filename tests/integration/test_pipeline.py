@@ -140,7 +140,7 @@ async def test_large_output_goes_to_s3_by_reference(start_worker, settings):
         assert result.header.status == "ok", result.header.error
         assert result.header.outputs_ref.startswith(f"s3://{settings.s3_bucket}/results/tiny/")
         assert result.tensors == {}
-        outputs = client.outputs(result)
+        outputs = await client.outputs(result)
     np.testing.assert_allclose(outputs["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
     (row,) = await rows_for(settings, [result.header.request_id], expect=1)
     assert row["outputs_ref"] == result.header.outputs_ref and row["outputs"] is None
@@ -156,9 +156,10 @@ async def test_large_input_travels_by_reference(start_worker, settings):
         request = client.request("tiny", inputs)
         waiter = await client.send(request, inputs)
         result = await asyncio.wait_for(waiter, 30)
+        outputs = await client.outputs(result)
     assert request.inputs_ref and request.inputs_ref.startswith("s3://")
     assert result.header.status == "ok", result.header.error
-    np.testing.assert_allclose(client.outputs(result)["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
 
 
 async def read_dead_letters(settings, request_ids: set, timeout: float = 30.0) -> list[events.DeadLetter]:
