@@ -37,6 +37,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from bench import loadavg
 from bench.e2e import box_busy_cpu
 from bench.processes import private_stack, stopped_after
 from models.build import build_models
@@ -298,7 +299,8 @@ def targets_met(results: dict) -> dict:
     return met
 
 
-def print_table(results: dict, rates: list[float], met: dict, background: list[float]) -> None:
+def print_table(results: dict, rates: list[float], met: dict, background: list[float],
+                load: dict) -> None:
     table = Table("target", "saturated req/s", "vs triton", "sat. p50 / p99 ms",
                   "cores busy (client)", *(f"{r:g}/s: got, p50 / p99 ms" for r in rates),
                   title=f"{MODEL}: HTTP inference, bridge vs tritonserver "
@@ -330,6 +332,7 @@ def print_table(results: dict, rates: list[float], met: dict, background: list[f
         if busy > NOISY_CORES else ""
     console.print(f"background load (before/after): "
                   f"{' / '.join(f'{b:.2f}' for b in background)} cores busy{note}")
+    console.print(loadavg.summary(load["before"], load["after"]))
 
 
 def _rate_cell(figures: dict) -> str:
@@ -341,7 +344,7 @@ def _rate_cell(figures: dict) -> str:
 
 
 def write_json(path: Path, args: argparse.Namespace, settings: Settings, results: dict,
-               met: dict, background: list[float]) -> None:
+               met: dict, background: list[float], load: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "timestamp": datetime.now().isoformat(timespec="seconds"),
@@ -352,6 +355,7 @@ def write_json(path: Path, args: argparse.Namespace, settings: Settings, results
         "worker_settings": {k: getattr(settings, k) for k in (
             "max_batch_size", "max_batch_delay_ms", "onnx_intra_op_threads")},
         "background_cores_busy": background,
+        "loadavg": loadavg.record(load["before"], load["after"]),
         "results": results,
         "targets": met,
     }
@@ -386,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     # reset: shells start background jobs with it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    load = {"before": loadavg.before_run(console)}
     base = Settings()
     build_models(base.model_repository, [MODEL])
     info = ModelRegistry.load(base.model_repository, [MODEL]).resolve(MODEL)
@@ -408,9 +413,10 @@ def main(argv: list[str] | None = None) -> None:
             console.log("[yellow]tritonserver skipped: .venv-triton is missing "
                         "(run infra/triton/setup.sh)[/yellow]")
     background.append(background_cores())
+    load["after"] = loadavg.load_average()
     met = targets_met(results)
-    print_table(results, args.rates, met, background)
-    write_json(args.json_out, args, settings, results, met, background)
+    print_table(results, args.rates, met, background, load)
+    write_json(args.json_out, args, settings, results, met, background, load)
 
 
 if __name__ == "__main__":

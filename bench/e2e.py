@@ -6,8 +6,12 @@
    batch size (and tiny at batch 1 too); one request = one row.
 2. End to end: a private stack (Tansu in memory, SeaweedFS, PostgreSQL database) on free ports
    and one worker process; per model, N requests sent as fast as InferenceClient allows
-   (requests → intake → model topic → inference → reply topic), timed to the last reply.
-3. A table of the ratios against the issue's targets, and the figures as JSON in bench/results/.
+   (requests → intake → model topic → inference → reply topic), timed to the last reply. Each
+   model is probed with its own input until the worker answers it, so any model runs alone.
+3. The Kafka floor, on the same broker once the worker is stopped: a plain aiokafka echo service
+   (bench/floor.py) answering N requests of the pipeline's request and reply record sizes.
+4. A table of the ratios (e2e/raw, e2e/floor) against the issue's targets, the box's load
+   average before and after, and the figures as JSON in bench/results/.
 
 Everything it starts is stopped by PID on exit, Ctrl-C and SIGTERM included.
 """
@@ -37,13 +41,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.processes import private_stack
+from bench import loadavg
+from bench.floor import EchoService, FloorClient, create_topics, ratio
+from bench.processes import private_stack, stopped_after
 from models.build import build_models
 from streams.client import InferenceClient
-from streams.harness import Worker, isolated_settings, wait_ready
+from streams.harness import Worker, isolated_settings
 from streams.onnx_backend import OnnxModel
 from streams.registry import ModelInfo, ModelRegistry
 from streams.settings import PROJECT_ROOT, Settings
+from topics import events
 from topics.admin import ensure_topics
 
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
@@ -51,11 +58,17 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_PROBES = 30  # sequential requests for the unloaded latency
 WARM_CALLS = 3  # onnxruntime's first runs allocate and pick kernels
 YIELD_EVERY = 64  # requests sent between two turns of the event loop
+READY_TIMEOUT_S = 90.0  # until the worker answers a model (its consumers joined their groups)
+PROBE_TIMEOUT_S = 5.0  # one readiness probe: a cold model's first batch may take seconds
 
-# The issue's targets: (what it asks, whether a model's figures meet it).
+# The issue's targets: (what it asks, whether a model's figures meet it). tiny's is relative to
+# the Kafka floor of the same run (>= 5,000 req/s on a quiet 2-core box), so a busy box moves
+# both sides.
+TINY_FLOOR_SHARE = 0.35
 TARGETS: dict[str, tuple[str, Callable[[dict], bool]]] = {
-    "resnet18": (">= 0.9x raw", lambda row: row["ratio"] >= 0.9),
-    "tiny": (">= 2,000 req/s", lambda row: row["e2e_req_s"] >= 2000),
+    "resnet18": (">= 0.95x raw", lambda row: row["ratio"] >= 0.95),
+    "tiny": (f">= {TINY_FLOOR_SHARE}x floor",
+             lambda row: (row["floor_ratio"] or 0.0) >= TINY_FLOOR_SHARE),
 }
 
 # Piped output (CI, a log file) would otherwise wrap the tables at 80 columns.
@@ -145,9 +158,9 @@ def cpu_per_request(before: dict[str, float], after: dict[str, float], count: in
     return cpu
 
 
-def stack_pids(settings: Settings, worker: Worker) -> dict[str, int]:
+def stack_pids(settings: Settings, worker: Worker | None) -> dict[str, int]:
     """The worker's and the stack's PIDs (LocalStack keeps them in state_dir/pids/)."""
-    pids = {"worker": worker.proc.pid}
+    pids = {"worker": worker.proc.pid} if worker is not None and worker.proc is not None else {}
     for name in ("kafka", "s3"):
         pids[name] = int((settings.state_dir / "pids" / f"{name}.pid").read_text())
     return pids
@@ -178,6 +191,47 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
 # -- end to end -------------------------------------------------------------------------------
 
 
+class SizedClient(InferenceClient):
+    """InferenceClient noting the size of each record it produces and receives: the Kafka floor
+    then sends records of the same sizes."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.sent_bytes: list[int] = []
+        self.received_bytes: list[int] = []
+
+    async def produce(self, topic: str, key: bytes, value: bytes, **kwargs):  # type: ignore[override]
+        self.sent_bytes.append(len(value))
+        return await super().produce(topic, key, value, **kwargs)
+
+    def _deliver(self, correlation: str, value: bytes) -> None:
+        self.received_bytes.append(len(value))
+        super()._deliver(correlation, value)
+
+    def clear_sizes(self) -> None:
+        self.sent_bytes.clear()
+        self.received_bytes.clear()
+
+
+async def wait_model_ready(client: InferenceClient, worker: Worker, model: str,
+                           inputs: dict[str, np.ndarray]) -> None:
+    """Until the worker answers `model` with its own input: no other model need be served."""
+    deadline, last = time.monotonic() + READY_TIMEOUT_S, "no reply"
+    while time.monotonic() < deadline:
+        worker.check_running()
+        try:
+            result = await client.infer(model, inputs, timeout=PROBE_TIMEOUT_S)
+        except TimeoutError:
+            last = "no reply"
+            continue
+        if result.header.status == "ok":
+            return
+        last = f"error reply {result.header.error}"
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"worker not answering {model} after {READY_TIMEOUT_S:.0f} s ({last}):\n"
+                       f"{worker.log()[-3000:]}")
+
+
 def _stamp(arrivals: list[float], index: int, _future: asyncio.Future) -> None:
     arrivals[index] = time.perf_counter()
 
@@ -203,7 +257,9 @@ async def burst(client: InferenceClient, model: str, inputs: dict[str, np.ndarra
     results = [w.result() for w in waiters]
     latencies = sorted(a - s for a, s in zip(arrivals, sent))
     ok = [r for r in results if r.header.status == "ok"]
+    sample = ok[0] if ok else results[0]
     return {
+        "reply_sample_bytes": len(events.encode_result(sample.header, sample.tensors)),
         "requests": count,
         "seconds": max(arrivals) - sent[0],
         "e2e_req_s": count / (max(arrivals) - sent[0]),
@@ -225,16 +281,25 @@ async def idle_latency(client: InferenceClient, model: str, inputs: dict[str, np
     return statistics.median(times) * 1000
 
 
-async def measure_model(client: InferenceClient, info: ModelInfo, count: int, timeout: float,
-                        pids: dict[str, int], profile: Path | None) -> dict:
+def median_size(sizes: list[int], fallback: int) -> int:
+    return int(statistics.median(sizes)) if sizes else fallback
+
+
+async def measure_model(client: SizedClient, worker: Worker, info: ModelInfo, count: int,
+                        timeout: float, pids: dict[str, int], profile: Path | None) -> dict:
     inputs = model_inputs(info, rows=1)
+    await wait_model_ready(client, worker, info.name, inputs)
     await burst(client, info.name, inputs, max(1, count // 10), timeout)  # warm-up, not counted
     idle_ms = await idle_latency(client, info.name, inputs, timeout)
     before = cpu_snapshot(pids)
+    client.clear_sizes()
     with py_spy(pids["worker"], profile):
         figures = await burst(client, info.name, inputs, count, timeout)
     figures["cpu_us"] = cpu_per_request(before, cpu_snapshot(pids), count, figures["seconds"])
     figures["idle_p50_ms"] = idle_ms
+    # Record sizes on Kafka (a claim-checked input travels through S3, not in the record).
+    figures["request_bytes"] = median_size(client.sent_bytes, 0)
+    figures["reply_bytes"] = median_size(client.received_bytes, figures.pop("reply_sample_bytes"))
     console.log(f"e2e {info.name}: {figures['e2e_req_s']:,.0f} req/s over "
                 f"{figures['seconds']:.1f} s, p50 {figures['p50_ms']:.0f} ms")
     if figures["errors"]:
@@ -245,37 +310,73 @@ async def measure_model(client: InferenceClient, info: ModelInfo, count: int, ti
 async def end_to_end(settings: Settings, worker: Worker, registry: ModelRegistry,
                      counts: dict[str, int], timeout: float, profile_dir: Path | None) -> dict:
     pids = stack_pids(settings, worker)
-    async with InferenceClient(settings) as client:
-        await wait_ready(client, worker)
+    async with SizedClient(settings) as client:
         return {
             name: await measure_model(
-                client, registry.resolve(name), count, timeout, pids,
+                client, worker, registry.resolve(name), count, timeout, pids,
                 profile_dir / f"{name}.txt" if profile_dir else None,
             )
             for name, count in counts.items()
         }
 
 
+async def floor_pass(settings: Settings, echo: EchoService, topic: str, reply_topic: str,
+                     request_bytes: int, count: int, timeout: float,
+                     pids: dict[str, int]) -> dict:
+    value = b"q" * request_bytes
+    async with FloorClient(settings, topic, reply_topic) as client:
+        await client.wait_ready(echo, value)
+        await client.burst(value, max(1, count // 10), timeout)  # warm-up, not counted
+        before = cpu_snapshot(pids)
+        figures = await client.burst(value, count, timeout)
+        figures["cpu_us"] = cpu_per_request(before, cpu_snapshot(pids), count, figures["seconds"])
+    return figures
+
+
+def kafka_floor(settings: Settings, name: str, e2e: dict, timeout: float) -> dict:
+    """The plain aiokafka echo service with `name`'s record sizes, on the same broker."""
+    tag = uuid.uuid4().hex[:6]
+    topic, reply_topic = (f"{settings.topic_prefix}.floor{tag}.{kind}" for kind in ("requests", "replies"))
+    asyncio.run(create_topics(settings, topic, reply_topic))
+    echo = EchoService(settings, topic, reply_topic, e2e["reply_bytes"],
+                       settings.state_dir / f"floor-{name}.log")
+    with stopped_after(console, echo):
+        echo.start()
+        assert echo.proc is not None
+        pids = {"echo": echo.proc.pid, "kafka": stack_pids(settings, None)["kafka"]}
+        figures = asyncio.run(floor_pass(settings, echo, topic, reply_topic, e2e["request_bytes"],
+                                         e2e["requests"], timeout, pids))
+    figures.update(request_bytes=e2e["request_bytes"], reply_bytes=e2e["reply_bytes"])
+    console.log(f"floor {name}: {figures['req_s']:,.0f} req/s over {figures['seconds']:.1f} s "
+                f"({figures['request_bytes']:,} B requests, {figures['reply_bytes']:,} B replies)")
+    return figures
+
+
 def run_on_private_stack(settings: Settings, registry: ModelRegistry, counts: dict[str, int],
-                         timeout: float, profile_dir: Path | None) -> dict:
+                         timeout: float, profile_dir: Path | None) -> tuple[dict, dict]:
     worker = Worker(settings, settings.state_dir / "worker.log")
     with private_stack(settings, console, worker):
         asyncio.run(ensure_topics(settings, list(counts)))
         worker.start()
         console.log(f"worker pid {worker.proc.pid}, broker {settings.kafka_bootstrap}, "
                     f"database {settings.postgres_dsn.rpartition('/')[2]}")
-        return asyncio.run(end_to_end(settings, worker, registry, counts, timeout, profile_dir))
+        e2e = asyncio.run(end_to_end(settings, worker, registry, counts, timeout, profile_dir))
+        worker.stop()  # the floor has the broker to itself, as the pipeline had
+        floors = {name: kafka_floor(settings, name, figures, timeout) for name, figures in e2e.items()}
+    return e2e, floors
 
 
 # -- report -----------------------------------------------------------------------------------
 
 
-def rows(baselines: list[dict], e2e: dict) -> list[dict]:
-    """One row per baseline, beside its model's end-to-end figures and target."""
+def rows(baselines: list[dict], e2e: dict, floors: dict) -> list[dict]:
+    """One row per baseline, beside its model's end-to-end figures, Kafka floor and target."""
     table = []
     for base in baselines:
         figures = e2e[base["model"]]
-        row = {**base, **figures, "ratio": figures["e2e_req_s"] / base["raw_req_s"]}
+        floor_req_s = floors.get(base["model"], {}).get("req_s")
+        row = {**base, **figures, "ratio": figures["e2e_req_s"] / base["raw_req_s"],
+               "floor_req_s": floor_req_s, "floor_ratio": ratio(figures["e2e_req_s"], floor_req_s)}
         target = TARGETS.get(base["model"]) if base["worker_batch"] else None
         row["target"] = target[0] if target else None
         row["met"] = target[1](row) if target else None
@@ -283,16 +384,28 @@ def rows(baselines: list[dict], e2e: dict) -> list[dict]:
     return table
 
 
-def print_tables(table: list[dict]) -> None:
-    ratios = Table("model", "raw batch", "raw req/s", "e2e req/s", "e2e/raw", "p50 ms", "p99 ms",
-                   "idle p50 ms", "target", "met", title="Throughput: in-process onnxruntime vs "
-                   "end to end through Kafka")
+def print_tables(table: list[dict], floors: dict, load: dict) -> None:
+    ratios = Table("model", "raw batch", "raw req/s", "e2e req/s", "e2e/raw", "floor req/s",
+                   "e2e/floor", "p50 ms", "p99 ms", "idle p50 ms", "target", "met",
+                   title="Throughput: in-process onnxruntime vs end to end through Kafka vs the "
+                   "Kafka floor (plain aiokafka echo, same broker, same record sizes)",
+                   caption=loadavg.summary(load["before"], load["after"]))
     for r in table:
         met = "-" if r["met"] is None else ("[green]met[/green]" if r["met"] else "[red]not met[/red]")
+        floor_cells = ((f"{r['floor_req_s']:,.0f}", f"{r['floor_ratio']:.2g}x")
+                       if r["floor_req_s"] else ("-", "-"))
         ratios.add_row(r["model"], str(r["batch"]), f"{r['raw_req_s']:,.0f}",
-                       f"{r['e2e_req_s']:,.0f}", f"{r['ratio']:.2g}x", f"{r['p50_ms']:,.0f}",
-                       f"{r['p99_ms']:,.0f}", f"{r['idle_p50_ms']:.1f}", r["target"] or "-", met)
+                       f"{r['e2e_req_s']:,.0f}", f"{r['ratio']:.2g}x", *floor_cells,
+                       f"{r['p50_ms']:,.0f}", f"{r['p99_ms']:,.0f}", f"{r['idle_p50_ms']:.1f}",
+                       r["target"] or "-", met)
     console.print(ratios)
+    sizes = Table("model", "request B", "reply B", "floor req/s", "floor p50 ms", "floor p99 ms",
+                  title="Kafka floor: record sizes on Kafka (a claim-checked input travels "
+                  "through S3, outside the floor)")
+    for name, f in floors.items():
+        sizes.add_row(name, f"{f['request_bytes']:,}", f"{f['reply_bytes']:,}", f"{f['req_s']:,.0f}",
+                      f"{f['p50_ms']:,.0f}", f"{f['p99_ms']:,.0f}")
+    console.print(sizes)
     cpu = Table("model", "raw onnxruntime", "worker", "broker", "s3", "client", "other",
                 "cores busy", "mean batch", title="CPU µs per request (end-to-end pass; raw: "
                 "the in-process baseline)")
@@ -301,6 +414,10 @@ def print_tables(table: list[dict]) -> None:
         cpu.add_row(r["model"], _us(r["raw_cpu_us"]),
                     *(_us(c[k]) for k in ("worker", "kafka", "s3", "client", "other")),
                     f"{c['busy']:.0%}", f"{r['mean_batch']:.1f}")
+        if r["model"] in floors:  # the echo service in the worker's column
+            c = floors[r["model"]]["cpu_us"]
+            cpu.add_row(f"{r['model']} floor", "-", _us(c["echo"]), _us(c["kafka"]), "-",
+                        _us(c["client"]), _us(c["other"]), f"{c['busy']:.0%}", "-")
     console.print(cpu)
 
 
@@ -309,16 +426,20 @@ def _us(value: float) -> str:
 
 
 def write_json(path: Path, settings: Settings, baselines: list[dict], e2e: dict,
-               table: list[dict]) -> None:
+               floors: dict, table: list[dict], load: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     knobs = ("max_batch_size", "max_batch_delay_ms", "take_max", "max_inflight",
              "onnx_intra_op_threads", "claim_check_bytes")
     document = {
         "timestamp": datetime.now().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
+        "loadavg": loadavg.record(load["before"], load["after"]),
         "settings": {k: getattr(settings, k) for k in knobs},
         "raw": baselines,
         "e2e": e2e,
+        "floor": floors,
+        "e2e_over_floor": {name: ratio(e2e[name]["e2e_req_s"], f["req_s"])
+                           for name, f in floors.items()},
         "targets": {r["model"]: {"target": r["target"], "met": r["met"]}
                     for r in table if r["target"]},
     }
@@ -352,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     # finally blocks that stop the worker and the stack. Not a task cancellation: Python 3.11's
     # asyncio.wait_for (in the client) can swallow one.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    load = {"before": loadavg.before_run(console)}
     base = Settings()
     build_models(base.model_repository, args.models)
     registry = ModelRegistry.load(base.model_repository, args.models)
@@ -365,10 +487,12 @@ def main(argv: list[str] | None = None) -> None:
         settings = isolated_settings(Path(state_dir), run, topic_prefix=f"bench{run}",
                                      app_id=f"bench-{run}", model_repository=base.model_repository,
                                      models=args.models)
-        e2e = run_on_private_stack(settings, registry, counts, args.timeout, args.profile_dir)
-    table = rows(baselines, e2e)
-    print_tables(table)
-    write_json(args.json_out, settings, baselines, e2e, table)
+        e2e, floors = run_on_private_stack(settings, registry, counts, args.timeout,
+                                           args.profile_dir)
+    load["after"] = loadavg.load_average()
+    table = rows(baselines, e2e, floors)
+    print_tables(table, floors, load)
+    write_json(args.json_out, settings, baselines, e2e, floors, table, load)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
+from bench import loadavg
 from bench.processes import private_stack
 from models.build import build_models
 from streams.app import bootstrap_registry
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=180.0, help="bound of each pass")
     args = parser.parse_args()
+    load = {"before": loadavg.before_run(console)}
     if args.backend == "triton" and not triton_available():
         raise SystemExit(f"no .venv-triton: {SETUP_HINT}")
     build_models(PROJECT_ROOT / "models" / "repository", ["tiny"])
@@ -139,12 +141,14 @@ def main() -> None:
             rows = [run_pass(settings, count, version, args.requests, args.timeout) for count in (1, 2)]
     finally:
         state.cleanup()
-    report(args.backend, rows)
+    load["after"] = loadavg.load_average()
+    report(args.backend, rows, load)
 
 
-def report(backend: str, rows: list[dict]) -> None:
+def report(backend: str, rows: list[dict], load: dict) -> None:
     table = Table("backend", "workers", "requests", "seconds", "req/s", "failed", "vs 1 worker",
-                  "replayed", "replay publish/s", "replay stored/s")
+                  "replayed", "replay publish/s", "replay stored/s",
+                  caption=loadavg.summary(load["before"], load["after"]))
     for row in rows:
         table.add_row(backend, str(row["workers"]), str(row["requests"]), f"{row['seconds']:.2f}",
                       f"{row['req_s']:.0f}",
@@ -154,7 +158,9 @@ def report(backend: str, rows: list[dict]) -> None:
     console.print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"workers-{datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps({"model": "tiny", "backend": backend, "passes": rows}, indent=2))
+    path.write_text(json.dumps({"model": "tiny", "backend": backend, "cpus": load["before"]["cores"],
+                                "loadavg": loadavg.record(load["before"], load["after"]),
+                                "passes": rows}, indent=2))
     console.print(f"written {path}")
 
 
