@@ -7,6 +7,14 @@ A copy gets a deterministic id (`replay-<name>-<partition>-<offset>`), carries i
 (`replay_of`) and answers no caller: its result is stored beside the original's, and a resumed
 or repeated replay only rewrites the same rows. The checkpoint (next offset per partition) is
 written only after the broker confirmed the sends, so a crash re-sends at most the same ids.
+
+Publishing is batched and pipelined: a chunk of stored events becomes one record batch per target
+partition (`create_batch`/`send_batch`: one delivery future per batch, not per event); the next
+chunk is read and sent while earlier ones await their acknowledgements (at most
+`CHUNKS_IN_FLIGHT`), and the checkpoint moves, in order, past a chunk once every batch holding
+its copies is confirmed. A copy is built from the stored frame: the header is validated (filters)
+and its tensors checked, then only the header is rewritten; the tensor payload is passed on
+unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,15 +34,33 @@ import asyncpg
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
+from pydantic import ValidationError
 
 from streams.objectstore import ObjectStore
 from streams.settings import Settings
 from topics import events
-from topics.errors import EventError
+from topics import tensors as tensor_codec
+from topics.errors import ErrorCode, EventError
 from topics.events import InferenceRequest, ReplayOrigin
 from topics.names import Topics
 
 DIFF_TOLERANCE = 1e-6  # outputs further apart than this count as differing
+
+# Publishing. The local broker on S3 storage writes an object per record batch: few large
+# batches (bench/replay.py: ~7k events/s with aiokafka's 16 KiB batches, 40k+ with 256 KiB+).
+# 512 KiB stays under Apache Kafka's default 1 MiB message.max.bytes.
+PUBLISH_BATCH_BYTES = 512 * 1024
+# Reading. Asked for at least this much, the local broker on S3 storage answers a fetch with
+# many stored batches instead of one per partition (bench/replay.py: ~2-6k events/s read with
+# fetch_min_bytes=1, 30k+ with 256 KiB). A replay reads stored data: the wait is only paid by
+# the last fetches of a range.
+FETCH_MIN_BYTES = 512 * 1024
+FETCH_MAX_WAIT_MS = 100
+CHUNK_RECORDS = 4000  # stored events read (from what the consumer has fetched) per chunk
+CHUNKS_IN_FLIGHT = 3  # chunks sent whose acknowledgements are still awaited
+YIELD_EVERY = 64  # records copied between turns of the event loop (the client's fetches and sends)
 
 
 # -- selection (pure) --------------------------------------------------------------------------
@@ -126,6 +153,41 @@ def replay_copy(request: InferenceRequest, name: str, topic: str, partition: int
     })
 
 
+# Header fields a copy drops: it answers no caller, has no deadline, is in no batch, mirrors nothing.
+_CLEARED = frozenset({"reply_to", "correlation_id", "deadline_ms", "batch_id", "shadow_of"})
+
+
+def stored_request(raw: bytes) -> tuple[InferenceRequest, dict[str, Any], memoryview]:
+    """A stored request event's validated header, its header as stored, and its tensor payload.
+    Raises EventError where `events.decode_request` would: the tensors are checked against the
+    payload, not copied out of it."""
+    header, payload = events.unframe(raw)
+    try:
+        request = InferenceRequest.model_validate(header)
+    except ValidationError as exc:
+        raise EventError(ErrorCode.INVALID_SCHEMA, events.problems(exc)) from None
+    if all(spec.data is None for spec in request.inputs):
+        tensor_codec.unpack([{"name": s.name, "dtype": s.dtype, "shape": s.shape, "offset": s.offset,
+                              "nbytes": s.nbytes} for s in request.inputs], payload)
+    else:  # tensors inline as JSON lists: rare, the general decoder checks them
+        events.decode_request(raw)
+    return request, header, payload
+
+
+def copy_event(request: InferenceRequest, header: dict[str, Any], payload: memoryview, name: str, topic: str,
+               partition: int, offset: int, version: str | None = None) -> tuple[str, bytes]:
+    """(replay id, encoded copy): the event `replay_copy` describes, built from the stored header
+    (`stored_request`) with the stored tensor payload passed on as it is, in the binary framing
+    (tensors sent inline as JSON lists stay in the header)."""
+    body = {k: v for k, v in header.items() if k not in _CLEARED}
+    body["request_id"] = copy_id = replay_id(name, partition, offset)
+    body["created_ms"] = events.now_ms()
+    body["replay_of"] = {"topic": topic, "partition": partition, "offset": offset, "request_id": request.request_id}
+    if version:
+        body["version"] = version
+    return copy_id, events.frame(body, bytes(payload))
+
+
 async def fixed_ends(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
     """Each partition's end offset now. Taken from a fetch's high watermark as well: the local
     broker (Tansu) answers ListOffsets(latest) with a lower offset once a batch holds several
@@ -204,13 +266,15 @@ class Replayer:
         self.progress = Progress()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            fetch_min_bytes=FETCH_MIN_BYTES, fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-            max_request_size=settings.max_message_bytes + 64 * 1024,
+            max_batch_size=PUBLISH_BATCH_BYTES, max_request_size=settings.max_message_bytes + 64 * 1024,
         )
         self._pool: asyncpg.Pool | None = None
+        self._partitioner = DefaultPartitioner()  # what `send(key=...)` uses: keys keep their partitions
+        self._partitions: list[int] = []  # the target's
 
     async def run(self, on_progress: Callable[[Progress], None] = lambda _: None) -> Progress:
         await self._consumer.start()
@@ -260,18 +324,51 @@ class Replayer:
         self._consumer.assign(list(active))
         for tp in active:
             self._consumer.seek(tp, ranges[tp.partition][0])
+        if not self.job.dry_run:
+            self._partitions = sorted(await self._producer.partitions_for(self.target))
+        # Chunks sent, oldest first: their batches' delivery futures and the checkpoint after them.
+        unconfirmed: deque[tuple[list[asyncio.Future[Any]], dict[int, int]]] = deque()
         on_progress(self.progress)
         while active and not self._limit_reached():
-            batches = await self._consumer.getmany(*active, timeout_ms=500, max_records=500)
-            records = [r for tp, rs in batches.items() for r in rs if r.offset < active[tp]]
-            await self._publish(records, next_offsets)
+            records = await self._read_chunk(active)
+            sent = await self._publish(records, next_offsets)
             if not self.job.dry_run:
-                self.checkpoint.save(next_offsets)
+                unconfirmed.append((sent, dict(next_offsets)))
+                await self._confirm(unconfirmed, keep=CHUNKS_IN_FLIGHT)
             on_progress(self.progress)
+        await self._confirm(unconfirmed, keep=0)
+
+    async def _read_chunk(self, active: dict[TopicPartition, int]) -> list[ConsumerRecord]:
+        """Up to CHUNK_RECORDS records (about a second's worth at a set rate, so the checkpoint
+        keeps moving) of the ranges still open: waits (bounded) for the first, then takes what the
+        consumer has already fetched. Closes the ranges read to their end."""
+        size = CHUNK_RECORDS if not self.job.rate else max(1, min(CHUNK_RECORDS, int(self.job.rate)))
+        records: list[ConsumerRecord] = []
+        while active and len(records) < size:
+            batches = await self._consumer.getmany(*active, timeout_ms=0 if records else 500,
+                                                   max_records=size - len(records))
+            records += [r for tp, rs in batches.items() for r in rs if r.offset < active[tp]]
             for tp in list(active):
                 if await self._consumer.position(tp) >= active[tp]:
                     del active[tp]
                     self._consumer.pause(tp)
+            if not batches:
+                break
+        return records
+
+    async def _confirm(self, unconfirmed: deque[tuple[list[asyncio.Future[Any]], dict[int, int]]],
+                       keep: int) -> None:
+        """Wait for the oldest chunks' acknowledgements until at most `keep` remain unconfirmed
+        (taking along any already confirmed), and move the checkpoint past the last one
+        confirmed. A failed send raises here; the checkpoint stays before its chunk."""
+        confirmed = None
+        try:
+            while unconfirmed and (len(unconfirmed) > keep or all(f.done() for f in unconfirmed[0][0])):
+                await asyncio.gather(*unconfirmed[0][0])
+                confirmed = unconfirmed.popleft()[1]
+        finally:
+            if confirmed is not None:
+                self.checkpoint.save(confirmed)
 
     def _in_time_range(self, timestamp: int) -> bool:
         """Checked per record: the local broker (Tansu) answers offsets_for_times per record
@@ -282,39 +379,67 @@ class Replayer:
     def _limit_reached(self) -> bool:
         return self.job.max_events is not None and self.progress.published >= self.job.max_events
 
-    async def _publish(self, records: list[ConsumerRecord], next_offsets: dict[int, int]) -> None:
-        """Publish the matching records in order and wait for the broker to confirm them;
+    async def _publish(self, records: list[ConsumerRecord], next_offsets: dict[int, int]) -> list[asyncio.Future[Any]]:
+        """Send copies of the matching records, in order, as one record batch per target
+        partition (more when one fills up); the delivery futures of the batches sent.
         `next_offsets` advances past every record handled (matching or not)."""
         stored = await self._stored_results(records)
-        sends = []
-        for record in records:
+        open_batches: dict[int, BatchBuilder] = {}
+        sent: list[asyncio.Future[Any]] = []
+        for handled, record in enumerate(records, 1):
             if self._limit_reached():
                 break
+            if handled % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the client fetch the next records and send what is batched
             self.progress.read += 1
             next_offsets[record.partition] = record.offset + 1
             if not self._in_time_range(record.timestamp):
                 continue
             try:
-                request = events.decode_request(record.value)
+                request, header, payload = stored_request(record.value)
             except EventError:
                 self.progress.undecodable += 1
                 continue
-            if not self.job.filters.match(request.header, stored.get(request.header.request_id)):
+            if not self.job.filters.match(request, stored.get(request.request_id)):
                 continue
-            copy = replay_copy(request.header, self.job.name, self.topic, record.partition, record.offset,
-                               self.job.version)
+            copy_id, value = copy_event(request, header, payload, self.job.name, self.topic, record.partition,
+                                        record.offset, self.job.version)
             if not self.job.dry_run:
-                await self._pace()
-                sends.append(await self._producer.send(
-                    self.target, events.encode_request(copy, request.tensors), key=copy.request_id.encode()))
+                if self.job.rate:
+                    await self._pace(open_batches, sent)
+                await self._append(open_batches, sent, copy_id.encode(), value)
             self.progress.published += 1
-            self.progress.origins[copy.request_id] = request.header.request_id
-        await asyncio.gather(*sends)
+            self.progress.origins[copy_id] = request.request_id
+        await self._send_open(open_batches, sent)
+        return sent
 
-    async def _pace(self) -> None:
-        if self.job.rate:
-            await asyncio.sleep(max(0.0, self.progress.started + self.progress.published / self.job.rate
-                                    - time.monotonic()))
+    async def _append(self, open_batches: dict[int, BatchBuilder], sent: list[asyncio.Future[Any]],
+                      key: bytes, value: bytes) -> None:
+        """Add a copy to its partition's open batch; a full batch is sent and a new one opened."""
+        partition = self._partitioner(key, self._partitions, self._partitions)
+        batch = open_batches.get(partition)
+        if batch is None:
+            batch = open_batches[partition] = self._producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            sent.append(await self._send(batch, partition))
+            batch = open_batches[partition] = self._producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any record
+
+    async def _send_open(self, open_batches: dict[int, BatchBuilder], sent: list[asyncio.Future[Any]]) -> None:
+        for partition, batch in open_batches.items():
+            sent.append(await self._send(batch, partition))
+        open_batches.clear()
+
+    async def _send(self, batch: BatchBuilder, partition: int) -> asyncio.Future[Any]:
+        batch.close()
+        return await self._producer.send_batch(batch, self.target, partition=partition)
+
+    async def _pace(self, open_batches: dict[int, BatchBuilder], sent: list[asyncio.Future[Any]]) -> None:
+        """Hold to `rate`; what is batched goes out before waiting, so paced copies leave at their pace."""
+        delay = self.progress.started + self.progress.published / (self.job.rate or 1.0) - time.monotonic()
+        if delay > 0:
+            await self._send_open(open_batches, sent)
+            await asyncio.sleep(delay)
 
     async def _stored_results(self, records: list[ConsumerRecord]) -> dict[str, dict[str, Any]]:
         """The result rows (status, tenant) of these records' requests, when a filter needs them."""

@@ -202,6 +202,62 @@ async def test_stopped_replay_resumes_without_duplicates(topics_ready):
     assert all(c.reply_to is None and c.correlation_id is None for c in copies)
 
 
+async def test_batched_pipelined_replay_stops_and_resumes_with_each_copy_once(topics_ready, monkeypatch):
+    """On the real broker: copies go out as record batches (few produce calls), land on the
+    partition their key hashes to (as `send(key=...)` places them), and a stop then a resume
+    publish each stored event exactly once."""
+    from aiokafka.partitioner import murmur2
+
+    import streams.replay as replay_module
+
+    settings = topics_ready
+    topics = Topics(settings)
+    target = topics.model("tiny")  # any existing topic nobody reads here will do: no worker runs
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        for i in range(300):
+            header = events.InferenceRequest(request_id=f"orig-{i}", model="tiny", reply_to="x.replies")
+            await producer.send(topics.requests, events.encode_request(header, tiny_input(seed=i)),
+                                key=header.request_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    monkeypatch.setattr(replay_module, "CHUNK_RECORDS", 40)
+    batches: list[int] = []
+    send_batch = AIOKafkaProducer.send_batch
+
+    async def counted(self, batch, topic, *, partition):
+        batches.append(batch.record_count())
+        return await send_batch(self, batch, topic, partition=partition)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", counted)
+    first = await Replayer(settings, ReplayJob(name="batched", target=target, max_events=130)).run()
+    second = await Replayer(settings, ReplayJob(name="batched", target=target, resume=True)).run()
+    assert (first.published, second.published) == (130, 170)
+    assert sum(batches) == 300 and len(batches) < 300 / 4 and max(batches) > 1
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(target, p) for p in sorted(consumer.partitions_for_topic(target))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await fixed_ends(consumer, tps)
+        await consumer.seek_to_beginning(*tps)
+        copies: list[tuple[int, bytes, events.InferenceRequest]] = []
+        deadline = time.monotonic() + 30
+        while sum(ends.values()) > len(copies) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                copies += [(r.partition, r.key, events.decode_request_header(r.value)[0]) for r in records]
+    finally:
+        await consumer.stop()
+    assert sorted(c.replay_of.request_id for _, _, c in copies) == sorted(f"orig-{i}" for i in range(300))
+    assert all(key == c.request_id.encode() and c.reply_to is None for _, key, c in copies)
+    assert all(partition == (murmur2(key) & 0x7FFFFFFF) % len(tps) for partition, key, _ in copies)
+
+
 async def test_redriven_dead_letter_is_answered_after_its_cause_is_fixed(start_worker, settings):
     worker = start_worker()
     async with InferenceClient(settings) as client:
