@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -29,7 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.fetch_wait import wait_longer_when_behind
-from streams.settings import PROJECT_ROOT, Settings
+from streams.harness import Service
+from streams.settings import Settings
 
 # The worker's consumer and producer settings (streams/app.py), so only the pipeline differs.
 MAX_POLL_RECORDS = 2000
@@ -88,46 +87,24 @@ async def serve(bootstrap: str, topic: str, reply_topic: str, reply_bytes: int, 
         await producer.stop()
 
 
-class EchoService:
-    """`python -m bench.floor serve` as a process, stopped by its PID (bench.processes.Server)."""
+class EchoService(Service):
+    """`python -m bench.floor serve` as a process, stopped by its PID."""
+
+    command = "echo service"
 
     def __init__(self, settings: Settings, topic: str, reply_topic: str, reply_bytes: int,
                  log_path: Path) -> None:
-        self.command = [
-            sys.executable, "-m", "bench.floor", "serve", "--bootstrap", settings.kafka_bootstrap,
-            "--topic", topic, "--reply-topic", reply_topic, "--reply-bytes", str(reply_bytes),
+        super().__init__(settings, log_path)
+        self.topic, self.reply_topic, self.reply_bytes = topic, reply_topic, reply_bytes
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "bench.floor", "serve", "--bootstrap", self.settings.kafka_bootstrap,
+            "--topic", self.topic, "--reply-topic", self.reply_topic, "--reply-bytes", str(self.reply_bytes),
             "--group", f"floor-{uuid.uuid4().hex[:8]}",
-            "--fetch-wait-ms", str(settings.kafka_fetch_max_wait_ms),
-            "--max-message-bytes", str(settings.max_message_bytes),
+            "--fetch-wait-ms", str(self.settings.kafka_fetch_max_wait_ms),
+            "--max-message-bytes", str(self.settings.max_message_bytes),
         ]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> EchoService:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command, cwd=PROJECT_ROOT, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def check_running(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            code = self.proc.returncode if self.proc else None
-            raise RuntimeError(f"echo service exited with {code}:\n{self.log()[-3000:]}")
 
 
 async def create_topics(settings: Settings, topic: str, reply_topic: str) -> None:

@@ -84,12 +84,15 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "streams.cli", self.command]
+
     def start(self) -> Service:
         env = {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", self.command], cwd=PROJECT_ROOT, env=env,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.argv(), cwd=PROJECT_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         return self
 
