@@ -134,7 +134,7 @@ async def figures_of(name: str, settings: Settings, client: InferenceClient, str
     unreadable = 0
     for result in by_ref:
         try:
-            await asyncio.to_thread(client.outputs, result)
+            await client.outputs(result)
         except Exception:  # noqa: BLE001 - counted: an output the caller cannot fetch is lost
             unreadable += 1
     logs = [line for w in workers for line in w.log().splitlines()]
