@@ -141,20 +141,23 @@ def replay_id(name: str, partition: int, offset: int) -> str:
     return f"replay-{name}-{partition}-{offset}"
 
 
+def copy_changes(request_id: str, name: str, topic: str, partition: int, offset: int,
+                 version: str | None = None) -> dict[str, Any]:
+    """What a copy changes in the stored request: a new deterministic id, its origin, no caller
+    to answer, no deadline (the original's has passed), no batch (a batch's output must not gain
+    rows), nothing mirrored, and the version asked for (else the original's)."""
+    changes: dict[str, Any] = dict.fromkeys(("reply_to", "correlation_id", "deadline_ms", "batch_id", "shadow_of"))
+    changes |= {"request_id": replay_id(name, partition, offset), "created_ms": events.now_ms(),
+                "replay_of": ReplayOrigin(topic=topic, partition=partition, offset=offset, request_id=request_id)}
+    if version:
+        changes["version"] = version
+    return changes
+
+
 def replay_copy(request: InferenceRequest, name: str, topic: str, partition: int, offset: int,
                 version: str | None = None) -> InferenceRequest:
-    """The copy to publish: a new deterministic id, its origin, no caller to answer, no deadline
-    (the original's has passed), and no batch (a batch's output must not gain rows)."""
-    return request.model_copy(update={
-        "request_id": replay_id(name, partition, offset), "version": version or request.version,
-        "reply_to": None, "correlation_id": None, "deadline_ms": None, "batch_id": None,
-        "shadow_of": None, "created_ms": events.now_ms(),
-        "replay_of": ReplayOrigin(topic=topic, partition=partition, offset=offset, request_id=request.request_id),
-    })
-
-
-# Header fields a copy drops: it answers no caller, has no deadline, is in no batch, mirrors nothing.
-_CLEARED = frozenset({"reply_to", "correlation_id", "deadline_ms", "batch_id", "shadow_of"})
+    """The copy to publish, as a request."""
+    return request.model_copy(update=copy_changes(request.request_id, name, topic, partition, offset, version))
 
 
 def stored_request(raw: bytes) -> tuple[InferenceRequest, dict[str, Any], memoryview]:
@@ -176,16 +179,13 @@ def stored_request(raw: bytes) -> tuple[InferenceRequest, dict[str, Any], memory
 
 def copy_event(request: InferenceRequest, header: dict[str, Any], payload: memoryview, name: str, topic: str,
                partition: int, offset: int, version: str | None = None) -> tuple[str, bytes]:
-    """(replay id, encoded copy): the event `replay_copy` describes, built from the stored header
+    """(replay id, encoded copy): `replay_copy`'s event, built from the stored header
     (`stored_request`) with the stored tensor payload passed on as it is, in the binary framing
     (tensors sent inline as JSON lists stay in the header)."""
-    body = {k: v for k, v in header.items() if k not in _CLEARED}
-    body["request_id"] = copy_id = replay_id(name, partition, offset)
-    body["created_ms"] = events.now_ms()
-    body["replay_of"] = {"topic": topic, "partition": partition, "offset": offset, "request_id": request.request_id}
-    if version:
-        body["version"] = version
-    return copy_id, events.frame(body, bytes(payload))
+    changes = copy_changes(request.request_id, name, topic, partition, offset, version)
+    changes["replay_of"] = changes["replay_of"].model_dump()
+    body = {k: v for k, v in {**header, **changes}.items() if v is not None}
+    return changes["request_id"], events.frame(body, bytes(payload))
 
 
 async def fixed_ends(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
