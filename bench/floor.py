@@ -26,16 +26,21 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streams.app import (
+    HEARTBEAT_INTERVAL_S,
+    LINGER_S,
+    MAX_BATCH_BYTES,
+    MAX_FETCH_BYTES,
+    MAX_POLL_RECORDS,
+    SESSION_TIMEOUT_S,
+)
 from streams.fetch_wait import wait_longer_when_behind
 from streams.harness import Service
 from streams.settings import Settings
 
-# The worker's consumer and producer settings (streams/app.py), so only the pipeline differs.
-MAX_POLL_RECORDS = 2000
-MAX_FETCH_BYTES = 4 * 1024 * 1024
-LINGER_MS = 5
-MAX_BATCH_BYTES = 256 * 1024
-SESSION_TIMEOUT_MS, HEARTBEAT_MS = 6000, 1000
+# The worker's consumer and producer settings, so only the pipeline differs.
+LINGER_MS = int(LINGER_S * 1000)
+SESSION_TIMEOUT_MS, HEARTBEAT_MS = SESSION_TIMEOUT_S * 1000, HEARTBEAT_INTERVAL_S * 1000
 YIELD_EVERY = 64  # as bench.e2e's burst
 READY_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 3.0

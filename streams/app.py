@@ -60,6 +60,14 @@ class WorkerApp(faust.App):
         await self.crash(exc)
 
 
+# The worker's Kafka client settings (bench/floor.py measures a plain client with the same).
+SESSION_TIMEOUT_S, HEARTBEAT_INTERVAL_S = 6, 1  # Faust's 60 s default makes each group join wait ~30 s
+MAX_POLL_RECORDS = 2000
+MAX_FETCH_BYTES = 4 * 1024 * 1024
+LINGER_S = 0.005
+MAX_BATCH_BYTES = 256 * 1024
+
+
 def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipeline]:
     if not serve:
         raise FileNotFoundError(f"no models to serve; run `inferstream models build` (repository: "
@@ -74,19 +82,18 @@ def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipelin
         store="memory://",
         datadir=str(settings.state_dir / "faust" / "{conf.id}"),
         topic_partitions=settings.model_partitions,
-        # Faust's 60 s default makes each group join wait ~30 s.
-        broker_session_timeout=6,
-        broker_heartbeat_interval=1,
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
         # On stop, let in-flight batches finish and be acknowledged before the agents are
         # cancelled: a cancelled take_events batch is acknowledged by Faust's own `finally`,
         # and the final commit would then skip events that were never processed.
         stream_wait_empty=True,
         # Throughput: big fetches and produce batches, no per-event waits.
         stream_buffer_maxsize=16384,
-        broker_max_poll_records=2000,
-        consumer_max_fetch_size=4 * 1024 * 1024,
-        producer_linger=0.005,
-        producer_max_batch_size=256 * 1024,
+        broker_max_poll_records=MAX_POLL_RECORDS,
+        consumer_max_fetch_size=MAX_FETCH_BYTES,
+        producer_linger=LINGER_S,
+        producer_max_batch_size=MAX_BATCH_BYTES,
         producer_max_request_size=settings.max_message_bytes + 64 * 1024,
         producer_acks=-1,
         web_enabled=False,
