@@ -10,7 +10,8 @@ from agents.common import process, start
 from streams import tracing
 from streams.batches import BatchRunner
 from streams.jobs import JobStore
-from streams.pipeline import Message, Outbox, Pipeline
+from streams.outbox import Outbox
+from streams.pipeline import Message, Pipeline
 from topics.errors import EventError
 
 

@@ -12,7 +12,8 @@ import faust
 from streams import tracing
 from streams.failures import MAX_MESSAGE_CHARS, Failure, backoff, classify
 from streams.metrics import STEP_RETRIES
-from streams.pipeline import Headers, Message, Outbox, Pipeline
+from streams.outbox import Headers, Outbox
+from streams.pipeline import Message, Pipeline
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)

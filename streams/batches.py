@@ -24,7 +24,7 @@ from models.preprocess import image_to_tensor, load_image
 from streams.jobs import Batch, BatchStatus, JobStore
 from streams.kserve import Limits, ProtocolError, dtype_to_datatype, parse_infer_request
 from streams.objectstore import ObjectStore, parse_uri
-from streams.pipeline import Outbox
+from streams.outbox import Outbox
 from streams.registry import ModelInfo, ModelRegistry
 from streams.settings import Settings
 from topics import events

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from streams.logs import log_request
 from streams.metrics import DEAD_LETTERS, ERRORS, LATENCY, REQUESTS
 from streams.model_stats import STATS
 from streams.objectstore import ObjectStore
+from streams.outbox import Headers, Outbox
 from streams.registry import ModelInfo, ModelRegistry
 from streams.registry_store import RegistryFollower, fetch_artifact
 from streams.reply_topics import ReplyTopics
@@ -51,8 +52,6 @@ from topics.seal import SEAL_HEADER, Sealer, SealError
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
-Send = Callable[[str, bytes | None, bytes, Headers | None], Awaitable[Awaitable[object]]]
 
 
 @dataclass
@@ -95,21 +94,6 @@ class Candidate:
 
 
 INTERNAL_REPLY = "internal error: the request was dead-lettered for the operators"
-
-
-class Outbox:
-    """Collects produce futures; `flush` waits until the broker confirmed every send."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self._pending: list[Awaitable[object]] = []
-
-    async def put(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None) -> None:
-        self._pending.append(await self._send(topic, key, value, headers))
-
-    async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        await asyncio.gather(*pending)
 
 
 class Pipeline:
