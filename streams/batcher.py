@@ -69,11 +69,16 @@ class AdaptiveBatcher(Generic[T, R]):
                 future.set_exception(BatcherStopped(f"{self.name} stopped"))
 
     async def submit(self, item: T) -> R:
+        return await (await self.enqueue(item))
+
+    async def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue an item (waiting for room) and return the future of its result: a caller with
+        many items queues them all, then awaits their futures, with no task per item."""
         if self._loop_task is None:
             raise BatcherStopped(f"{self.name} is not running")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future, time.monotonic()))
-        return await future
+        return future
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R], float]]:
         batch = [await self._queue.get()]
@@ -138,3 +143,4 @@ class AdaptiveBatcher(Generic[T, R]):
     def _report(self, queued: list[tuple[T, asyncio.Future[R], float]], began: float, failed: bool) -> None:
         if self._observe is not None:
             self._observe([began - at for _, _, at in queued], time.monotonic() - began, failed)
+

@@ -15,7 +15,7 @@ from streams.auth import ANONYMOUS, ApiKeyStore, Authenticator, JwtVerifier, Pri
 from streams.ratelimit import RateLimiter, TenantLimits
 from streams.settings import Settings
 from topics.errors import ErrorCode, EventError
-from topics.events import InferenceRequest
+from topics.events import Credentials, InferenceRequest
 
 
 def jwt_verifier(settings: Settings) -> JwtVerifier | None:
@@ -63,40 +63,67 @@ class Gatekeeper:
     async def stop(self) -> None:
         await self.redis.aclose()
 
-    async def authenticate(self, request: InferenceRequest, vouched: Principal | None = None) -> Principal | EventError:
-        """The caller allowed to call the request's model, or the reason to refuse it (never raises).
+    async def authenticate_many(
+        self, requests: list[tuple[InferenceRequest, Principal | None]],
+    ) -> list[Principal | EventError]:
+        """For each (request, vouched) the caller allowed to call the request's model, or the
+        reason to refuse it (never raises): one authentication per distinct credentials.
         `vouched`: the principal a product seal names (a batch item's owner), instead of credentials."""
         if self._authenticator is None:
             raise RuntimeError("Gatekeeper.start() was not awaited")
+        known: dict[tuple[str | None, str | None], Principal | EventError] = {}
+        answers: list[Principal | EventError] = []
+        for request, vouched in requests:
+            try:
+                if vouched is None:
+                    credentials = request.credentials
+                    key = (credentials.authorization, credentials.api_key) if credentials else (None, None)
+                    if key not in known:
+                        known[key] = await self._identify(credentials)
+                    principal = known[key]
+                    if isinstance(principal, EventError):
+                        raise principal
+                elif vouched is ANONYMOUS and self._authenticator.required:
+                    raise EventError(ErrorCode.UNAUTHENTICATED, "submitted without credentials, which are now required")
+                else:
+                    principal = vouched
+                principal.authorize(request.model)
+                answers.append(principal)
+            except EventError as error:
+                answers.append(error)
+        return answers
+
+    async def _identify(self, credentials: Credentials | None) -> Principal | EventError:
+        assert self._authenticator is not None
         try:
-            if vouched is None:
-                principal = await self._authenticator.authenticate(request.credentials)
-            elif vouched is ANONYMOUS and self._authenticator.required:
-                raise EventError(ErrorCode.UNAUTHENTICATED, "submitted without credentials, which are now required")
-            else:
-                principal = vouched
-            principal.authorize(request.model)
-            return principal
+            return await self._authenticator.authenticate(credentials)
         except EventError as error:
             return error
 
-    async def count(self, principal: Principal, member: str) -> EventError | None:
-        """Count one admission against the tenant's limit. `member` names the admitted event
-        (its topic, partition and offset): a redelivery counts once, a reused request id again.
-        The reason to refuse it, or None."""
-        if principal is ANONYMOUS:  # anonymous callers exist only where auth is off
-            return None
+    async def count_many(self, admissions: list[tuple[Principal | None, str]]) -> list[EventError | None]:
+        """Count admissions against their tenants' limits, in one round trip to the limiter.
+        Each is (principal, member): `member` names the admitted event (its topic, partition and
+        offset), so a redelivery counts once and a reused request id again. For each, the reason
+        to refuse it, or None."""
         if self.tenant_limits is None:
             raise RuntimeError("Gatekeeper.start() was not awaited")
+        counted = [(i, p) for i, (p, _) in enumerate(admissions) if p is not None and p is not ANONYMOUS]
+        answers: list[EventError | None] = [None] * len(admissions)  # anonymous callers exist only where auth is off
+        if not counted:
+            return answers
         try:
-            limit = await self.tenant_limits.get(principal.tenant)
-            decision = await self.limiter.check(f"tenant:{principal.tenant}", member, limit)
+            limits = {tenant: await self.tenant_limits.get(tenant) for tenant in {p.tenant for _, p in counted}}
+            decisions = await self.limiter.check_many(
+                [(f"tenant:{p.tenant}", admissions[i][1], limits[p.tenant]) for i, p in counted])
         except EventError as error:
-            return error
-        if decision.allowed:
-            return None
-        return EventError(
-            ErrorCode.RATE_LIMITED,
-            f"tenant {principal.tenant!r} is over {decision.limit} requests per minute; "
-            f"retry in {decision.retry_after_s:.1f} s",
-        )
+            for i, _ in counted:
+                answers[i] = error
+            return answers
+        for (i, principal), decision in zip(counted, decisions):
+            if not decision.allowed:
+                answers[i] = EventError(
+                    ErrorCode.RATE_LIMITED,
+                    f"tenant {principal.tenant!r} is over {decision.limit} requests per minute; "
+                    f"retry in {decision.retry_after_s:.1f} s",
+                )
+        return answers

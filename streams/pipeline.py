@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,17 @@ class Candidate:
     @property
     def tenant(self) -> str | None:
         return self.principal.tenant if self.principal is not None else None
+
+
+@dataclass
+class Work:
+    """An admitted request ready for its version's backends in this worker."""
+
+    msg: Message
+    request: InferenceRequest
+    info: ModelInfo
+    span: Span
+    tensors: dict[str, np.ndarray]
 
 
 INTERNAL_REPLY = "internal error: the request was dead-lettered for the operators"
@@ -232,7 +243,12 @@ class Pipeline:
                 span.end()
         try:
             routed = await self._authorize(outbox, candidates, now)
-            await self._admit(outbox, routed)
+            here: list[Work] = []
+            for candidate in await self._admit(outbox, routed):
+                work = await self._route(outbox, candidate)
+                if work is not None:
+                    here.append(work)
+            await self._serve(outbox, here, now)
         finally:
             for candidate in candidates:
                 candidate.span.end()
@@ -240,7 +256,9 @@ class Pipeline:
 
     async def _authorize(self, outbox: Outbox, candidates: list[Candidate], now: int) -> list[Candidate]:
         """Authenticate, route and validate; the candidates that passed, with their routes."""
-        principals = await asyncio.gather(*(self._principal(c) for c in candidates))
+        principals: list[Principal | EventError | None] = [None] * len(candidates)
+        if self.gatekeeper is not None:
+            principals = list(await self.gatekeeper.authenticate_many([(c.request, c.vouched) for c in candidates]))
         routed = []
         for candidate, principal in zip(candidates, principals):
             request = candidate.request
@@ -267,11 +285,6 @@ class Pipeline:
             routed.append(candidate)
         return routed
 
-    async def _principal(self, candidate: Candidate) -> Principal | EventError | None:
-        if self.gatekeeper is None:
-            return None
-        return await self.gatekeeper.authenticate(candidate.request, candidate.vouched)
-
     def _vouched(self, msg: Message) -> Principal | None:
         """The owner the product vouches for on a request it wrote itself (a batch's item); None
         for a caller's request, whose credentials decide. A seal that does not open is a caller's
@@ -283,70 +296,87 @@ class Pipeline:
         except SealError:
             return None
 
-    async def _admit(self, outbox: Outbox, candidates: list[Candidate]) -> None:
-        """Idempotency by request id, then rate limits for what is new, then forward."""
+    async def _admit(self, outbox: Outbox, candidates: list[Candidate]) -> list[Candidate]:
+        """Idempotency by request id, then rate limits for what is new: the candidates to serve."""
         claims = await self.claims.get(list({c.request.request_id for c in candidates}))
         fresh: dict[str, Candidate] = {}  # the first new event of each id in the chunk
+        known: list[Candidate] = []  # ids claimed before, judged by their claim
         later: list[Candidate] = []  # judged once the fresh ones are claimed
         for candidate in candidates:
             rid = candidate.request.request_id
-            if rid not in claims and rid not in fresh:
+            if rid in claims:
+                known.append(candidate)
+            elif rid not in fresh:
                 fresh[rid] = candidate
-            elif rid in claims:
-                await self._seen_before(outbox, candidate, claims[rid])
             else:
                 later.append(candidate)
-        limited = await asyncio.gather(*(self._count(c) for c in fresh.values()))
-        admitted = []
-        for candidate, refusal in zip(fresh.values(), limited):
+        admitted = [c for c in known if await self._seen_before(outbox, c, claims[c.request.request_id])]
+        refusals = await self._count(list(fresh.values()))
+        counted = []
+        for candidate, refusal in zip(fresh.values(), refusals):
             if refusal is not None:
                 await self.refuse(outbox, candidate.request, refusal, "intake", candidate.span)
             else:
-                admitted.append(candidate)
-        won = await self.claims.claim([Claim(c.request.request_id, c.digest, c.msg.source) for c in admitted])
-        for candidate in admitted:
+                counted.append(candidate)
+        won = await self.claims.claim([Claim(c.request.request_id, c.digest, c.msg.source) for c in counted])
+        for candidate in counted:
             if candidate.request.request_id in won:
-                await self._forward(outbox, candidate)
+                admitted.append(candidate)
             else:
                 later.append(candidate)  # claimed by another worker meanwhile
         if later:
             claims = await self.claims.get(list({c.request.request_id for c in later}))
-            for candidate in later:
-                await self._seen_before(outbox, candidate, claims[candidate.request.request_id])
+            admitted += [c for c in later if await self._seen_before(outbox, c, claims[c.request.request_id])]
+        return admitted
 
-    async def _seen_before(self, outbox: Outbox, candidate: Candidate, claim: Claim) -> None:
+    async def _seen_before(self, outbox: Outbox, candidate: Candidate, claim: Claim) -> bool:
+        """Answer a request id seen before where that is its answer; whether to serve it again."""
         request = candidate.request
         match seen(claim, candidate.digest, candidate.msg.source):
             case Seen.REDELIVERY:
-                await self._forward(outbox, candidate)
+                return True
             case Seen.CONFLICT:
                 error = EventError(ErrorCode.DUPLICATE_REQUEST, f"request id {request.request_id!r} was already"
                                    " admitted with another body; use a new request id")
                 await self.refuse(outbox, request, error, "intake", candidate.span, store=False)
+                return False
             case _:  # a repeat: the stored answer, or the work again (counted once) while there is none
                 stored = (await self.results.answered([request.request_id])).get(request.request_id)
                 if stored is None:
-                    await self._forward(outbox, candidate)
-                else:
-                    await self._answer_again(outbox, request, stored, candidate.span)
+                    return True
+                await self._answer_again(outbox, request, stored, candidate.span)
+                return False
 
-    async def _count(self, candidate: Candidate) -> EventError | None:
-        if self.gatekeeper is None or candidate.principal is None:
-            return None
-        return await self.gatekeeper.count(candidate.principal, candidate.msg.source)
+    async def _count(self, candidates: list[Candidate]) -> list[EventError | None]:
+        """Each candidate's rate-limit refusal or None, counted in one round trip."""
+        if self.gatekeeper is None or not candidates:
+            return [None] * len(candidates)
+        return await self.gatekeeper.count_many([(c.principal, c.msg.source) for c in candidates])
 
-    async def _forward(self, outbox: Outbox, candidate: Candidate) -> None:
+    async def _route(self, outbox: Outbox, candidate: Candidate) -> Work | None:
+        """An admitted request: served in this worker when it serves the version (its Work), else
+        sent to the model's topic for the worker group that does (None). Shadow copies always
+        go through the topic: no caller waits for them."""
         request, route = candidate.request, candidate.route
         assert route is not None
-        key = candidate.msg.key or request.request_id.encode()
-        value = events.without_credentials(candidate.msg.value)
-        await self._put_sealed(outbox, route.topic, key, value, candidate.span, self._request_claims(
-            request.request_id, candidate.tenant, route.model.name, route.model.version))
+        work: Work | None = None
+        if route.model.name in self.serve and route.model.key in self._servers:
+            try:
+                work = await self._work(candidate.msg, request, route.model, candidate.span, candidate.parsed.tensors)
+            except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
+                await self.reject(outbox, candidate.msg, as_event_error(exc), request, "inference", candidate.span)
+                return None
+        else:
+            key = candidate.msg.key or request.request_id.encode()
+            value = events.without_credentials(candidate.msg.value)
+            await self._put_sealed(outbox, route.topic, key, value, candidate.span, self._request_claims(
+                request.request_id, candidate.tenant, route.model.name, route.model.version))
         for shadow in self.registry.shadows(route.model.name):
             await self._mirror(outbox, candidate, route.topic, shadow)
         REQUESTS.labels("intake", "ok").inc()
-        log_request(candidate.span, "intake", "routed", request.request_id, model=route.model.name,
-                    version=route.model.version, tenant=candidate.tenant)
+        log_request(candidate.span, "intake", "admitted", request.request_id, model=route.model.name,
+                    version=route.model.version, tenant=candidate.tenant, here=work is not None)
+        return work
 
     async def _mirror(self, outbox: Outbox, candidate: Candidate, topic: str, shadow: ModelInfo) -> None:
         """A copy for a shadow version: its own request id, no reply, result stored only."""
@@ -396,70 +426,91 @@ class Pipeline:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, messages: Sequence[Message], outbox: Outbox) -> None:
-        """Run every valid request on its version's backends (micro-batched), then reply."""
+        """Requests the intake of another worker sent to this model's topic: checked, then served."""
         started = events.now_ms()
-        accepted: list[tuple[Message, InferenceRequest, ModelInfo, Span, Awaitable[Outcome]]] = []
-        for msg in messages:
-            span = tracing.start_span("inference", msg.headers)
-            request: InferenceRequest | None = None
-            try:
-                claims = self._open(msg)
-            except SealError as exc:
-                error = EventError(ErrorCode.UNAUTHENTICATED, f"not admitted by the intake ({exc}): send requests"
-                                   f" to {self.topics.requests}")
-                await self.reject(outbox, msg, error, None, "inference", span, answer=False)
-                span.end()
-                continue
-            try:
-                decoded = events.decode_request(msg.value)
-                request = decoded.header
-                if claims.get("rid") != request.request_id or claims.get("model") != request.model:
-                    raise EventError(ErrorCode.INTERNAL, "the seal's claims do not match the request")
-                check_deadline(request, started)
-                info = self.registry.resolve(request.model, claims.get("version"))
-                request.tenant = claims.get("tenant")
-                tensors = decoded.tensors
-                if request.inputs_ref:
-                    self.store.check_caller_uri(request.inputs_ref)
-                    _, tensors = events.decode_bundle(await self.store.aget(request.inputs_ref))
-                check_inputs(info, tensors)
-                server = self._servers.get(info.key)
-                if server is None and self._stopping:
-                    raise ServerStopped(f"{info.key}: this worker is stopping")
-                if server is None:
-                    raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
-                LATENCY.labels("queue_wait", info.name).observe(max(0, started - request.created_ms) / 1000)
-                accepted.append((msg, request, info, span, asyncio.ensure_future(server.submit(tensors))))
-            except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
-                await self.reject(outbox, msg, as_event_error(exc), request, "inference", span)
-                span.end()
-        for msg, request, info, span, pending in accepted:
-            try:
-                await self._answer(outbox, msg, request, info, span, pending, started)
-            finally:
-                span.end()
+        works: list[Work] = []
+        try:
+            for msg in messages:
+                span = tracing.start_span("inference", msg.headers)
+                request: InferenceRequest | None = None
+                try:
+                    claims = self._open(msg)
+                except SealError as exc:
+                    error = EventError(ErrorCode.UNAUTHENTICATED, f"not admitted by the intake ({exc}): send"
+                                       f" requests to {self.topics.requests}")
+                    await self.reject(outbox, msg, error, None, "inference", span, answer=False)
+                    span.end()
+                    continue
+                try:
+                    decoded = events.decode_request(msg.value)
+                    request = decoded.header
+                    if claims.get("rid") != request.request_id or claims.get("model") != request.model:
+                        raise EventError(ErrorCode.INTERNAL, "the seal's claims do not match the request")
+                    check_deadline(request, started)
+                    info = self.registry.resolve(request.model, claims.get("version"))
+                    request.tenant = claims.get("tenant")
+                    works.append(await self._work(msg, request, info, span, decoded.tensors))
+                except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
+                    await self.reject(outbox, msg, as_event_error(exc), request, "inference", span)
+                    span.end()
+            await self._serve(outbox, works, started)
+        finally:
+            for work in works:
+                work.span.end()
         await outbox.flush()
 
-    async def _answer(self, outbox: Outbox, msg: Message, request: InferenceRequest, info: ModelInfo, span: Span,
-                      pending: Awaitable[Outcome], started: int) -> None:
-        try:
-            outcome = await pending
-        except EventError as error:
-            STATS.failure(info.name, info.version, events.now_ms() - request.created_ms)
-            if error.code == ErrorCode.UNAVAILABLE:
-                await self.refuse(outbox, request, error, "inference", span)  # an outage, not a bad event
+    async def _work(self, msg: Message, request: InferenceRequest, info: ModelInfo, span: Span,
+                    tensors: dict[str, np.ndarray]) -> Work:
+        """A request ready for its version's backends in this worker; raises what to reject it for."""
+        if request.inputs_ref:
+            self.store.check_caller_uri(request.inputs_ref)
+            _, tensors = events.decode_bundle(await self.store.aget(request.inputs_ref))
+        check_inputs(info, tensors)
+        if info.key not in self._servers:
+            if self._stopping:
+                raise ServerStopped(f"{info.key}: this worker is stopping")
+            raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
+        return Work(msg, request, info, span, tensors)
+
+    async def _serve(self, outbox: Outbox, works: list[Work], started: int) -> None:
+        """Run a chunk's work on its versions' backends, one submission per version, and answer
+        each request. A worker that stops meanwhile answers none: the chunk is retried."""
+        by_version: dict[str, list[Work]] = {}
+        for work in works:
+            by_version.setdefault(work.info.key, []).append(work)
+            LATENCY.labels("queue_wait", work.info.name).observe(max(0, started - work.request.created_ms) / 1000)
+        groups = list(by_version.values())
+        outcomes = await asyncio.gather(*(self._submit(group) for group in groups))  # a task per version
+        answers = [(work, outcome) for group, results in zip(groups, outcomes) for work, outcome in zip(group, results)]
+        for _, outcome in answers:
+            if isinstance(outcome, ServerStopped):
+                raise outcome
+        for work, outcome in answers:
+            await self._answer(outbox, work, outcome, started)
+
+    async def _submit(self, works: list[Work]) -> list[Outcome | BaseException]:
+        server = self._servers.get(works[0].info.key)
+        if server is None:
+            gone: BaseException = (ServerStopped(f"{works[0].info.key}: this worker is stopping") if self._stopping
+                                   else EventError(ErrorCode.UNAVAILABLE, f"{works[0].info.key} was unloaded"))
+            return [gone] * len(works)
+        return await server.submit([work.tensors for work in works])
+
+    async def _answer(self, outbox: Outbox, work: Work, outcome: Outcome | BaseException, started: int) -> None:
+        request, info = work.request, work.info
+        if isinstance(outcome, Outcome):
+            await self._reply_ok(outbox, request, info, outcome, started, work.span)
+            return
+        STATS.failure(info.name, info.version, events.now_ms() - request.created_ms)
+        if isinstance(outcome, EventError):
+            if outcome.code == ErrorCode.UNAVAILABLE:
+                await self.refuse(outbox, request, outcome, "inference", work.span)  # an outage, not a bad event
             else:
-                await self.reject(outbox, msg, error, request, "inference", span)
+                await self.reject(outbox, work.msg, outcome, request, "inference", work.span)
             return
-        except ServerStopped:
-            raise  # no answer: the chunk is retried
-        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the agent
-            log.exception("inference failed for %s", request.request_id)
-            STATS.failure(info.name, info.version, events.now_ms() - request.created_ms)
-            failure = EventError(ErrorCode.INFERENCE_FAILED, str(error))
-            await self.reject(outbox, msg, failure, request, "inference", span)
-            return
-        await self._reply_ok(outbox, request, info, outcome, started, span)
+        log.error("inference failed for %s", request.request_id, exc_info=outcome)
+        failure = EventError(ErrorCode.INFERENCE_FAILED, str(outcome))
+        await self.reject(outbox, work.msg, failure, request, "inference", work.span)
 
     async def _reply_ok(
         self, outbox: Outbox, request: InferenceRequest, info: ModelInfo, outcome: Outcome, started: int, span: Span,
@@ -478,10 +529,10 @@ class Pipeline:
             created_ms=request.created_ms,
         )
         outputs = outcome.outputs
-        bundle = events.encode_bundle(outputs)
-        if len(bundle) > self.settings.claim_check_bytes:
+        if sum(a.nbytes for a in outputs.values()) > self.settings.claim_check_bytes:
             # Claim check: the object key is the request id, so a redelivery rewrites it.
-            result.outputs_ref = await self.store.aput(f"results/{info.name}/{request.request_id}.bin", bundle)
+            result.outputs_ref = await self.store.aput(f"results/{info.name}/{request.request_id}.bin",
+                                                       events.encode_bundle(outputs))
             outputs = {}
         total_ms = max(0.0, events.now_ms() - request.created_ms)
         result.timings_ms = {
@@ -617,8 +668,8 @@ class Pipeline:
                 span = tracing.start_span("sink", msg.headers)
                 try:
                     claims = self._open(msg)
-                    decoded = events.decode_result(msg.value)
-                    if claims.get("rid") != decoded.header.request_id:
+                    result, outputs = events.decode_result_to_store(msg.value)
+                    if claims.get("rid") != result.request_id:
                         raise SealError("the seal's claims do not match the result")
                 except SealError as exc:
                     error = EventError(ErrorCode.UNAUTHENTICATED, f"not written by the product ({exc})")
@@ -629,9 +680,8 @@ class Pipeline:
                     await self.reject(outbox, msg, as_event_error(exc), None, "sink", span, answer=False)
                     span.end()
                     continue
-                outputs = events.encode_bundle(decoded.tensors) if decoded.tensors else None
-                rows.append(StoredResult(decoded.header, outputs, msg.partition, msg.offset))
-                stored.append((msg, decoded.header, span))
+                rows.append(StoredResult(result, outputs, msg.partition, msg.offset))
+                stored.append((msg, result, span))
             if rows:
                 await self.results.upsert(rows)
             await outbox.flush()

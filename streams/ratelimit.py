@@ -4,8 +4,9 @@ Each subject has a sliding log: a sorted set whose members name admitted events 
 uses their topic, partition and offset) scored by arrival time in ms. One Lua script drops the
 entries that left the window, lets a member already in the log through again (a redelivered
 event is counted once; a request id reused in a new event is a new member), refuses a new member
-when the log holds `limit` entries, and otherwise adds it. Being one script it is atomic across workers, and being a
-log rather than a counter it is exact at the window's boundary.
+when the log holds `limit` entries, and otherwise adds it. A chunk's checks go in one call of the
+script, made in order. Being one script it is atomic across workers, and being a log rather than
+a counter it is exact at the window's boundary.
 
 `SlidingLog` is the same semantics in pure Python, for unit tests and as the reference.
 """
@@ -23,32 +24,42 @@ from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the subject's log. ARGV: now_ms ("" = the Redis server's clock, one clock for every
-# worker), window_ms, limit, member. Returns {allowed 0|1, entries in the window, oldest
-# entry's ms or -1, now_ms}. An entry scored t is in the window while now - t < window.
+# KEYS: the subjects' logs. ARGV: now_ms ("" = the Redis server's clock, one clock for every
+# worker), window_ms, then per check: its log's index in KEYS, limit, member. Checks run in
+# order, so a chunk's checks are counted as if made one by one. Returns, per check, {allowed 0|1,
+# entries in the window, oldest entry's ms or -1}, then now_ms. An entry scored t is in the window
+# while now - t < window.
 RATE_LIMIT_LUA = """
-local key, window, limit, member = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local window = tonumber(ARGV[2])
 local now = tonumber(ARGV[1])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local count = redis.call('ZCARD', key)
-local function oldest()
+for _, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+end
+local out = {}
+for i = 3, #ARGV, 3 do
+  local key, limit, member = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local count = redis.call('ZCARD', key)
+  local allowed = 1
+  if not redis.call('ZSCORE', key, member) then
+    if count >= limit then
+      allowed = 0
+    else
+      redis.call('ZADD', key, now, member)
+      redis.call('PEXPIRE', key, window)
+      count = count + 1
+    end
+  end
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if first[2] then return tonumber(first[2]) end
-  return -1
+  out[#out + 1] = allowed
+  out[#out + 1] = count
+  out[#out + 1] = first[2] and tonumber(first[2]) or -1
 end
-if redis.call('ZSCORE', key, member) then
-  return {1, count, oldest(), now}
-end
-if count >= limit then
-  return {0, count, oldest(), now}
-end
-redis.call('ZADD', key, now, member)
-redis.call('PEXPIRE', key, window)
-return {1, count + 1, oldest(), now}
+out[#out + 1] = now
+return out
 """
 
 
@@ -120,16 +131,30 @@ class RateLimiter:
     ) -> Decision:
         """Count `member` against `subject`'s limit (the default unless given). `now_ms` is
         for tests; by default the Redis server's clock is used."""
-        limit = self.default_limit if limit is None else limit
-        args = ["" if now_ms is None else now_ms, self.window_ms, limit, member]
+        return (await self.check_many([(subject, member, limit)], now_ms))[0]
+
+    async def check_many(
+        self, checks: list[tuple[str, str, int | None]], now_ms: int | None = None
+    ) -> list[Decision]:
+        """`check` for each (subject, member, limit) in order, in one round trip: exact, as if
+        made one by one."""
+        keys: dict[str, int] = {}
+        args: list[str | int] = ["" if now_ms is None else now_ms, self.window_ms]
+        limits = []
+        for subject, member, limit in checks:
+            limit = self.default_limit if limit is None else limit
+            limits.append(limit)
+            args += [keys.setdefault(self._key(subject), len(keys) + 1), limit, member]
         try:
-            allowed, count, oldest, now = await self._script(keys=[self._key(subject)], args=args)
+            out = await self._script(keys=list(keys), args=args)
         except RedisError as exc:
-            return self._store_down(limit, exc)
+            return [self._store_down(limit, exc) for limit in limits]
         if not self._store_up:
             self._store_up = True
             log.warning("rate limiter store available again; limits are enforced")
-        return decide(bool(allowed), count, None if oldest < 0 else oldest, limit, now, self.window_ms)
+        now = out[-1]
+        return [decide(bool(out[3 * i]), out[3 * i + 1], None if out[3 * i + 2] < 0 else out[3 * i + 2], limit, now,
+                       self.window_ms) for i, limit in enumerate(limits)]
 
     def _key(self, subject: str) -> str:
         return f"{self._prefix}:ratelimit:{subject}"

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -139,33 +139,59 @@ class VersionServer:
             if backend.close is not None:
                 await backend.close()
 
-    async def submit(self, tensors: Tensors) -> Outcome:
-        """Run one request; a backend that fails is skipped for the next attempt."""
-        last_error: BaseException | None = None
+    async def submit(self, requests: list[Tensors]) -> list[Outcome | BaseException]:
+        """Run a chunk's requests: each gets its outcome or its own error (an EventError for the
+        request's fault or UNAVAILABLE, ServerStopped while stopping). The chunk is queued on one
+        backend and awaited there, no task per request; the requests a backend failed are tried
+        again on another."""
+        results: list[Outcome | BaseException | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
         tried: list[Backend] = []
-        for _ in range(len(self.backends)):
+        last_error: BaseException | None = None
+        while todo:
             backend = self.balancer.pick(exclude=tried)
             if backend is None:
                 break
             tried.append(backend)
-            self.balancer.begin(backend)
-            ok = True
+            failed: list[int] = []
+            futures: list[asyncio.Future[Outcome]] = []
+            begun = 0
             try:
-                return await backend.batcher.submit(tensors)
-            except EventError:
-                raise  # the request's own fault: the backend is fine
-            except BatcherStopped:
-                raise ServerStopped(f"{self.info.key} stopped") from None
-            except asyncio.CancelledError:
-                raise  # the caller went away: no verdict on the backend
-            except Exception as exc:  # noqa: BLE001 - a backend fault: try another
-                ok, last_error = False, exc
-                log.warning("%s failed on %s: %r", self.info.key, backend.name, exc)
-            finally:
-                self.balancer.end(backend, ok=ok)
-        states = ", ".join(f"{name}: {state}" for name, state in self.balancer.states().items())
-        raise EventError(
-            ErrorCode.UNAVAILABLE,
-            f"no backend of {self.info.key} is available ({states})"
-            + (f"; last error: {last_error!r}" if last_error else ""),
-        )
+                for i in todo:
+                    futures.append(await backend.batcher.enqueue(requests[i]))
+                    self.balancer.begin(backend)
+                    begun += 1
+                for i, future in zip(todo, futures):
+                    ok = True
+                    try:
+                        results[i] = await future
+                    except EventError as error:
+                        results[i] = error  # the request's own fault: the backend is fine
+                    except BatcherStopped:
+                        results[i] = ServerStopped(f"{self.info.key} stopped")
+                    except Exception as exc:  # noqa: BLE001 - a backend fault: try another
+                        ok, last_error = False, exc
+                        failed.append(i)
+                    self.balancer.end(backend, ok=ok)
+                    begun -= 1
+            except BaseException as exc:
+                for future in futures:  # the caller went away, or the batcher stopped: nothing to compute
+                    future.cancel()
+                for _ in range(begun):
+                    self.balancer.end(backend, ok=True)  # no verdict on the backend
+                if isinstance(exc, BatcherStopped):
+                    raise ServerStopped(f"{self.info.key} stopped") from None
+                raise
+            if failed:
+                log.warning("%s failed %d requests on %s: %r", self.info.key, len(failed), backend.name, last_error)
+            todo = failed
+        if todo:
+            states = ", ".join(f"{name}: {state}" for name, state in self.balancer.states().items())
+            unavailable = EventError(
+                ErrorCode.UNAVAILABLE,
+                f"no backend of {self.info.key} is available ({states})"
+                + (f"; last error: {last_error!r}" if last_error else ""),
+            )
+            for i in todo:
+                results[i] = unavailable
+        return cast(list[Outcome | BaseException], results)

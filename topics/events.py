@@ -327,6 +327,16 @@ def decode_result(raw: bytes) -> Result:
     return Result(result, _tensors(result.outputs, payload))
 
 
+def decode_result_to_store(raw: bytes) -> tuple[InferenceResult, bytes | None]:
+    """A result's header and its outputs as a tensor bundle, for storing: the payload bytes
+    are kept as they are, not unpacked and packed again."""
+    header, payload = unframe(raw)
+    result = _validate(InferenceResult, header)
+    if not result.outputs:
+        return result, None
+    return result, frame({"tensors": header["outputs"]}, bytes(payload))
+
+
 # -- tensor bundles (claim check) ----------------------------------------------------------
 
 

@@ -100,10 +100,11 @@ async def test_a_model_server_stopped_under_a_request_is_an_outage_not_an_answer
 
     info = load_repository(model_repository, ["tiny"])[0]
     server = await VersionServer.create(info, Settings(_env_file=None))
-    assert (await server.submit(tiny_input())).outputs
+    [outcome] = await server.submit([tiny_input()])
+    assert not isinstance(outcome, BaseException) and outcome.outputs
     await server.stop()
     with pytest.raises(ServerStopped) as caught:
-        await server.submit(tiny_input())
+        await server.submit([tiny_input()])
     assert classify(caught.value) is Failure.OUTAGE
 
 
