@@ -23,9 +23,23 @@ class Settings(BaseSettings):
     # Kafka (any Kafka-protocol broker)
     # Unset: the local stack's broker (127.0.0.1:<broker_port>).
     kafka_bootstrap: str = ""
-    # Consumer fetch long-poll. Short, because some brokers (Tansu) hold a fetch for most of
-    # this wait even when data arrives; Apache Kafka answers at once, so 500 suits it too.
+    # Consumer fetch waits (streams/fetch_wait.py; README "Fetch waits and idle CPU"). Tansu
+    # looks for records only at 1/2, 3/4, 7/8... of a fetch's wait and holds the connection
+    # meanwhile; Apache Kafka answers as soon as a record arrives. Each empty fetch costs the
+    # broker and the client ~0.5-1 ms of CPU.
+    # The wait of consumers on the latency path (worker, client replies) while records flow:
+    # each hop on Tansu then takes a few ms.
     kafka_fetch_max_wait_ms: int = 10
+    # Without a record for this long, such a consumer is idle.
+    kafka_idle_after_s: float = Field(default=2.0, gt=0)
+    # Idle, and off the latency path (registry follower): fetches this far apart (`wake`) or with
+    # this wait (`long-poll`, and the registry follower): ~1 fetch a second per consumer.
+    kafka_idle_fetch_max_wait_ms: int = Field(default=1000, ge=0)
+    # `wake` (Tansu): an idle consumer polls once per idle wait with no fetch outstanding between,
+    # and clients wake it when they send (the reply consumer directly, workers through Redis), so
+    # a request after a quiet spell is not held by a long poll. `long-poll` (Apache Kafka): idle
+    # consumers long-poll and the broker answers when a record arrives; no wakes are sent.
+    kafka_idle_mode: Literal["wake", "long-poll"] = "wake"
     app_id: str = "inferstream"
     topic_prefix: str = "inferstream"
     request_partitions: int = 4
