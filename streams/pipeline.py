@@ -241,15 +241,17 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
                 await self.reject(outbox, msg, as_event_error(exc), request, "intake", span)
                 span.end()
+        here: list[Work] = []
         try:
             routed = await self._authorize(outbox, candidates, now)
-            here: list[Work] = []
             for candidate in await self._admit(outbox, routed):
                 work = await self._route(outbox, candidate)
                 if work is not None:
                     here.append(work)
             await self._serve(outbox, here, now)
         finally:
+            for work in here:
+                work.span.end()
             for candidate in candidates:
                 candidate.span.end()
         await outbox.flush()
@@ -361,10 +363,12 @@ class Pipeline:
         assert route is not None
         work: Work | None = None
         if route.model.name in self.serve and route.model.key in self._servers:
+            span = tracing.start_span("inference", tracing.with_trace([], candidate.span))  # the intake's child
             try:
-                work = await self._work(candidate.msg, request, route.model, candidate.span, candidate.parsed.tensors)
+                work = await self._work(candidate.msg, request, route.model, span, candidate.parsed.tensors)
             except Exception as exc:  # noqa: BLE001 - classified: an outage retries the chunk
-                await self.reject(outbox, candidate.msg, as_event_error(exc), request, "inference", candidate.span)
+                await self.reject(outbox, candidate.msg, as_event_error(exc), request, "inference", span)
+                span.end()
                 return None
         else:
             key = candidate.msg.key or request.request_id.encode()

@@ -170,8 +170,8 @@ async def reply_record(settings, topic: str, key: bytes, timeout: float = 20.0):
 
 
 async def test_trace_id_travels_to_the_reply_and_every_stage_log(start_worker, start_bridge, settings):
-    worker = start_worker()
-    bridge = await start_bridge()
+    worker = start_worker(log_requests=1)  # every trace logged: these two are not picked by chance
+    bridge = await start_bridge(log_requests=1)
     kafka_trace, http_trace = secrets.token_hex(16), secrets.token_hex(16)
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)

@@ -72,7 +72,7 @@ def captured():
 
 
 def test_request_lines_are_json_with_ids_and_no_secrets(captured):
-    setup_logging(Settings(log_format="json"), "worker")
+    setup_logging(Settings(log_format="json", log_requests=1), "worker")
     logging.getLogger().handlers[0].setStream(captured)
     span = tracing.start_span("intake", [("traceparent", PARENT.encode())])
     log_request(span, "intake", "routed", "r1", model="tiny", error="bad key isk_ab_cdef")
