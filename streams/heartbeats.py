@@ -5,8 +5,8 @@ A worker writes `{prefix}:worker:{group}:{worker}` (JSON: its id, group, host, p
 versions) with a TTL of three heartbeat intervals, and adds its id to the group's index, the set
 `{prefix}:workers:{group}`. It writes only while it can serve: its pipeline has started (the
 registry replayed, its versions loaded) and its consumer holds partitions; a version counts as
-served while its model topic has a partition here and a backend of it is not cut off by an open
-breaker. A worker that stops cleanly deletes its key first thing; one that dies drops out when
+served while a partition of the requests topic or of its model topic is here and a backend of it
+is not cut off by an open breaker. A worker that stops cleanly deletes its key first thing; one that dies drops out when
 the key expires. Readers fetch the keys the index names and prune the ids whose key is gone.
 
 Each beat also writes the worker's model statistics (`streams.model_stats`). Redis being down

@@ -161,10 +161,12 @@ class Pipeline:
         return self._started and not self._stopping
 
     def served_versions(self, assigned_topics: set[str]) -> list[str]:
-        """The "name/version"s this worker serves: loaded, their model topic among the assigned
-        ones, and a backend whose breaker is not open."""
+        """The "name/version"s this worker serves: loaded, requests reaching it (a partition of
+        the requests topic, which its intake serves here, or of the model's topic), and a backend
+        whose breaker is not open."""
+        takes_requests = self.topics.requests in assigned_topics
         return [key for key, server in list(self._servers.items())
-                if self.topics.model(server.info.name) in assigned_topics
+                if (takes_requests or self.topics.model(server.info.name) in assigned_topics)
                 and any(state != "open" for state in server.balancer.states().values())]
 
     async def stop(self) -> None:
@@ -221,8 +223,9 @@ class Pipeline:
     # -- intake ------------------------------------------------------------------------------
 
     async def intake(self, messages: Sequence[Message], outbox: Outbox) -> None:
-        """Authenticate, check, rate-limit and route each request to its model's topic: the one
-        door of callers. What it forwards carries no credentials and none of the caller's
+        """The one door of callers, a chunk at once: authenticate, check, rate-limit and route
+        each request, then serve those whose version this worker serves and send the others to
+        their model's topic. What it forwards carries no credentials and none of the caller's
         internal headers, and is sealed with what the intake established."""
         now = events.now_ms()
         candidates: list[Candidate] = []
