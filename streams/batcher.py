@@ -5,6 +5,8 @@ first item of a batch, and runs each batch: awaited when `run_batch` is a corout
 
 - The queue is bounded (`max_pending`): `submit` waits for room, which pushes back on the
   stream instead of buffering without limit.
+- A caller that queues a whole chunk marks its last item (`enqueue(..., last=True)`): a batch
+  that ends with it runs at once instead of waiting for items nobody is about to send.
 - `run_batch` returns one entry per item, either the item's result or an exception for that
   item alone; an exception raised by `run_batch` itself reaches every waiter of the batch.
 - `observe`, if given, hears of every batch run: its items' waits in the queue, the run's
@@ -17,6 +19,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
@@ -29,6 +32,14 @@ Observe = Callable[[list[float], float, bool], None]  # (queue waits s, run s, f
 
 class BatcherStopped(RuntimeError):
     pass
+
+
+@dataclass(slots=True)
+class Queued(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    at: float  # when it was queued (monotonic)
+    last: bool  # the last item its submitter queued
 
 
 class AdaptiveBatcher(Generic[T, R]):
@@ -50,7 +61,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self.max_delay = max_delay
         self.name = name
         self._observe = observe
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R], float]] = asyncio.Queue(max_pending)
+        self._queue: asyncio.Queue[Queued[T, R]] = asyncio.Queue(max_pending)
         self._loop_task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []  # recent batch sizes, for stats and tests
 
@@ -64,23 +75,24 @@ class AdaptiveBatcher(Generic[T, R]):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         while not self._queue.empty():
-            _, future, _ = self._queue.get_nowait()
+            future = self._queue.get_nowait().future
             if not future.done():
                 future.set_exception(BatcherStopped(f"{self.name} stopped"))
 
     async def submit(self, item: T) -> R:
         return await (await self.enqueue(item))
 
-    async def enqueue(self, item: T) -> asyncio.Future[R]:
+    async def enqueue(self, item: T, last: bool = False) -> asyncio.Future[R]:
         """Queue an item (waiting for room) and return the future of its result: a caller with
-        many items queues them all, then awaits their futures, with no task per item."""
+        many items queues them all, the last with `last=True`, then awaits their futures, with
+        no task per item."""
         if self._loop_task is None:
             raise BatcherStopped(f"{self.name} is not running")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future, time.monotonic()))
+        await self._queue.put(Queued(item, future, time.monotonic(), last))
         return future
 
-    async def _collect(self) -> list[tuple[T, asyncio.Future[R], float]]:
+    async def _collect(self) -> list[Queued[T, R]]:
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self.max_delay
         while len(batch) < self.max_batch_size:
@@ -89,6 +101,8 @@ class AdaptiveBatcher(Generic[T, R]):
                 continue
             except asyncio.QueueEmpty:
                 pass
+            if batch[-1].last:
+                break  # its submitter queued all it had: waiting would only delay it
             remaining = deadline - time.monotonic()  # the wait shrinks as the batch ages
             if remaining <= 0:
                 break
@@ -107,11 +121,11 @@ class AdaptiveBatcher(Generic[T, R]):
         while True:
             collected = await self._collect()
             # Waiters that gave up (cancelled) are not worth computing.
-            queued = [(item, fut, at) for item, fut, at in collected if not fut.cancelled()]
+            queued = [entry for entry in collected if not entry.future.cancelled()]
             if not queued:
                 continue
             self.batch_sizes = (self.batch_sizes + [len(queued)])[-1000:]
-            batch = [(item, fut) for item, fut, _ in queued]
+            batch = [(entry.item, entry.future) for entry in queued]
             items = [item for item, _ in batch]
             began = time.monotonic()
             try:
@@ -140,7 +154,7 @@ class AdaptiveBatcher(Generic[T, R]):
                 else:
                     future.set_result(result)
 
-    def _report(self, queued: list[tuple[T, asyncio.Future[R], float]], began: float, failed: bool) -> None:
+    def _report(self, queued: list[Queued[T, R]], began: float, failed: bool) -> None:
         if self._observe is not None:
-            self._observe([began - at for _, _, at in queued], time.monotonic() - began, failed)
+            self._observe([began - entry.at for entry in queued], time.monotonic() - began, failed)
 

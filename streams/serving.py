@@ -157,8 +157,8 @@ class VersionServer:
             futures: list[asyncio.Future[Outcome]] = []
             begun = 0
             try:
-                for i in todo:
-                    futures.append(await backend.batcher.enqueue(requests[i]))
+                for n, i in enumerate(todo, 1):
+                    futures.append(await backend.batcher.enqueue(requests[i], last=n == len(todo)))
                     self.balancer.begin(backend)
                     begun += 1
                 for i, future in zip(todo, futures):

@@ -203,3 +203,20 @@ async def test_observe_hears_of_every_batch_with_its_waits_and_failures():
         await batcher.stop()
     assert [(size, failed) for size, _, failed in seen] == [(4, False), (4, False), (1, True)]
     assert all(run_s >= 0.009 for _, run_s, failed in seen if not failed)
+
+
+async def test_a_chunk_marked_last_runs_at_once_and_a_lone_item_waits_for_company():
+    calls: list[list[int]] = []
+    batcher = await started(doubler(calls), max_delay=30.0)
+    try:
+        futures = [await batcher.enqueue(i, last=i == 5) for i in range(6)]
+        # 4 and 2: the partial batch ends with the chunk's last item, so it does not wait 30 s.
+        assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [0, 2, 4, 6, 8, 10]
+        assert calls == [[0, 1, 2, 3], [4, 5]]
+        lone = await batcher.enqueue(7)
+        await asyncio.sleep(0.2)
+        assert not lone.done(), "an unmarked item runs before the delay with nobody else queued"
+        company = await batcher.enqueue(8, last=True)
+        assert await asyncio.wait_for(asyncio.gather(lone, company), 5) == [14, 16]
+    finally:
+        await batcher.stop()
