@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from test_chunks import pooled_repository
 from test_gatekeeping import AUTH, Stores, call, ready_with, token
 
+from streams.app import bootstrap_registry
 from streams.client import InferenceClient
 from streams.dlq import Letter, read_letters
 from streams.harness import tiny_input, wait_ready
@@ -168,17 +170,28 @@ async def test_a_request_is_admitted_without_credentials_only_under_the_products
     assert row is not None and row["tenant"] == "acme"
 
 
-async def test_forwarded_events_carry_no_credentials(start_worker, settings):
-    worker = start_worker(**AUTH)
+async def test_forwarded_events_carry_no_credentials(start_worker, settings, tmp_path):
+    """A request for a model only another worker group serves is forwarded to its topic, without
+    the caller's credentials."""
+    pooled = "pooled"
+    await bootstrap_registry(settings.model_copy(update={
+        "model_repository": pooled_repository(settings.model_repository, tmp_path / "pool", pooled),
+        "models": [pooled]}))
+    worker = start_worker(models=["tiny"], **AUTH)
     secret = token(sub="carol")
     credentials = Credentials(authorization=f"Bearer {secret}")
     async with InferenceClient(settings) as client:
         await ready_with(client, worker, credentials)
-        result = await call(client, credentials)
-    assert result.header.status == Status.OK
-    values = await topic_values(settings, Topics(settings).model("tiny"))
-    assert values, "the model topic holds the forwarded requests"
-    assert not any(secret.encode() in v or b"credentials" in v for v in values)
+        request = client.request(pooled, {}, timeout=30, credentials=credentials)
+        await client.send(request, tiny_input(), delivered=True)
+        topic = Topics(settings).model(pooled)
+        values: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while not values and time.monotonic() < deadline:
+            values = await topic_values(settings, topic)
+    assert len(values) == 1, "the model topic holds the forwarded request"
+    assert request.request_id.encode() in values[0]
+    assert secret.encode() not in values[0] and b"credentials" not in values[0]
 
 
 async def test_reply_to_must_be_an_existing_topic_outside_the_internal_namespace(start_worker, settings):
