@@ -205,6 +205,25 @@ async def test_the_script_matches_the_reference(redis, prefix):
         assert await limiter.check("trace", member, limit=5, now_ms=now) == expected, step
 
 
+async def test_a_chunk_of_checks_in_one_call_matches_the_reference(redis, prefix):
+    """Chunks of checks over three subjects, with members repeated inside a chunk, in one call
+    each: the same decisions as SlidingLog made one by one."""
+    limiter = RateLimiter(redis, window_s=1.0, key_prefix=prefix)
+    references = {subject: SlidingLog(1000) for subject in ("a", "b", "c")}
+    rng = random.Random(5)
+    now = 2_000_000
+    for step in range(60):
+        now += rng.choice([0, 3, 200, 999, 1000])
+        chunk = []
+        for i in range(rng.randrange(1, 12)):
+            subject = rng.choice("abc")
+            member = f"r{rng.randrange(20)}" if rng.random() < 0.4 else f"n{step}.{i}"
+            chunk.append((subject, member, rng.choice([2, 5])))
+        expected = [decide(*references[s].hit(m, limit, now), limit=limit, now_ms=now, window_ms=1000)
+                    for s, m, limit in chunk]
+        assert await limiter.check_many(chunk, now_ms=now) == expected, step
+
+
 async def test_log_keys_expire(redis, prefix):
     await RateLimiter(redis, window_s=60.0, key_prefix=prefix).check("ttl", "r1")
     assert 0 < await redis.pttl(f"{prefix}:ratelimit:ttl") <= 60_000
