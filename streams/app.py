@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from agents import batches, inference, intake, sink
 from streams import metrics
+from streams.faust_tuning import LeanMonitor, tune_transport
 from streams.gatekeeper import Gatekeeper
 from streams.heartbeats import Heartbeat
 from streams.kafka_transport import broker_url
@@ -59,6 +60,10 @@ class WorkerApp(faust.App):
                      agent.name, exc)
         await self.crash(exc)
 
+    def _new_transport(self) -> faust.types.TransportT:
+        # Consumers drain fetched records without faust's per-event wait_first (streams.faust_tuning).
+        return tune_transport(super()._new_transport())
+
 
 # The worker's Kafka client settings (bench/floor.py measures a plain client with the same).
 SESSION_TIMEOUT_S, HEARTBEAT_INTERVAL_S = 6, 1  # Faust's 60 s default makes each group join wait ~30 s
@@ -97,6 +102,7 @@ def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipelin
         producer_max_request_size=settings.max_message_bytes + 64 * 1024,
         producer_acks=-1,
         web_enabled=False,
+        Monitor=LeanMonitor,  # no per-event statistics for web views that are not served
     )
     intake.register(app, pipeline)
     for model in serve:
