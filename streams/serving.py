@@ -141,57 +141,74 @@ class VersionServer:
 
     async def submit(self, requests: list[Tensors]) -> list[Outcome | BaseException]:
         """Run a chunk's requests: each gets its outcome or its own error (an EventError for the
-        request's fault or UNAVAILABLE, ServerStopped while stopping). The chunk is queued on one
-        backend and awaited there, no task per request; the requests a backend failed are tried
-        again on another."""
+        request's fault or UNAVAILABLE, ServerStopped while stopping). Each request goes to the
+        backend with the fewest outstanding requests, so a chunk spreads over the backends; they
+        are queued, then awaited, with no task per request. A request a backend failed is tried
+        again on another it has not tried."""
         results: list[Outcome | BaseException | None] = [None] * len(requests)
+        tried: list[list[Backend]] = [[] for _ in requests]
         todo = list(range(len(requests)))
-        tried: list[Backend] = []
         last_error: BaseException | None = None
         while todo:
-            backend = self.balancer.pick(exclude=tried)
-            if backend is None:
-                break
-            tried.append(backend)
-            failed: list[int] = []
-            futures: list[asyncio.Future[Outcome]] = []
-            begun = 0
-            try:
-                for n, i in enumerate(todo, 1):
-                    futures.append(await backend.batcher.enqueue(requests[i], last=n == len(todo)))
-                    self.balancer.begin(backend)
-                    begun += 1
-                for i, future in zip(todo, futures):
-                    ok = True
-                    try:
-                        results[i] = await future
-                    except EventError as error:
-                        results[i] = error  # the request's own fault: the backend is fine
-                    except BatcherStopped:
-                        results[i] = ServerStopped(f"{self.info.key} stopped")
-                    except Exception as exc:  # noqa: BLE001 - a backend fault: try another
-                        ok, last_error = False, exc
-                        failed.append(i)
-                    self.balancer.end(backend, ok=ok)
-                    begun -= 1
-            except BaseException as exc:
-                for future in futures:  # the caller went away, or the batcher stopped: nothing to compute
-                    future.cancel()
-                for _ in range(begun):
-                    self.balancer.end(backend, ok=True)  # no verdict on the backend
-                if isinstance(exc, BatcherStopped):
-                    raise ServerStopped(f"{self.info.key} stopped") from None
-                raise
-            if failed:
-                log.warning("%s failed %d requests on %s: %r", self.info.key, len(failed), backend.name, last_error)
-            todo = failed
-        if todo:
-            states = ", ".join(f"{name}: {state}" for name, state in self.balancer.states().items())
-            unavailable = EventError(
-                ErrorCode.UNAVAILABLE,
-                f"no backend of {self.info.key} is available ({states})"
-                + (f"; last error: {last_error!r}" if last_error else ""),
-            )
+            placed: dict[str, list[int]] = {}  # by backend name, in the order picked
+            backends: dict[str, Backend] = {}
+            unplaced = []
             for i in todo:
-                results[i] = unavailable
+                backend = self.balancer.pick(exclude=tried[i])
+                if backend is None:
+                    unplaced.append(i)
+                    continue
+                self.balancer.begin(backend)
+                tried[i].append(backend)
+                backends[backend.name] = backend
+                placed.setdefault(backend.name, []).append(i)
+            failed = await self._run_placed(requests, placed, backends, results)
+            if failed:
+                last_error = failed[-1][1]
+                log.warning("%s: %d requests failed on a backend (%r); trying the others", self.info.key,
+                            len(failed), last_error)
+            for i in unplaced:
+                states = ", ".join(f"{name}: {state}" for name, state in self.balancer.states().items())
+                results[i] = EventError(
+                    ErrorCode.UNAVAILABLE,
+                    f"no backend of {self.info.key} is available ({states})"
+                    + (f"; last error: {last_error!r}" if last_error else ""),
+                )
+            todo = [i for i, _ in failed]
         return cast(list[Outcome | BaseException], results)
+
+    async def _run_placed(self, requests: list[Tensors], placed: dict[str, list[int]], backends: dict[str, Backend],
+                          results: list[Outcome | BaseException | None]) -> list[tuple[int, BaseException]]:
+        """Queue each backend's share (its last item marked), await every future, and record each
+        outcome; the requests that failed for a backend fault, with their errors. Every `begin`
+        the caller made is ended here, whatever happens."""
+        order = [(i, backends[name], n == len(share)) for name, share in placed.items()
+                 for n, i in enumerate(share, 1)]
+        futures: list[asyncio.Future[Outcome]] = []
+        failed: list[tuple[int, BaseException]] = []
+        ended = 0
+        try:
+            for i, backend, last in order:
+                futures.append(await backend.batcher.enqueue(requests[i], last=last))
+            for (i, backend, _), future in zip(order, futures):
+                ok = True
+                try:
+                    results[i] = await future
+                except EventError as error:
+                    results[i] = error  # the request's own fault: the backend is fine
+                except BatcherStopped:
+                    results[i] = ServerStopped(f"{self.info.key} stopped")
+                except Exception as exc:  # noqa: BLE001 - a backend fault: try another
+                    ok = False
+                    failed.append((i, exc))
+                self.balancer.end(backend, ok=ok)
+                ended += 1
+        except BaseException as exc:
+            for future in futures[ended:]:
+                future.cancel()  # the caller went away, or a batcher stopped: nothing to compute
+            for _, backend, _ in order[ended:]:
+                self.balancer.end(backend, ok=True)  # no verdict on the backend
+            if isinstance(exc, BatcherStopped):
+                raise ServerStopped(f"{self.info.key} stopped") from None
+            raise
+        return failed
