@@ -44,11 +44,8 @@ def clean_headers(raw: object) -> Headers:
 
 
 def outbox(app: faust.App) -> Outbox:
-    async def send(topic: str, key: bytes | None, value: bytes, headers: Headers | None):
-        # The producer's own future: appended to its batches now, confirmed on flush.
-        return await app.producer.send(topic, key, value, None, None, headers)
-
-    return Outbox(send)
+    # Record batches on the aiokafka producer that Faust's wraps (started with the app).
+    return Outbox(app.producer._ensure_producer())  # type: ignore[attr-defined]
 
 
 async def start(pipeline: Pipeline) -> None:
