@@ -52,6 +52,7 @@ class ModelSpec:
     inputs: dict[str, list[int]]  # tensor name -> shape, -1 = dynamic batch axis
     outputs: dict[str, list[int]]
     preprocessing: dict | None
+    image_input: dict | None  # the image input's other forms (streams.registry.ImageInput)
     postprocessing: str | None
     labels: bool
     description: str
@@ -178,6 +179,9 @@ def _image_preprocessing(normalize: str) -> dict:
 
 
 IMAGE_INPUTS = {"input": [-1, 3, 224, 224]}
+# Callers may send the image as uint8 pixels (cropped, HWC) or as an image file, not only as the
+# float32 tensor: the worker decodes and normalises them once per batch.
+IMAGE_FORMS = {"tensor": "input", "pixels": "pixels", "layout": "HWC", "encoded": "image"}
 IMAGE_OUTPUTS = {"logits": [-1, 1000]}
 
 MODELS = {
@@ -190,6 +194,7 @@ MODELS = {
             inputs={"x": [-1, TINY_WIDTH]},
             outputs={"y": [-1, TINY_WIDTH]},
             preprocessing=None,
+            image_input=None,
             postprocessing=None,  # the graph already ends in Softmax
             labels=False,
             description="Tiny softmax(x @ W + b) over 16 features with fixed random weights: "
@@ -203,6 +208,7 @@ MODELS = {
             inputs=IMAGE_INPUTS,
             outputs=IMAGE_OUTPUTS,
             preprocessing=_image_preprocessing("imagenet"),
+            image_input=IMAGE_FORMS,
             postprocessing="softmax",
             labels=True,
             description="ResNet18 (torchvision layout) with random weights from a fixed seed: "
@@ -216,6 +222,7 @@ MODELS = {
             inputs=IMAGE_INPUTS,
             outputs=IMAGE_OUTPUTS,
             preprocessing=_image_preprocessing("lite"),
+            image_input=IMAGE_FORMS,
             postprocessing="softmax",
             labels=True,
             description="EfficientNet-Lite0 with pretrained ImageNet-1k weights "
@@ -240,6 +247,7 @@ def _metadata(spec: ModelSpec) -> dict:
         "outputs": _tensors(spec.outputs),
         "labels": LABELS_FILE if spec.labels else None,
         "preprocessing": spec.preprocessing,
+        "image_input": spec.image_input,
         "postprocessing": spec.postprocessing,
         "description": spec.description,
     }
@@ -315,6 +323,14 @@ def is_built(model_dir: Path) -> bool:
     return (model_dir / VERSION / "model.onnx").is_file() and (model_dir / METADATA_FILE).is_file()
 
 
+def _metadata_changed(model_dir: Path, spec: ModelSpec) -> bool:
+    """Whether the built model's inferstream.json differs from what its spec says now."""
+    try:
+        return json.loads((model_dir / METADATA_FILE).read_text()) != _metadata(spec)
+    except (OSError, ValueError):
+        return True
+
+
 def _build_one(repository: Path, spec: ModelSpec) -> None:
     """Build in a staging dir beside the repository, then rename into place.
 
@@ -337,7 +353,8 @@ def _build_one(repository: Path, spec: ModelSpec) -> None:
 def build_models(
     repository: Path, names: list[str] | None = None, force: bool = False
 ) -> list[Path]:
-    """Build the named models (default: all) unless already built; return their directories."""
+    """Build the named models (default: all) unless already built as their specs say now (a
+    model whose metadata changed is rebuilt); return their directories."""
     repository = Path(repository)
     unknown = set(names or []) - MODELS.keys()
     if unknown:
@@ -346,7 +363,7 @@ def build_models(
     model_dirs = []
     for name in names or list(MODELS):
         model_dir = repository / name
-        if force or not is_built(model_dir):
+        if force or not is_built(model_dir) or _metadata_changed(model_dir, MODELS[name]):
             started = time.perf_counter()
             _build_one(repository, MODELS[name])
             log.info("built %s in %.1f s: %s", name, time.perf_counter() - started, model_dir)

@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 
 from topics.events import InferenceRequest
+from topics.tensors import serialize_bytes
 
 CLAIMS_DDL = """
 CREATE TABLE IF NOT EXISTS request_claims (
@@ -57,8 +58,9 @@ def request_digest(request: InferenceRequest, tenant: str | None, tensors: dict[
         "tensors": [(name, str(a.dtype), list(a.shape)) for name, a in sorted(tensors.items())],
     }
     digest.update(orjson.dumps(asked, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
-    for _, array in sorted(tensors.items()):
-        digest.update(np.ascontiguousarray(array).data)
+    for name, array in sorted(tensors.items()):
+        # A bytes tensor (object array) by its elements: its own buffer holds only pointers.
+        digest.update(serialize_bytes(array, name) if array.dtype.kind == "O" else np.ascontiguousarray(array).data)
     return digest.digest()
 
 

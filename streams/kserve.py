@@ -19,15 +19,19 @@ import numpy as np
 import orjson
 
 from streams.registry import ModelInfo, TensorSignature
-from topics.tensors import DTYPES, check_dtype
+from topics.errors import EventError
+from topics.tensors import BYTES, DTYPES, check_dtype, deserialize_bytes, dtype_name, serialize_bytes
 
 _DATATYPES = {
     "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16", "INT32": "int32",
     "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
+    # Byte strings of any length, e.g. one encoded image per element. Binary form: each element
+    # as a 4-byte little-endian length and its bytes (Triton's); JSON form: strings (UTF-8).
+    "BYTES": BYTES,
 }
 _DTYPE_NAMES = {dtype: datatype for datatype, dtype in _DATATYPES.items()}
 # In the protocol but not in inferstream: told apart from typos for a clearer error.
-_UNSUPPORTED_DATATYPES = {"BYTES", "BF16", "UINT16", "UINT32", "UINT64"}
+_UNSUPPORTED_DATATYPES = {"BF16", "UINT16", "UINT32", "UINT64"}
 _MAX_RANK = 32  # numpy 1.x's limit; no served model comes close
 
 # JSON values each kind of numpy dtype accepts: numbers for floats, integers only for integers.
@@ -79,8 +83,13 @@ def datatype_to_dtype(datatype: str) -> np.dtype:
 
 def dtype_to_datatype(dtype: np.dtype | str) -> str:
     """Raises EventError(INVALID_TENSOR) for dtypes inferstream does not serve."""
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    return _DTYPE_NAMES[check_dtype(name).name]
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        dtype = np.dtype(dtype)
+        name = BYTES if dtype.kind == "O" else dtype.name
+    check_dtype(name)
+    return _DTYPE_NAMES[name]
 
 
 def parse_infer_request(body: bytes, header_length: int | None, limits: Limits = Limits()) -> InferBody:
@@ -111,10 +120,16 @@ def build_infer_response(
             raise ProtocolError(f"requested output {name!r} is not among the outputs {list(outputs)}")
         array = outputs[name]
         entry: dict[str, Any] = {"name": name, "datatype": dtype_to_datatype(array.dtype), "shape": list(array.shape)}
+        strings = dtype_name(array) == BYTES
         if name in body.binary_outputs or (body.requested_outputs is None and body.binary_default):
-            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+            if strings:
+                raw = serialize_bytes(array, name)
+            else:
+                raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif strings:
+            entry["data"] = [_utf8(name, item) for item in array.reshape(-1)]
         else:
             entry["data"] = array.ravel()
         entries.append(entry)
@@ -128,6 +143,19 @@ def build_infer_response(
     return header + b"".join(chunks), len(header)
 
 
+def _utf8(name: str, item: bytes) -> str:
+    try:
+        return bytes(item).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"output {name!r} holds bytes that are not UTF-8: request it with binary_data") from None
+
+
+def caller_inputs(info: ModelInfo) -> list[TensorSignature]:
+    """What a caller may send: the graph's inputs, then an image model's other forms of its image."""
+    image = info.image_input
+    return [*info.inputs, *(image.forms(info.crop) if image is not None else [])]
+
+
 def model_metadata(info: ModelInfo, versions: list[str]) -> dict:
     """The /v2/models/{name}[/versions/{v}] response."""
 
@@ -138,7 +166,7 @@ def model_metadata(info: ModelInfo, versions: list[str]) -> dict:
         "name": info.name,
         "versions": versions,
         "platform": "onnxruntime_onnx",
-        "inputs": [signature(t) for t in info.inputs],
+        "inputs": [signature(t) for t in caller_inputs(info)],
         "outputs": [signature(t) for t in info.outputs],
     }
 
@@ -150,9 +178,16 @@ def model_config(info: ModelInfo, max_queue_delay_ms: float) -> dict:
     `max_queue_delay_ms` is how long the workers wait to fill a batch."""
     batching = info.max_batch_size > 0
 
+    image = info.image_input
+    # An image model takes exactly one of its image's forms: each is optional to Triton.
+    image_forms = {image.tensor, image.pixels, image.encoded} if image is not None else set()
+    formats = {image.pixels: f"FORMAT_N{image.layout}"} if image is not None and image.pixels else {}
+
     def tensor(t: TensorSignature, **extra: Any) -> dict:
         dims = t.shape[1:] if batching and t.shape else t.shape
-        return {"name": t.name, "data_type": f"TYPE_{dtype_to_datatype(t.dtype)}", "dims": dims, **extra}
+        datatype = dtype_to_datatype(t.dtype)
+        return {"name": t.name, "data_type": "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}",
+                "dims": dims, **extra}
 
     config: dict[str, Any] = {
         "name": info.name,
@@ -160,8 +195,9 @@ def model_config(info: ModelInfo, max_queue_delay_ms: float) -> dict:
         "backend": "onnxruntime",
         "version_policy": {"all": {}},  # every version not retired is served
         "max_batch_size": info.max_batch_size,
-        "input": [tensor(t, format="FORMAT_NONE", is_shape_tensor=False, allow_ragged_batch=False, optional=False)
-                  for t in info.inputs],
+        "input": [tensor(t, format=formats.get(t.name, "FORMAT_NONE"), is_shape_tensor=False,
+                         allow_ragged_batch=False, optional=t.name in image_forms)
+                  for t in caller_inputs(info)],
         "output": [tensor(t, label_filename=info.labels or "", is_shape_tensor=False) for t in info.outputs],
         "default_model_filename": "model.onnx",
         "parameters": {},
@@ -347,6 +383,8 @@ def _requested_outputs(specs: Any, binary_default: bool) -> tuple[list[str] | No
 
 
 def _binary_tensor(raw: memoryview, size: int, dtype: np.dtype, count: int) -> np.ndarray:
+    if dtype.kind == "O":
+        return _binary_strings(raw, size, count)
     expected = count * dtype.itemsize
     if size != expected:
         raise ProtocolError(f"binary_data_size is {size} bytes but the shape needs {expected}")
@@ -358,9 +396,42 @@ def _binary_tensor(raw: memoryview, size: int, dtype: np.dtype, count: int) -> n
     return array.astype(dtype, copy=False)  # the wire is little-endian; a no-op on such hosts
 
 
+def _binary_strings(raw: memoryview, size: int, count: int) -> np.ndarray:
+    if len(raw) < size:
+        raise ProtocolError("binary data runs past the end of the body")
+    try:
+        return deserialize_bytes(raw, count)
+    except EventError as exc:
+        raise ProtocolError(exc.message) from None
+
+
+def _json_strings(data: list, count: int) -> np.ndarray:
+    """BYTES from JSON: strings (a flat or nested list), each sent as its UTF-8 bytes."""
+    flat: list[Any] = []
+    pending = [data]
+    while pending:  # flattened without recursion: the depth is bounded, but by the caller
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(reversed(item))
+        else:
+            flat.append(item)
+            if len(flat) > count:
+                break
+    if len(flat) != count:
+        found = f"more than {count}" if len(flat) > count else str(len(flat))
+        raise ProtocolError(f"'data' has {found} values but the shape needs {count}")
+    if not all(isinstance(item, str) for item in flat):
+        raise ProtocolError("'data' must hold strings for BYTES")
+    out = np.empty(count, dtype=object)
+    out[:] = [item.encode() for item in flat]
+    return out
+
+
 def _json_tensor(data: Any, dtype: np.dtype, count: int) -> np.ndarray:
     if not isinstance(data, list):
         raise ProtocolError("needs a 'data' list or parameters.binary_data_size")
+    if dtype.kind == "O":
+        return _json_strings(data, count)
     try:
         # No dtype here: numpy would coerce strings and nulls and truncate floats to integers.
         values = np.asarray(data)

@@ -1,15 +1,25 @@
 """In-process onnxruntime backend: runs one micro-batch of requests as few session calls as
-their shapes allow (requests are concatenated along the batch axis, then split back)."""
+their shapes allow (requests are concatenated along the batch axis, then split back).
+
+An image model's requests may carry their image as uint8 pixels or encoded files
+(`ModelInfo.image_input`): each request's images are decoded to uint8 pixels on their own (an
+image that does not decode fails its request alone, INVALID_IMAGE), and each group's pixels are
+normalised to the model's float32 input in one vectorised pass before its session call.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from collections import defaultdict
 
 import numpy as np
 import onnxruntime as ort
 
+from models.preprocess import ImageError, decode_rows, normalize_pixels
 from streams.registry import ModelInfo
+from streams.settings import Settings
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
@@ -29,7 +39,7 @@ def group_requests(batch: list[Tensors], max_rows: int) -> list[list[int]]:
     larger request goes alone)."""
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     for i, tensors in enumerate(batch):
-        by_shape[tuple((n, t.shape[1:]) for n, t in sorted(tensors.items()))].append(i)
+        by_shape[tuple((n, t.dtype.str, t.shape[1:]) for n, t in sorted(tensors.items()))].append(i)
     groups: list[list[int]] = []
     for indexes in by_shape.values():
         chunk: list[int] = []
@@ -77,16 +87,46 @@ def group_failed(model: str, count: int, exc: BaseException) -> list[EventError]
     return [EventError(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}")] * count
 
 
+def session_options(intra_op_threads: int, cpu_mem_arena: bool, allow_spinning: bool) -> ort.SessionOptions:
+    """The worker's session options (see the onnx_* settings for why each is what it is)."""
+    options = ort.SessionOptions()
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    options.enable_cpu_mem_arena = cpu_mem_arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return options
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim): loading a model
+    leaves its parsed protobuf's memory free but held, about twice the model's size."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class OnnxModel:
-    def __init__(self, info: ModelInfo, intra_op_threads: int = 0) -> None:
+    def __init__(self, info: ModelInfo, intra_op_threads: int | None = None, *,
+                 cpu_mem_arena: bool | None = None, allow_spinning: bool | None = None) -> None:
+        """Unset options take the settings' defaults (`from_settings` takes a Settings' values)."""
         self.info = info
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
+        defaults = Settings.model_fields
+        options = session_options(
+            defaults["onnx_intra_op_threads"].default if intra_op_threads is None else intra_op_threads,
+            defaults["onnx_cpu_mem_arena"].default if cpu_mem_arena is None else cpu_mem_arena,
+            defaults["onnx_allow_spinning"].default if allow_spinning is None else allow_spinning,
+        )
         self.session = ort.InferenceSession(str(info.path), options, providers=providers())
+        release_free_memory()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._check_signature()
         log.info("loaded %s v%s on %s", info.name, info.version, self.session.get_providers()[0])
+
+    @classmethod
+    def from_settings(cls, info: ModelInfo, settings: Settings) -> OnnxModel:
+        return cls(info, settings.onnx_intra_op_threads, cpu_mem_arena=settings.onnx_cpu_mem_arena,
+                   allow_spinning=settings.onnx_allow_spinning)
 
     def _check_signature(self) -> None:
         graph_inputs = {i.name for i in self.session.get_inputs()}
@@ -101,12 +141,44 @@ class OnnxModel:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
     def run_batch(self, batch: list[Tensors]) -> list[Tensors | BaseException]:
-        """One entry per request: its outputs, or the error that hit its group."""
-        groups = group_requests(batch, self.info.max_batch_size)
-        return scatter(groups, [self._run_group([batch[i] for i in g]) for g in groups])
+        """One entry per request: its outputs, or the error that hit it (its images) or its group."""
+        entries = [self._prepare(tensors) for tensors in batch]
+        ready = {i: entry for i, entry in enumerate(entries) if not isinstance(entry, EventError)}
+        prepared = list(ready.values())
+        groups = group_requests(prepared, self.info.max_batch_size)
+        outcomes = scatter(groups, [self._run_group([prepared[i] for i in g]) for g in groups])
+        results: list[Tensors | BaseException] = list(entries)
+        for i, outcome in zip(ready, outcomes):
+            results[i] = outcome
+        return results
+
+    def _prepare(self, tensors: Tensors) -> Tensors | EventError:
+        """A request's image, if it came as pixels or an encoded file, as uint8 HWC pixels under
+        the image tensor's name (normalised per group in `_run_group`); other requests as they are."""
+        image = self.info.image_input
+        if image is None or image.tensor in tensors:
+            return tensors
+        rest = {n: t for n, t in tensors.items() if n not in (image.pixels, image.encoded)}
+        if image.pixels in tensors:
+            pixels = tensors[image.pixels]
+            return {**rest, image.tensor: pixels if image.layout == "HWC" else pixels.transpose(0, 2, 3, 1)}
+        try:
+            assert image.encoded is not None  # routing.check_inputs admitted one of the forms
+            decoded = decode_rows(list(tensors[image.encoded].reshape(-1)), self.info.preprocessing or {},
+                                  image.max_pixels)
+        except ImageError as exc:
+            return EventError(ErrorCode.INVALID_IMAGE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+            return group_failed(self.info.name, 1, exc)[0]
+        return {**rest, image.tensor: decoded}
 
     def _run_group(self, members: list[Tensors]) -> list[Tensors] | list[EventError]:
         try:
-            return split_rows(self.run(concat_rows(members)), members)
+            inputs = concat_rows(members)
+            image = self.info.image_input
+            if image is not None and inputs[image.tensor].dtype == np.uint8:
+                inputs = {**inputs, image.tensor: normalize_pixels(
+                    inputs[image.tensor], (self.info.preprocessing or {})["normalize"])}
+            return split_rows(self.run(inputs), members)
         except Exception as exc:  # noqa: BLE001 - reported per request, the worker goes on
             return group_failed(self.info.name, len(members), exc)

@@ -15,8 +15,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.preprocess import (
+    MAX_PIXELS,
+    NORMALIZERS,
+    crop_pixels,
+    encoded_tensor,
+    image_header,
+    image_to_tensor,
+    load_image,
+)
 from streams import weighted
 from topics.errors import ErrorCode, EventError
 
@@ -30,6 +40,40 @@ class TensorSignature(BaseModel):
     name: str
     dtype: str
     shape: list[int]  # -1 marks a dynamic axis (the batch axis first)
+
+
+class ImageInput(BaseModel):
+    """The forms an image model's image input takes besides its float32 tensor.
+
+    A request carries its image input as exactly one of:
+    - `tensor`: the graph's float32 [N, 3, crop, crop], prepared by the caller;
+    - `pixels`: uint8 [N, crop, crop, 3] (layout HWC) or [N, 3, crop, crop] (CHW), already
+      resized and cropped: the worker only normalises it (4x smaller than float32);
+    - `encoded`: bytes [N, 1], one image file per row (JPEG, PNG, ...): the worker decodes,
+      resizes, crops and normalises it (the smallest form for photos).
+    The worker turns pixels and encoded images into the float32 tensor once per batch, with the
+    model's `preprocessing`; an image that does not decode fails its own request (INVALID_IMAGE).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    tensor: str  # the graph input the image feeds
+    pixels: str | None = None
+    layout: Literal["HWC", "CHW"] = "HWC"
+    encoded: str | None = None
+    # Bounds on an encoded image, checked before it is decoded: its size, and width x height as
+    # its header says (a small file may decode to a huge image).
+    max_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(MAX_PIXELS, gt=0)
+
+    def forms(self, crop: int) -> list[TensorSignature]:
+        """The signatures of the pixels and encoded forms (those the model declares)."""
+        forms = []
+        if self.pixels:
+            shape = [-1, crop, crop, 3] if self.layout == "HWC" else [-1, 3, crop, crop]
+            forms.append(TensorSignature(name=self.pixels, dtype="uint8", shape=shape))
+        if self.encoded:
+            forms.append(TensorSignature(name=self.encoded, dtype="bytes", shape=[-1, 1]))
+        return forms
 
 
 class BackendSpec(BaseModel):
@@ -53,6 +97,7 @@ class ModelInfo(BaseModel):
     outputs: list[TensorSignature]
     labels: str | None = None
     preprocessing: dict[str, Any] | None = None
+    image_input: ImageInput | None = None  # pixels and encoded forms of the image input
     postprocessing: str | None = None
     description: str = ""
     path: Path  # the version's model.onnx (downloaded here when the artifact is in S3)
@@ -63,6 +108,51 @@ class ModelInfo(BaseModel):
     shadow: bool = False  # mirror unversioned requests here; results stored, never returned
     max_batch_delay_ms: float | None = None  # batching override for this version
     revision: int = 0  # raised on every change; a stale copy never overwrites a newer one
+
+    @model_validator(mode="after")
+    def _image_input_fits(self) -> ModelInfo:
+        image = self.image_input
+        if image is None:
+            return self
+        pre = self.preprocessing or {}
+        if pre.get("kind") != "image" or pre.get("normalize") not in NORMALIZERS or not all(
+            isinstance(pre.get(k), int) and pre[k] > 0 for k in ("resize", "crop")
+        ):
+            raise ValueError("image_input needs preprocessing {kind: image, resize, crop, normalize: one of "
+                             f"{sorted(NORMALIZERS)}}}")
+        if not image.pixels and not image.encoded:
+            raise ValueError("image_input names neither a pixels nor an encoded input")
+        names = [image.tensor, *(f.name for f in image.forms(pre["crop"]))]
+        if len(set(names)) != len(names):
+            raise ValueError(f"image_input names an input twice: {names}")
+        if self.inputs:  # a registration's draft has its signature read from the artifact later
+            graph = {s.name: s for s in self.inputs}
+            if set(names[1:]) & set(graph):
+                raise ValueError(f"image_input's forms {names[1:]} must not be graph inputs")
+            spec = graph.get(image.tensor)
+            if spec is None or spec.dtype != "float32" or spec.shape[1:] != [3, pre["crop"], pre["crop"]]:
+                raise ValueError(f"image_input.tensor {image.tensor!r} must be a float32 graph input of shape "
+                                 f"[-1, 3, {pre['crop']}, {pre['crop']}]")
+        return self
+
+    def image_file_inputs(self, data: bytes) -> dict[str, np.ndarray]:
+        """An image file as this model's image input, in the smallest form it takes: the file
+        itself (encoded), else its pixels, else the float32 tensor (decoded here for those two).
+        Raises models.preprocess.ImageError."""
+        pre, image = self.preprocessing or {}, self.image_input
+        if image is not None and image.encoded:
+            image_header(data, image.max_pixels)  # a file that is no image fails here, not in the worker
+            return {image.encoded: encoded_tensor([data])}
+        decoded = load_image(data, image.max_pixels if image else MAX_PIXELS, min_side=pre.get("resize"))
+        if image is not None and image.pixels:
+            pixels = crop_pixels(decoded, pre["resize"], pre["crop"])[np.newaxis]
+            return {image.pixels: pixels if image.layout == "HWC" else pixels.transpose(0, 3, 1, 2)}
+        return {image.tensor if image else self.inputs[0].name: image_to_tensor(decoded, pre)}
+
+    @property
+    def crop(self) -> int:
+        """The side of the image tensor's square (image models)."""
+        return int((self.preprocessing or {})["crop"])
 
     @property
     def model_dir(self) -> Path:

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streams.registry import ModelInfo, ModelRegistry
+from models.preprocess import ImageError, image_header
+from streams.registry import ModelInfo, ModelRegistry, TensorSignature
 from topics.errors import ErrorCode, EventError
 from topics.events import InferenceRequest
 from topics.names import Topics, valid_topic
+from topics.tensors import dtype_name
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,10 @@ def check_deadline(request: InferenceRequest, now_ms: int) -> None:
 
 
 def check_inputs(model: ModelInfo, tensors: dict[str, np.ndarray]) -> int:
-    """Raise INVALID_TENSOR unless the tensors match the signature; return the row count."""
-    expected = {s.name: s for s in model.inputs}
+    """Raise INVALID_TENSOR unless the tensors match the signature (an image model's image input
+    in any of its forms), INVALID_IMAGE for an encoded image that is over its bounds or in no
+    format read here (its header only: the worker decodes it); return the row count."""
+    expected = {s.name: s for s in caller_signature(model, tensors)}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -56,8 +60,9 @@ def check_inputs(model: ModelInfo, tensors: dict[str, np.ndarray]) -> int:
     rows: set[int] = set()
     for name, spec in expected.items():
         array = tensors[name]
-        if array.dtype.name != spec.dtype:
-            raise EventError(ErrorCode.INVALID_TENSOR, f"input {name!r} must be {spec.dtype}, got {array.dtype.name}")
+        dtype = dtype_name(array)
+        if dtype != spec.dtype:
+            raise EventError(ErrorCode.INVALID_TENSOR, f"input {name!r} must be {spec.dtype}, got {dtype}")
         if len(array.shape) != len(spec.shape) or any(
             want != -1 and want != got for want, got in zip(spec.shape, array.shape)
         ):
@@ -74,4 +79,38 @@ def check_inputs(model: ModelInfo, tensors: dict[str, np.ndarray]) -> int:
             ErrorCode.INVALID_TENSOR,
             f"batch axis must be 1..{model.max_batch_size} for {model.name}, got {count}",
         )
+    image = model.image_input
+    if image is not None and image.encoded in tensors:
+        check_encoded(tensors[image.encoded], image.max_bytes, image.max_pixels)
     return count
+
+
+def caller_signature(model: ModelInfo, tensors: dict[str, np.ndarray]) -> list[TensorSignature]:
+    """The inputs a request must carry: the graph's, with an image model's image tensor replaced
+    by the form of it the request carries (float32 tensor, uint8 pixels or encoded image)."""
+    image = model.image_input
+    if image is None:
+        return model.inputs
+    forms = {s.name: s for s in [*(s for s in model.inputs if s.name == image.tensor),
+                                 *image.forms(model.crop)]}
+    given = [name for name in forms if name in tensors]
+    if len(given) != 1:
+        choices = ", ".join(f"{s.name!r} ({s.dtype} {s.shape})" for s in forms.values())
+        raise EventError(ErrorCode.INVALID_TENSOR, f"model {model.name} takes its image as one of {choices}; "
+                         f"got {'none' if not given else ', '.join(map(repr, given))}")
+    return [forms[given[0]] if s.name == image.tensor else s for s in model.inputs]
+
+
+def check_encoded(images: np.ndarray, max_bytes: int, max_pixels: int) -> None:
+    """Every element an image file within the bounds, by its header (INVALID_IMAGE otherwise)."""
+    for row, data in enumerate(images.reshape(-1)):
+        where = f"row {row}: " if images.size > 1 else ""
+        if not isinstance(data, bytes):  # a str would be taken for a file name
+            raise EventError(ErrorCode.INVALID_TENSOR, f"{where}an encoded image is bytes, got {type(data).__name__}")
+        if not 0 < len(data) <= max_bytes:
+            raise EventError(ErrorCode.INVALID_IMAGE, f"{where}an image file is 1 to {max_bytes:,} bytes, "
+                             f"got {len(data):,}")
+        try:
+            image_header(data, max_pixels)
+        except ImageError as exc:
+            raise EventError(ErrorCode.INVALID_IMAGE, f"{where}{exc}") from None

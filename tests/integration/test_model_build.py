@@ -74,6 +74,16 @@ def test_tiny_is_reused_unless_forced(tmp_path):
     assert is_built(model_dir)
 
 
+def test_a_model_whose_metadata_changed_is_rebuilt(tmp_path):
+    (model_dir,) = build_models(tmp_path, ["tiny"])
+    first_inode = (model_dir / "1" / "model.onnx").stat().st_ino
+    metadata = model_dir / "inferstream.json"
+    metadata.write_text(metadata.read_text().replace('"labels": null', '"labels": "old.txt"'))
+    build_models(tmp_path, ["tiny"])
+    assert (model_dir / "1" / "model.onnx").stat().st_ino != first_inode
+    assert load_model_info(model_dir)["labels"] is None
+
+
 def test_failed_build_leaves_previous_model_and_no_staging(tmp_path, monkeypatch):
     (model_dir,) = build_models(tmp_path, ["tiny"])
     before = (model_dir / "1" / "model.onnx").read_bytes()
@@ -129,9 +139,11 @@ def test_image_model_metadata(image_models, name):
     info = load_model_info(model_dir)
     assert list(info) == [
         "name", "version", "backend", "max_batch_size", "inputs", "outputs",
-        "labels", "preprocessing", "postprocessing", "description",
+        "labels", "preprocessing", "image_input", "postprocessing", "description",
     ]  # fmt: skip
     assert info["inputs"] == [{"name": "input", "dtype": "float32", "shape": [-1, 3, 224, 224]}]
+    # The image may also come as uint8 pixels or an image file (not graph inputs: the worker's)
+    assert info["image_input"] == {"tensor": "input", "pixels": "pixels", "layout": "HWC", "encoded": "image"}
     assert info["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [-1, 1000]}]
     assert info["postprocessing"] == "softmax"
     assert len(load_labels(model_dir, info)) == 1000

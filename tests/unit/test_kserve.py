@@ -63,6 +63,28 @@ def test_inputs_round_trip(datatype, binary):
     np.testing.assert_array_equal(parsed.inputs["x"], array)
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_inputs_round_trip_as_tritonclient_sends_them(binary):
+    """BYTES (an encoded image per element): binary as 4-byte little-endian lengths and bytes,
+    JSON as strings; any bytes in binary, UTF-8 in JSON."""
+    array = np.array([[b"\x89PNG\r\n\x1a\n\0\xff" if binary else b"abc"], [b""], [b"de"]], dtype=object)
+    body, header_length = encode([triton_input("image", array, binary)])
+    parsed = parse_infer_request(body, header_length)
+    got = parsed.inputs["image"]
+    assert got.dtype == object and got.shape == (3, 1) and got.tolist() == array.tolist()
+    assert all(type(item) is bytes for item in got.ravel())
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_outputs_round_trip(binary):
+    parsed = parse_infer_request(raw_request(inputs=[fp32_input()], parameters={"binary_data_output": binary}), None)
+    strings = np.array([b"cat", b"tabby"], dtype=object)
+    result = respond({"labels": strings}, parsed)
+    assert result.get_output("labels")["datatype"] == "BYTES"
+    got = result.as_numpy("labels").tolist()  # tritonclient gives JSON strings back as str
+    assert [item if isinstance(item, bytes) else item.encode() for item in got] == [b"cat", b"tabby"]
+
+
 def test_json_and_binary_inputs_mixed():
     arrays = {"a": ARRAYS["FP32"], "b": ARRAYS["BOOL"], "c": ARRAYS["INT64"], "d": ARRAYS["FP16"]}
     inputs = [triton_input(name, array, binary=name in "ac") for name, array in arrays.items()]
@@ -156,8 +178,9 @@ def test_datatype_mapping():
         assert dtype_to_datatype(array.dtype) == datatype
         assert dtype_to_datatype(array.dtype.name) == datatype
     assert dtype_to_datatype(np.float64) == "FP64"
+    assert datatype_to_dtype("BYTES") == np.dtype(object) and dtype_to_datatype(np.dtype(object)) == "BYTES"
     with pytest.raises(ProtocolError, match="not supported"):
-        datatype_to_dtype("BYTES")
+        datatype_to_dtype("BF16")
     with pytest.raises(ProtocolError, match="unknown datatype"):
         datatype_to_dtype("FP8")
     with pytest.raises(EventError) as error:
@@ -198,6 +221,12 @@ def binary_header(size_claimed: int, datatype: str = "FP32") -> bytes:
     return raw_request(inputs=[spec])
 
 
+def bytes_body(payload: bytes) -> tuple[bytes, int]:
+    """A BYTES input of shape [2] whose serialized elements are `payload`."""
+    header = binary_header(len(payload), "BYTES")
+    return header + payload, len(header)
+
+
 def binary_body(size_claimed: int, payload: bytes) -> tuple[bytes, int]:
     header = binary_header(size_claimed)
     return header + payload, len(header)
@@ -213,7 +242,13 @@ def binary_body(size_claimed: int, payload: bytes) -> tuple[bytes, int]:
         (raw_request(inputs=[{"datatype": "FP32"}]), None, r"inputs\[0\] must be an object"),
         (raw_request(inputs=[fp32_input(), fp32_input()]), None, "input 'x' appears twice"),
         (raw_request(inputs=[fp32_input(datatype="FP8")]), None, "input 'x': unknown datatype 'FP8'"),
-        (raw_request(inputs=[fp32_input(datatype="BYTES", data=["a"])]), None, "'BYTES' is not supported"),
+        (raw_request(inputs=[fp32_input(datatype="BF16", data=[1, 2])]), None, "'BF16' is not supported"),
+        (raw_request(inputs=[fp32_input(datatype="BYTES", data=["a", 2])]), None, "must hold strings for BYTES"),
+        (raw_request(inputs=[fp32_input(datatype="BYTES", data=["a"])]), None, "'data' has 1 values but"),
+        (raw_request(inputs=[fp32_input(datatype="BYTES", data=["a", "b", "c"])]), None, "more than 2 values"),
+        (*bytes_body(b"\x09\0\0\0abcdefgh"), "element 0 runs past the end"),
+        (*bytes_body(b"\x01\0\0\0a\x01\0\0\0bc"), "1 bytes after its last element"),
+        (*bytes_body(b"\x01\0\0"), "3 bytes cannot hold 2 elements"),
         (raw_request(inputs=[fp32_input(shape=[2, -1])]), None, "'shape' must be a list"),
         (raw_request(inputs=[fp32_input(shape="2")]), None, "'shape' must be a list"),
         (raw_request(inputs=[fp32_input(shape=[0, 2**40], data=[])]), None, "'shape' must be a list"),

@@ -40,9 +40,27 @@ def test_model_config_matches_the_models_config_pbtxt(name):
             else getattr(ours, field)
         if field in ("input", "output"):  # ours also states the defaults Triton leaves out
             got = [{k: v for k, v in t.items() if k in ("name", "dataType", "dims")} for t in got]
+        if field == "input":  # an image model also takes its image as pixels or a file (below)
+            got = [t for t in got if t["name"] in {s.name for s in info.inputs}]
         assert got == expected, field
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 5000
     assert parsed.HasField("dynamic_batching")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet-lite0"])
+def test_an_image_models_config_offers_each_form_of_its_image_as_optional(name):
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = model_config(built(name), max_queue_delay_ms=5)
+    json_format.ParseDict(config, model_config_pb2.ModelConfig())  # Triton's names: TYPE_STRING, FORMAT_NHWC
+    inputs = {t["name"]: (t["data_type"], t["dims"], t["format"], t["optional"]) for t in config["input"]}
+    assert inputs == {
+        "input": ("TYPE_FP32", [3, 224, 224], "FORMAT_NONE", True),
+        "pixels": ("TYPE_UINT8", [224, 224, 3], "FORMAT_NHWC", True),
+        "image": ("TYPE_STRING", [1], "FORMAT_NONE", True),
+    }
 
 
 def test_model_config_keeps_the_batch_axis_of_a_model_that_does_not_batch():

@@ -1,0 +1,79 @@
+"""Images as they travel best, through the real pipeline: an image file (PNG, JPEG) or uint8
+pixels in, the same answer as the float32 tensor; a bad image fails its own request only."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from models.preprocess import (
+    crop_pixels,
+    encoded_tensor,
+    image_to_tensor,
+    load_image,
+    load_labels,
+    probabilities,
+    top_k,
+)
+from streams.client import InferenceClient
+from streams.harness import wait_ready
+from streams.registry import ModelRegistry
+
+pytestmark = pytest.mark.integration
+CHELSEA = Path(skimage.data.__file__).parent / "chelsea.png"
+MODEL = "efficientnet-lite0"
+
+
+def as_jpeg(path: Path, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+async def test_an_image_file_or_its_pixels_get_the_float32_tensors_answer(start_worker, settings):
+    info = ModelRegistry.load(settings.model_repository).resolve(MODEL)
+    pre = info.preprocessing or {}
+    files = {"png": CHELSEA.read_bytes(), "jpeg": as_jpeg(CHELSEA)}
+    forms = {}
+    for kind, data in files.items():  # each file as the float32 tensor made here, as itself, as its pixels
+        image = load_image(data)
+        forms[f"{kind} float32"] = {"input": image_to_tensor(image, pre)}
+        forms[f"{kind} file"] = {"image": encoded_tensor([data])}
+        forms[f"{kind} pixels"] = {"pixels": crop_pixels(image, pre["resize"], pre["crop"])[np.newaxis]}
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        results = dict(zip(forms, await asyncio.gather(
+            *(client.infer(MODEL, inputs, timeout=60) for inputs in forms.values()))))
+    labels = load_labels(info.model_dir, info.model_dump())
+    probs = {}
+    for form, result in results.items():
+        assert result.header.status == "ok", (form, result.header.error)
+        probs[form] = probabilities(result.tensors["logits"], info.postprocessing)[0]
+    for kind in files:
+        best = top_k(probs[f"{kind} float32"], labels, k=1)[0]
+        assert 281 <= best[0] <= 285 and "cat" in best[1], (kind, best)  # tabby, tiger cat, ...
+        for form in (f"{kind} file", f"{kind} pixels"):  # the same pixels: the same answer up to rounding
+            assert top_k(probs[form], labels, k=1)[0][0] == best[0], form
+            np.testing.assert_allclose(probs[form], probs[f"{kind} float32"], atol=1e-4, err_msg=form)
+
+
+async def test_a_bad_image_fails_its_own_request_and_the_others_are_answered(start_worker, settings):
+    jpeg = as_jpeg(CHELSEA)
+    truncated = jpeg[:len(jpeg) // 3]  # its header reads: admitted, and fails to decode in the worker
+    worker = start_worker()
+    async with InferenceClient(settings) as client:
+        await wait_ready(client, worker)
+        sent = [jpeg, truncated, jpeg, b"not an image", jpeg]
+        results = await asyncio.gather(*(client.infer(MODEL, {"image": encoded_tensor([data])}, timeout=60)
+                                         for data in sent))
+    codes = [r.header.error.code.value if r.header.error else "ok" for r in results]
+    assert codes == ["ok", "INVALID_IMAGE", "ok", "INVALID_IMAGE", "ok"], [r.header.error for r in results]
+    assert "truncated or corrupt" in results[1].header.error.message  # type: ignore[union-attr]
+    assert "not an image" in results[3].header.error.message  # type: ignore[union-attr]
