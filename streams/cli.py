@@ -683,13 +683,7 @@ def infer(
     token: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_TOKEN", help="a JWT bearer token")] = None,
 ) -> None:
     """Produce one request event, wait for its reply and print the prediction."""
-    from models.preprocess import (
-        ImageError,
-        image_to_tensor,
-        load_image,
-        load_labels,
-        probabilities,
-    )
+    from models.preprocess import ImageError, load_labels, probabilities
     from models.preprocess import top_k as best
     from streams.client import InferenceClient
     from streams.registry import ModelRegistry
@@ -705,9 +699,12 @@ def infer(
         if not info.preprocessing:
             _fail(f"model {model} takes no images")
         try:
-            inputs = {info.inputs[0].name: image_to_tensor(load_image(image), info.preprocessing)}
+            # The file itself where the model takes image files (the worker decodes it).
+            inputs = info.image_file_inputs(image.read_bytes())
+        except OSError as exc:
+            _fail(f"--image {image}: {exc.strerror or type(exc).__name__}")
         except ImageError as exc:
-            _fail(f"--image {exc}")
+            _fail(f"--image {image}: {exc}")
     elif input:
         inputs = _parse_inputs(input)
     else:
