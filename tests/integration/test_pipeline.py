@@ -230,30 +230,6 @@ async def test_expired_deadline_is_rejected(start_worker, settings):
     assert result.header.error.code == "DEADLINE_EXCEEDED"
 
 
-async def test_worker_restart_mid_stream_loses_and_duplicates_nothing(start_worker, settings):
-    worker = start_worker()
-    total = 3000
-    async with InferenceClient(settings) as client:
-        await wait_ready(client, worker)
-        requests = [client.request("tiny", {}, timeout=300) for _ in range(total)]
-        waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests[: total // 2])]
-        # Kill the worker (SIGKILL: nothing finishes cleanly) once it is part-way through.
-        for _ in range(600):
-            if sum(w.done() for w in waiters) >= total // 10:
-                break
-            await asyncio.sleep(0.05)
-        answered_before_kill = sum(w.done() for w in waiters)
-        worker.kill()
-        start_worker()
-        waiters += [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests[total // 2 :])]
-        results = await asyncio.wait_for(asyncio.gather(*waiters), 240)
-    assert total // 10 <= answered_before_kill < total // 2
-    assert all(r.header.status == "ok" for r in results)
-    assert {r.header.request_id for r in results} == {r.request_id for r in requests}
-    rows = await rows_for(settings, [r.request_id for r in requests], expect=total)
-    assert len(rows) == total
-
-
 async def test_cli_infer_prints_the_top_labels(start_worker, settings):
     """The README's `inferstream infer` against a running worker."""
     worker = start_worker()
