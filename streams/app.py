@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from agents import batches, inference, intake, sink
 from streams import metrics
 from streams.faust_tuning import LeanMonitor, tune_transport
+from streams.fetch_wait import IdlePolicy, wake_channel
 from streams.gatekeeper import Gatekeeper
 from streams.heartbeats import Heartbeat
 from streams.kafka_transport import broker_url
@@ -81,7 +82,9 @@ def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipelin
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = WorkerApp(
         settings.app_id,
-        broker=broker_url(settings.kafka_bootstrap, settings.kafka_fetch_max_wait_ms),
+        # Fetch waits: short while records flow, slow polls woken by clients once idle (streams.fetch_wait).
+        broker=broker_url(settings.kafka_bootstrap, settings.kafka_fetch_max_wait_ms,
+                          IdlePolicy.from_settings(settings), (settings.redis_url, wake_channel(settings))),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",

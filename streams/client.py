@@ -4,7 +4,12 @@ the benchmarks.
 
 Each client reads its reply topic's partitions by assignment, not through a consumer group, so
 a rebalance can never move its replies to another process; a bridge instance gives each client
-a reply topic of its own.
+a reply topic of its own. A reply finds its waiting future by correlation id in a dict: O(1)
+per reply, however many requests are pending.
+
+Fetch waits (`streams.fetch_wait`): the reply consumer fetches with the short wait while replies
+are expected and polls slowly once idle; each send wakes it, and, after a quiet spell, wakes the
+workers through Redis (`kafka_idle_mode=wake`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.fetch_wait import wait_longer_when_behind
+from streams.fetch_wait import FetchWait, IdlePolicy, WakePublisher
 from streams.objectstore import ObjectStore
 from streams.settings import Settings
 from topics import events
@@ -52,6 +57,8 @@ class InferenceClient:
             bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         )
+        self._fetch_wait: FetchWait | None = None
+        self._wakes = WakePublisher(settings)
         self._waiters: dict[str, asyncio.Future[Result]] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._reader: asyncio.Task[None] | None = None
@@ -61,7 +68,9 @@ class InferenceClient:
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
-        wait_longer_when_behind(self._consumer)  # catches up on a burst of replies
+        # Short waits while replies are expected, a longer one to catch up on a burst of them,
+        # slow polls once idle.
+        self._fetch_wait = FetchWait(self._consumer, idle=IdlePolicy.from_settings(self.settings))
         partitions = self._consumer.partitions_for_topic(self.reply_topic)
         if not partitions:
             await self._consumer._client.force_metadata_update()  # topic created just now
@@ -83,6 +92,7 @@ class InferenceClient:
                 await self._reader
         await self._producer.stop()
         await self._consumer.stop()
+        await self._wakes.close()
         for waiter in self._waiters.values():
             waiter.cancel()
         self._waiters.clear()
@@ -101,7 +111,8 @@ class InferenceClient:
 
     async def _read_replies(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
+            # The timeout only bounds the wait for fetched records: they wake it when they come.
+            batches = await self._consumer.getmany(timeout_ms=1000, max_records=2000)
             for records in batches.values():
                 for record in records:
                     self._deliver((record.key or b"").decode(), record.value)
@@ -146,6 +157,8 @@ class InferenceClient:
         waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if request.correlation_id:
             self._waiters[request.correlation_id] = waiter
+            if self._fetch_wait is not None:
+                self._fetch_wait.wake()  # its reply is expected: no idle poll between
         try:
             delivery = await self.produce(
                 self.topics.requests, request.request_id.encode(), events.encode_request(request, inputs),
@@ -168,6 +181,7 @@ class InferenceClient:
                       headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future:
         """Bounded in time: with the broker down, aiokafka would otherwise wait for metadata.
         Returns the delivery future (already resolved when `delivered`)."""
+        self._wakes.sending()  # idle workers fetch now, not at their next idle poll
         try:
             async with asyncio.timeout(self.settings.produce_timeout_s):  # no extra task per send
                 delivery = await self._producer.send(topic, value, key=key, headers=headers)

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LAG_REFRESH_S = 5.0
+# The lag reader's fetch wait: `fixed_ends` reads high watermarks from one fetch within its 1 s
+# `getmany`, so the broker must answer an empty fetch well within that.
+LAG_FETCH_WAIT_MS = 500
 STOP_TIMEOUT_S = 30.0
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -58,7 +61,8 @@ def lag_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
 class LagReader:
     """Reads a group's committed offsets through a consumer that carries the group's id but never
     subscribes: it does not join the group, so the live members are not rebalanced, and with
-    auto-commit off it commits nothing."""
+    auto-commit off it commits nothing. Between reads its partitions are paused: it fetches
+    nothing until the next read."""
 
     def __init__(self, settings: Settings, group: str | None = None) -> None:
         self.settings = settings
@@ -69,7 +73,7 @@ class LagReader:
         # Created here: aiokafka binds a consumer to the running loop.
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap, group_id=self.group,
-            enable_auto_commit=False, request_timeout_ms=15000,
+            enable_auto_commit=False, request_timeout_ms=15000, fetch_max_wait_ms=LAG_FETCH_WAIT_MS,
         )
         await self._consumer.start()
 
@@ -90,6 +94,7 @@ class LagReader:
         # Earliest, not 0, where nothing was committed: retention may have removed the start.
         start = await consumer.beginning_offsets(tps)
         end = await fixed_ends(consumer, tps)  # the listed end can lag behind (see fixed_ends)
+        consumer.pause(*tps)  # fixed_ends left them assigned: no fetches until the next read
         committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
         return [
             PartitionLag(self.group, tp.topic, tp.partition,
