@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from agents import batches, inference, intake, sink
 from streams import metrics
+from streams.faust_take import IdleFreeStream
 from streams.faust_tuning import LeanMonitor, tune_transport
 from streams.fetch_wait import IdlePolicy, wake_channel
 from streams.gatekeeper import Gatekeeper
@@ -106,6 +107,7 @@ def create_app(settings: Settings, serve: list[str]) -> tuple[faust.App, Pipelin
         producer_acks=-1,
         web_enabled=False,
         Monitor=LeanMonitor,  # no per-event statistics for web views that are not served
+        Stream=IdleFreeStream,  # take_events without wakes while nothing is buffered (streams.faust_take)
     )
     intake.register(app, pipeline)
     for model in serve:
