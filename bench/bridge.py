@@ -1,6 +1,6 @@
 """HTTP benchmark: the bridge versus tritonserver on the tiny model, over the same client.
 
-    python -m bench.bridge [--seconds 10] [--concurrency 64] [--rates 50 100 200]
+    python -m bench.bridge [--seconds 10] [--concurrency 64] [--rates 50 100 200 400]
 
 1. Floor: onnxruntime in this process (OnnxModel), one request (batch 1) per call.
 2. The bridge: a private stack (Tansu in memory, SeaweedFS, a fresh PostgreSQL database) on free
@@ -373,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="length of the saturated pass and of each fixed-rate pass")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="connections in the saturated pass")
-    parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200],
+    parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 400],
                         help="requests per second of the open-loop passes")
     parser.add_argument("--floor-seconds", type=float, default=5.0)
     parser.add_argument("--request-timeout", type=float, default=10.0,
