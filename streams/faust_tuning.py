@@ -1,5 +1,5 @@
-"""Faust's per-event costs that no setting removes (STACK.md, "How far faust's per-event cost could be
-cut"), cut by subclassing rather than by editing the installed package.
+"""Faust's per-event costs that no setting removes, cut by subclassing rather than by editing the
+installed package (README, "What is tuned in Faust and why").
 
 - **Drain loop** (`EagerDrain`): faust's `Consumer._drain_messages` hands each fetched record to
   the conductor with `await self.wait_first(callback(message), self.suspend_flow.wait())`: four
