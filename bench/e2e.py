@@ -3,11 +3,14 @@
     python -m bench.e2e [--models tiny resnet18] [--tiny-requests N] [--resnet-requests N]
 
 1. Baseline: OnnxModel (the worker's session options) called in this process, at the worker's
-   batch size (and tiny at batch 1 too); one request = one row.
+   batch size (and tiny at batch 1 too) on float32 rows; one request = one row. For an image
+   model, also the CPU the worker spends preparing one image of the form the requests carry.
 2. End to end: a private stack (Tansu in memory, SeaweedFS, PostgreSQL database) on free ports
    and one worker process; per model, N requests sent as fast as InferenceClient allows
    (requests → intake → model topic → inference → reply topic), timed to the last reply. Each
-   model is probed with its own input until the worker answers it, so any model runs alone.
+   model is probed with its own input until the worker answers it, so any model runs alone. An
+   image model's requests carry a photo as users should send one (`--image-form`: a JPEG file by
+   default, or its uint8 pixels, or the float32 tensor).
 3. The Kafka floor, on the same broker once the worker is stopped: a plain aiokafka echo service
    (bench/floor.py) answering N requests of the pipeline's request and reply record sizes.
 4. A table of the ratios (e2e/raw, e2e/floor) against the issue's targets, the box's load
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -38,6 +42,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -45,13 +50,15 @@ from bench import loadavg
 from bench.floor import EchoService, FloorClient, create_topics, ratio
 from bench.processes import private_stack, stopped_after
 from models.build import build_models
+from models.preprocess import decode_rows, encoded_tensor, image_to_tensor, load_image
 from streams.client import InferenceClient
 from streams.harness import Worker, isolated_settings
-from streams.onnx_backend import OnnxModel
+from streams.onnx_backend import OnnxModel, concat_rows
 from streams.registry import ModelInfo, ModelRegistry
 from streams.settings import PROJECT_ROOT, Settings
 from topics import events
 from topics.admin import ensure_topics
+from topics.tensors import dtype_name
 
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -79,11 +86,56 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def model_inputs(info: ModelInfo, rows: int) -> dict[str, np.ndarray]:
+    """Float32 rows for the graph's inputs (the raw baseline's)."""
     rng = np.random.default_rng(0)
     return {
         spec.name: rng.standard_normal((rows, *spec.shape[1:])).astype(spec.dtype)
         for spec in info.inputs
     }
+
+
+IMAGE_FORMS = ("file", "pixels", "float32")
+
+
+def photo_jpeg() -> bytes:
+    """A 451x300 photo as a JPEG (quality 90, 35 KB): scikit-image's chelsea, else a gradient."""
+    try:
+        import skimage.data
+
+        image = Image.open(Path(skimage.data.__file__).parent / "chelsea.png").convert("RGB")
+    except ImportError:
+        ramp = np.linspace(0, 255, 451, dtype=np.uint8)
+        image = Image.fromarray(np.stack([np.tile(ramp, (300, 1))] * 3, axis=-1))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def request_inputs(info: ModelInfo, form: str) -> dict[str, np.ndarray]:
+    """One request's inputs: an image model's photo in `form` (where the model takes that form),
+    else float32 rows."""
+    image = info.image_input
+    name = {"file": image.encoded, "pixels": image.pixels, "float32": image.tensor}[form] if image else None
+    if name is None:
+        return model_inputs(info, rows=1)
+    data, pre = photo_jpeg(), info.preprocessing or {}
+    if form == "file":
+        return {name: encoded_tensor([data])}
+    if form == "pixels":
+        pixels = decode_rows([data], pre)
+        return {name: pixels if image.layout == "HWC" else pixels.transpose(0, 3, 1, 2)}  # type: ignore[union-attr]
+    return {name: image_to_tensor(load_image(data), pre)}
+
+
+def prep_cpu_us(model: OnnxModel, inputs: dict[str, np.ndarray], rows: int, seconds: float = 1.0) -> float:
+    """CPU µs per request the worker spends turning `inputs` into the float32 input (decoding,
+    normalising), in batches of `rows` such requests: work the raw baseline leaves out."""
+    calls, started = 0, time.process_time()
+    while calls < 2 or time.process_time() - started < seconds:
+        prepared = [model.images.prepare(inputs) for _ in range(rows)]
+        model.images.float_inputs(concat_rows([p for p in prepared if not isinstance(p, BaseException)]))
+        calls += 1
+    return (time.process_time() - started) / (calls * rows) * 1e6
 
 
 def worker_batch(settings: Settings, info: ModelInfo) -> int:
@@ -107,18 +159,20 @@ def raw_rate(model: OnnxModel, rows: int, seconds: float) -> tuple[float, float]
 
 
 def raw_baselines(settings: Settings, registry: ModelRegistry, models: list[str],
-                  seconds: float) -> list[dict]:
+                  seconds: float, form: str) -> list[dict]:
     baselines = []
     for name in models:
         info = registry.resolve(name)
-        model = OnnxModel(info, settings.onnx_intra_op_threads)
-        batches = [worker_batch(settings, info)] + ([1] if name == "tiny" else [])
+        model = OnnxModel.from_settings(info, settings)
+        # Rows per session call as the worker makes them: its batch, in calls of model.max_rows.
+        batches = [min(worker_batch(settings, info), model.max_rows)] + ([1] if name == "tiny" else [])
+        prep_us = prep_cpu_us(model, request_inputs(info, form), batches[0]) if info.image_input else 0.0
         for batch in batches:
             rate, cpu_us = raw_rate(model, batch, seconds)
             console.log(f"raw {name} batch {batch}: {rate:,.0f} req/s")
             # The issue's targets compare against the worker-batch baseline (listed first).
             baselines.append({"model": name, "batch": batch, "raw_req_s": rate,
-                              "raw_cpu_us": cpu_us, "worker_batch": batch == batches[0]})
+                              "raw_cpu_us": cpu_us, "prep_cpu_us": prep_us, "worker_batch": batch == batches[0]})
     return baselines
 
 
@@ -137,6 +191,13 @@ def box_busy_cpu() -> float:
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = values
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process now (VmRSS) and at its peak so far (VmHWM), in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if line.startswith(("VmRSS", "VmHWM")))
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_mb": int(fields["VmHWM"].split()[0]) / 1024}
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
@@ -286,9 +347,12 @@ def median_size(sizes: list[int], fallback: int) -> int:
 
 
 async def measure_model(client: SizedClient, worker: Worker, info: ModelInfo, count: int,
-                        timeout: float, pids: dict[str, int], profile: Path | None) -> dict:
-    inputs = model_inputs(info, rows=1)
+                        timeout: float, pids: dict[str, int], profile: Path | None, form: str) -> dict:
+    inputs = request_inputs(info, form)
+    console.log(f"{info.name} requests carry " + ", ".join(
+        f"{n} {dtype_name(a)}{list(a.shape)}" for n, a in inputs.items()))
     await wait_model_ready(client, worker, info.name, inputs)
+    loaded = memory_mb(pids["worker"])  # the model loaded and one request served
     await burst(client, info.name, inputs, max(1, count // 10), timeout)  # warm-up, not counted
     idle_ms = await idle_latency(client, info.name, inputs, timeout)
     before = cpu_snapshot(pids)
@@ -297,6 +361,9 @@ async def measure_model(client: SizedClient, worker: Worker, info: ModelInfo, co
         figures = await burst(client, info.name, inputs, count, timeout)
     figures["cpu_us"] = cpu_per_request(before, cpu_snapshot(pids), count, figures["seconds"])
     figures["idle_p50_ms"] = idle_ms
+    figures["worker_memory_mb"] = {"loaded": loaded, "after": memory_mb(pids["worker"])}
+    figures["inputs"] = {n: f"{dtype_name(a)}{list(a.shape)}" for n, a in inputs.items()}
+    figures["image_form"] = form if info.image_input else None
     # Record sizes on Kafka (a claim-checked input travels through S3, not in the record).
     figures["request_bytes"] = median_size(client.sent_bytes, 0)
     figures["reply_bytes"] = median_size(client.received_bytes, figures.pop("reply_sample_bytes"))
@@ -308,13 +375,13 @@ async def measure_model(client: SizedClient, worker: Worker, info: ModelInfo, co
 
 
 async def end_to_end(settings: Settings, worker: Worker, registry: ModelRegistry,
-                     counts: dict[str, int], timeout: float, profile_dir: Path | None) -> dict:
+                     counts: dict[str, int], timeout: float, profile_dir: Path | None, form: str) -> dict:
     pids = stack_pids(settings, worker)
     async with SizedClient(settings) as client:
         return {
             name: await measure_model(
                 client, worker, registry.resolve(name), count, timeout, pids,
-                profile_dir / f"{name}.txt" if profile_dir else None,
+                profile_dir / f"{name}.txt" if profile_dir else None, form,
             )
             for name, count in counts.items()
         }
@@ -353,14 +420,14 @@ def kafka_floor(settings: Settings, name: str, e2e: dict, timeout: float) -> dic
 
 
 def run_on_private_stack(settings: Settings, registry: ModelRegistry, counts: dict[str, int],
-                         timeout: float, profile_dir: Path | None) -> tuple[dict, dict]:
+                         timeout: float, profile_dir: Path | None, form: str) -> tuple[dict, dict]:
     worker = Worker(settings, settings.state_dir / "worker.log")
     with private_stack(settings, console, worker):
         asyncio.run(ensure_topics(settings, list(counts)))
         worker.start()
         console.log(f"worker pid {worker.proc.pid}, broker {settings.kafka_bootstrap}, "
                     f"database {settings.postgres_dsn.rpartition('/')[2]}")
-        e2e = asyncio.run(end_to_end(settings, worker, registry, counts, timeout, profile_dir))
+        e2e = asyncio.run(end_to_end(settings, worker, registry, counts, timeout, profile_dir, form))
         worker.stop()  # the floor has the broker to itself, as the pipeline had
         floors = {name: kafka_floor(settings, name, figures, timeout) for name, figures in e2e.items()}
     return e2e, floors
@@ -406,19 +473,27 @@ def print_tables(table: list[dict], floors: dict, load: dict) -> None:
         sizes.add_row(name, f"{f['request_bytes']:,}", f"{f['reply_bytes']:,}", f"{f['req_s']:,.0f}",
                       f"{f['p50_ms']:,.0f}", f"{f['p99_ms']:,.0f}")
     console.print(sizes)
-    cpu = Table("model", "raw onnxruntime", "worker", "broker", "s3", "client", "other",
+    cpu = Table("model", "raw onnxruntime", "image prep", "worker", "broker", "s3", "client", "other",
                 "cores busy", "mean batch", title="CPU µs per request (end-to-end pass; raw: "
-                "the in-process baseline)")
+                "the in-process baseline; image prep: the worker's decoding and normalising of one "
+                "request's image, in-process)")
     for r in (r for r in table if r["worker_batch"]):
         c = r["cpu_us"]
-        cpu.add_row(r["model"], _us(r["raw_cpu_us"]),
+        cpu.add_row(r["model"], _us(r["raw_cpu_us"]), _us(r["prep_cpu_us"]) if r["prep_cpu_us"] else "-",
                     *(_us(c[k]) for k in ("worker", "kafka", "s3", "client", "other")),
                     f"{c['busy']:.0%}", f"{r['mean_batch']:.1f}")
         if r["model"] in floors:  # the echo service in the worker's column
             c = floors[r["model"]]["cpu_us"]
-            cpu.add_row(f"{r['model']} floor", "-", _us(c["echo"]), _us(c["kafka"]), "-",
+            cpu.add_row(f"{r['model']} floor", "-", "-", _us(c["echo"]), _us(c["kafka"]), "-",
                         _us(c["client"]), _us(c["other"]), f"{c['busy']:.0%}", "-")
     console.print(cpu)
+    memory = Table("model", "RSS loaded MB", "RSS after MB", "peak MB",
+                   title="Worker memory: once it answers the model (loaded), after the pass, and its peak")
+    for r in (r for r in table if r["worker_batch"]):
+        m = r["worker_memory_mb"]
+        memory.add_row(r["model"], f"{m['loaded']['rss_mb']:,.0f}", f"{m['after']['rss_mb']:,.0f}",
+                       f"{m['after']['peak_mb']:,.0f}")
+    console.print(memory)
 
 
 def _us(value: float) -> str:
@@ -426,15 +501,16 @@ def _us(value: float) -> str:
 
 
 def write_json(path: Path, settings: Settings, baselines: list[dict], e2e: dict,
-               floors: dict, table: list[dict], load: dict) -> None:
+               floors: dict, table: list[dict], load: dict, form: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     knobs = ("max_batch_size", "max_batch_delay_ms", "take_max", "max_inflight",
-             "onnx_intra_op_threads", "claim_check_bytes")
+             "onnx_intra_op_threads", "onnx_cpu_mem_arena", "onnx_allow_spinning", "claim_check_bytes")
     document = {
         "timestamp": datetime.now().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "loadavg": loadavg.record(load["before"], load["after"]),
         "settings": {k: getattr(settings, k) for k in knobs},
+        "image_form": form,
         "raw": baselines,
         "e2e": e2e,
         "floor": floors,
@@ -462,6 +538,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds a pass may take (also each request's deadline)")
     parser.add_argument("--json-out", type=Path,
                         default=RESULTS_DIR / f"e2e-{datetime.now():%Y%m%d-%H%M%S}.json")
+    parser.add_argument("--image-form", choices=IMAGE_FORMS, default="file",
+                        help="how an image model's requests carry their photo: the JPEG file (default), its "
+                        "uint8 pixels, or the float32 tensor")
     parser.add_argument("--profile-dir", type=Path,
                         help="record the worker with py-spy during each pass (collapsed stacks)")
     return parser.parse_args(argv)
@@ -480,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = {m: args.tiny_requests if m == "tiny" else args.resnet_requests for m in args.models}
     if args.profile_dir:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
-    baselines = raw_baselines(base, registry, args.models, args.raw_seconds)
+    baselines = raw_baselines(base, registry, args.models, args.raw_seconds, args.image_form)
     with tempfile.TemporaryDirectory(prefix="inferstream-bench-") as state_dir:
         run = uuid.uuid4().hex[:8]
         # Own topic prefix and app id: Redis (shared with the machine) keys its entries by them.
@@ -488,11 +567,11 @@ def main(argv: list[str] | None = None) -> None:
                                      app_id=f"bench-{run}", model_repository=base.model_repository,
                                      models=args.models)
         e2e, floors = run_on_private_stack(settings, registry, counts, args.timeout,
-                                           args.profile_dir)
+                                           args.profile_dir, args.image_form)
     load["after"] = loadavg.load_average()
     table = rows(baselines, e2e, floors)
     print_tables(table, floors, load)
-    write_json(args.json_out, settings, baselines, e2e, floors, table, load)
+    write_json(args.json_out, settings, baselines, e2e, floors, table, load, args.image_form)
 
 
 if __name__ == "__main__":

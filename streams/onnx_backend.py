@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -97,64 +98,32 @@ def session_options(intra_op_threads: int, cpu_mem_arena: bool, allow_spinning: 
     return options
 
 
+_LIBC_NAME = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC_NAME), "malloc_trim", None) if _LIBC_NAME else None
+# A batch whose run took this long is followed by a trim (well under 1% of its time).
+TRIM_AFTER_S = 0.05
+
+
 def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim): loading a model
-    leaves its parsed protobuf's memory free but held, about twice the model's size."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+    Loading a model leaves its parsed protobuf's memory free but held (about twice the model's
+    size), and without the memory arena a batch's activations, freed, stay with malloc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
-class OnnxModel:
-    def __init__(self, info: ModelInfo, intra_op_threads: int | None = None, *,
-                 cpu_mem_arena: bool | None = None, allow_spinning: bool | None = None) -> None:
-        """Unset options take the settings' defaults (`from_settings` takes a Settings' values)."""
+class ImageInputs:
+    """Turns an image model's pixels and encoded forms into its float32 input, in two steps: per
+    request (`prepare`: decode its files; a bad one fails that request alone) and per group of
+    requests run together (`float_inputs`: normalise all their pixels in one pass). Any backend
+    can use it before handing a batch to its model; requests in other forms pass through."""
+
+    def __init__(self, info: ModelInfo) -> None:
         self.info = info
-        defaults = Settings.model_fields
-        options = session_options(
-            defaults["onnx_intra_op_threads"].default if intra_op_threads is None else intra_op_threads,
-            defaults["onnx_cpu_mem_arena"].default if cpu_mem_arena is None else cpu_mem_arena,
-            defaults["onnx_allow_spinning"].default if allow_spinning is None else allow_spinning,
-        )
-        self.session = ort.InferenceSession(str(info.path), options, providers=providers())
-        release_free_memory()
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._check_signature()
-        log.info("loaded %s v%s on %s", info.name, info.version, self.session.get_providers()[0])
 
-    @classmethod
-    def from_settings(cls, info: ModelInfo, settings: Settings) -> OnnxModel:
-        return cls(info, settings.onnx_intra_op_threads, cpu_mem_arena=settings.onnx_cpu_mem_arena,
-                   allow_spinning=settings.onnx_allow_spinning)
-
-    def _check_signature(self) -> None:
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        declared = {s.name for s in self.info.inputs}
-        if graph_inputs != declared or set(self.output_names) != {s.name for s in self.info.outputs}:
-            raise RuntimeError(
-                f"{self.info.path}: graph inputs {sorted(graph_inputs)} / outputs {self.output_names}"
-                f" differ from inferstream.json ({sorted(declared)})"
-            )
-
-    def run(self, inputs: Tensors) -> Tensors:
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
-
-    def run_batch(self, batch: list[Tensors]) -> list[Tensors | BaseException]:
-        """One entry per request: its outputs, or the error that hit it (its images) or its group."""
-        entries = [self._prepare(tensors) for tensors in batch]
-        ready = {i: entry for i, entry in enumerate(entries) if not isinstance(entry, EventError)}
-        prepared = list(ready.values())
-        groups = group_requests(prepared, self.info.max_batch_size)
-        outcomes = scatter(groups, [self._run_group([prepared[i] for i in g]) for g in groups])
-        results: list[Tensors | BaseException] = list(entries)
-        for i, outcome in zip(ready, outcomes):
-            results[i] = outcome
-        return results
-
-    def _prepare(self, tensors: Tensors) -> Tensors | EventError:
-        """A request's image, if it came as pixels or an encoded file, as uint8 HWC pixels under
-        the image tensor's name (normalised per group in `_run_group`); other requests as they are."""
+    def prepare(self, tensors: Tensors) -> Tensors | EventError:
+        """The request's image, if it came as pixels or files, as uint8 HWC pixels under the
+        image tensor's name; the request as it is otherwise."""
         image = self.info.image_input
         if image is None or image.tensor in tensors:
             return tensors
@@ -172,13 +141,71 @@ class OnnxModel:
             return group_failed(self.info.name, 1, exc)[0]
         return {**rest, image.tensor: decoded}
 
+    def float_inputs(self, inputs: Tensors) -> Tensors:
+        """Prepared inputs (one request's or a group's, concatenated) as the graph takes them."""
+        image = self.info.image_input
+        if image is None or inputs[image.tensor].dtype != np.uint8:
+            return inputs
+        normalize = (self.info.preprocessing or {})["normalize"]
+        return {**inputs, image.tensor: normalize_pixels(inputs[image.tensor], normalize)}
+
+
+class OnnxModel:
+    def __init__(self, info: ModelInfo, intra_op_threads: int | None = None, *, cpu_mem_arena: bool | None = None,
+                 allow_spinning: bool | None = None, cpu_max_rows: int | None = None) -> None:
+        """Unset options take the settings' defaults (`from_settings` takes a Settings' values)."""
+        self.info = info
+        self.images = ImageInputs(info)
+
+        def setting(name: str, value):
+            return Settings.model_fields[f"onnx_{name}"].default if value is None else value
+
+        options = session_options(setting("intra_op_threads", intra_op_threads),
+                                  setting("cpu_mem_arena", cpu_mem_arena), setting("allow_spinning", allow_spinning))
+        self.session = ort.InferenceSession(str(info.path), options, providers=providers())
+        release_free_memory()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_signature()
+        provider = self.session.get_providers()[0]
+        cap = setting("cpu_max_rows", cpu_max_rows) if provider == "CPUExecutionProvider" else 0
+        self.max_rows = min(info.max_batch_size, cap) if cap else info.max_batch_size  # rows per session call
+        log.info("loaded %s v%s on %s", info.name, info.version, provider)
+
+    @classmethod
+    def from_settings(cls, info: ModelInfo, settings: Settings) -> OnnxModel:
+        return cls(info, settings.onnx_intra_op_threads, cpu_mem_arena=settings.onnx_cpu_mem_arena,
+                   allow_spinning=settings.onnx_allow_spinning, cpu_max_rows=settings.onnx_cpu_max_rows)
+
+    def _check_signature(self) -> None:
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        declared = {s.name for s in self.info.inputs}
+        if graph_inputs != declared or set(self.output_names) != {s.name for s in self.info.outputs}:
+            raise RuntimeError(
+                f"{self.info.path}: graph inputs {sorted(graph_inputs)} / outputs {self.output_names}"
+                f" differ from inferstream.json ({sorted(declared)})"
+            )
+
+    def run(self, inputs: Tensors) -> Tensors:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    def run_batch(self, batch: list[Tensors]) -> list[Tensors | BaseException]:
+        """One entry per request: its outputs, or the error that hit it (its images) or its group.
+        Requests run together in session calls of at most `max_rows` rows."""
+        started = time.monotonic()
+        entries = [self.images.prepare(tensors) for tensors in batch]
+        ready = {i: entry for i, entry in enumerate(entries) if not isinstance(entry, EventError)}
+        prepared = list(ready.values())
+        groups = group_requests(prepared, self.max_rows)
+        outcomes = scatter(groups, [self._run_group([prepared[i] for i in g]) for g in groups])
+        results: list[Tensors | BaseException] = list(entries)
+        for i, outcome in zip(ready, outcomes):
+            results[i] = outcome
+        if time.monotonic() - started >= TRIM_AFTER_S:
+            release_free_memory()
+        return results
+
     def _run_group(self, members: list[Tensors]) -> list[Tensors] | list[EventError]:
         try:
-            inputs = concat_rows(members)
-            image = self.info.image_input
-            if image is not None and inputs[image.tensor].dtype == np.uint8:
-                inputs = {**inputs, image.tensor: normalize_pixels(
-                    inputs[image.tensor], (self.info.preprocessing or {})["normalize"])}
-            return split_rows(self.run(inputs), members)
+            return split_rows(self.run(self.images.float_inputs(concat_rows(members))), members)
         except Exception as exc:  # noqa: BLE001 - reported per request, the worker goes on
             return group_failed(self.info.name, len(members), exc)

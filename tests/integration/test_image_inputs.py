@@ -77,3 +77,35 @@ async def test_a_bad_image_fails_its_own_request_and_the_others_are_answered(sta
     assert codes == ["ok", "INVALID_IMAGE", "ok", "INVALID_IMAGE", "ok"], [r.header.error for r in results]
     assert "truncated or corrupt" in results[1].header.error.message  # type: ignore[union-attr]
     assert "not an image" in results[3].header.error.message  # type: ignore[union-attr]
+
+
+async def test_tritonclient_sends_an_image_file_as_bytes_through_the_bridge(start_worker, start_bridge):
+    """What an ensemble's caller does: the encoded image as a BYTES tensor, binary or JSON
+    (a JSON string holds text only, so a binary file goes in binary)."""
+    import tritonclient.http.aio as triton
+
+    start_worker()
+    bridge = await start_bridge()
+    await bridge.wait_ready(90, path="/v2/health/ready")
+    client = triton.InferenceServerClient(bridge.url.removeprefix("http://"))
+    try:
+        meta = await client.get_model_metadata(MODEL)
+        assert {"name": "image", "datatype": "BYTES", "shape": [-1, 1]} in meta["inputs"]
+        image = triton.InferInput("image", [1, 1], "BYTES")
+        image.set_data_from_numpy(encoded_tensor([as_jpeg(CHELSEA)]))
+        result = None
+        for _ in range(30):  # the worker may still be joining its group
+            try:
+                result = await client.infer(MODEL, [image], headers={"X-Inferstream-Timeout": "5"})
+                break
+            except Exception as exc:  # noqa: BLE001
+                if "deadline" not in str(exc).lower():
+                    raise
+        assert result is not None
+        assert 281 <= int(np.argmax(result.as_numpy("logits")[0])) <= 285
+        bad = triton.InferInput("image", [1, 1], "BYTES")
+        bad.set_data_from_numpy(encoded_tensor([b"GIF89a, or so it says"]))
+        with pytest.raises(Exception, match="not an image"):
+            await client.infer(MODEL, [bad])
+    finally:
+        await client.close()

@@ -309,3 +309,15 @@ def test_decoded_and_sent_pixels_share_a_session_call_float32_requests_do_not():
     pixels = {"input": np.zeros((1, CROP, CROP, 3), np.uint8)}
     floats = {"input": np.zeros((1, 3, CROP, CROP), np.float32)}
     assert group_requests([pixels, floats, pixels, floats], 16) == [[0, 2], [1, 3]]
+
+
+def test_a_batch_runs_in_session_calls_of_at_most_max_rows_on_cpu(tmp_path, monkeypatch):
+    model = OnnxModel(image_model(tmp_path), cpu_max_rows=4)
+    assert model.max_rows == 4 and OnnxModel(model.info, cpu_max_rows=0).max_rows == 16  # 0: the model's max
+    calls: list[int] = []
+    run = model.run
+    monkeypatch.setattr(model, "run", lambda inputs: calls.append(len(inputs["input"])) or run(inputs))
+    pixels = np.random.default_rng(3).integers(0, 256, (3, CROP, CROP, 3), dtype=np.uint8)
+    results = model.run_batch([{"pixels": pixels}] * 3 + [{"pixels": pixels[:1]}])
+    assert calls == [3, 3, 4]  # a call takes whole requests: 3 + 3 > 4, 3 + 1 = 4
+    np.testing.assert_allclose(results[0]["mean"], results[2]["mean"])  # type: ignore[index]
