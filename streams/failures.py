@@ -1,7 +1,8 @@
 """The one error policy of every agent step: what a failure means and what is done about it.
 
 - An **outage** (broker, PostgreSQL, Redis answering with a connection error, S3; a model server
-  of this worker that stopped under a request, as on shutdown or reload): the data is fine, the
+  of this worker that stopped under a request, as on shutdown or reload, or that is still
+  loading): the data is fine, the
   service is not. The whole chunk is retried with backoff, however long it takes;
   acknowledging would lose the events.
 - A **bad event** (`EventError`): that request alone is rejected at once, with its reason, to
@@ -34,8 +35,13 @@ class ServerStopped(Exception):
     fault, and no answer for it; the chunk is retried, by this worker or the next owner."""
 
 
+class VersionLoading(Exception):
+    """A version this worker serves is in the registry but not loaded yet (the worker has just
+    started, or the record has just arrived): the chunk waits for it, as for an outage."""
+
+
 OUTAGES = (
-    ServerStopped, OSError, asyncio.TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
+    ServerStopped, VersionLoading, OSError, asyncio.TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError, asyncpg.CannotConnectNowError, MinioException, urllib3.exceptions.HTTPError,
     RedisConnectionError, RedisTimeoutError,
 )

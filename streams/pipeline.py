@@ -24,7 +24,7 @@ from streams import tracing
 from streams.auth import Principal, principal_from_claims
 from streams.claims import Claim, RequestClaims, Seen, request_digest, seen
 from streams.deadletters import bounded, dead_letter
-from streams.failures import ServerStopped, as_event_error
+from streams.failures import ServerStopped, VersionLoading, as_event_error
 from streams.gatekeeper import Gatekeeper
 from streams.logs import log_request
 from streams.metrics import DEAD_LETTERS, ERRORS, LATENCY, REQUESTS
@@ -124,6 +124,7 @@ class Pipeline:
         self._admin: AIOKafkaAdminClient | None = None
         self.reply_topics = ReplyTopics(settings, self._list_topics)
         self._servers: dict[str, VersionServer] = {}  # by "name/version"
+        self._unservable: set[str] = set()  # versions of served models that failed to load
         self._server_lock = asyncio.Lock()
         self._started = False
         self._stopping = False
@@ -214,7 +215,9 @@ class Pipeline:
                 server = await VersionServer.create(local, self.settings)
             except Exception:  # noqa: BLE001 - a bad version must not take the worker down
                 log.exception("cannot serve %s", info.key)
+                self._unservable.add(info.key)
                 return
+            self._unservable.discard(info.key)
             self._servers[info.key] = server
             if current is not None:
                 await current.stop()
@@ -476,6 +479,8 @@ class Pipeline:
         if info.key not in self._servers:
             if self._stopping:
                 raise ServerStopped(f"{info.key}: this worker is stopping")
+            if info.name in self.serve and info.key not in self._unservable:
+                raise VersionLoading(f"{info.key} is not loaded in this worker yet")
             raise EventError(ErrorCode.UNAVAILABLE, f"{info.key} is not loaded in this worker")
         return Work(msg, request, info, span, tensors)
 

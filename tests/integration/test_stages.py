@@ -12,6 +12,7 @@ import jwt
 import numpy as np
 import pytest
 
+from streams.failures import VersionLoading
 from streams.gatekeeper import Gatekeeper
 from streams.harness import tiny_input
 from streams.outbox import Headers
@@ -183,3 +184,26 @@ async def test_a_result_is_encoded_once_and_stored_as_it_was_sent(pipeline):
         _, outputs = events.decode_bundle(row["outputs"])
         caller = events.decode_result(to_caller[request.request_id.encode()]).tensors
         assert np.array_equal(outputs["y"], caller["y"])
+
+
+async def test_a_version_still_loading_is_waited_for_and_one_that_failed_to_load_is_refused(pipeline):
+    """A request for a version of a served model that the registry names but this worker has not
+    loaded yet (just started, record just arrived) retries its chunk as for an outage; one whose
+    load failed is refused UNAVAILABLE."""
+    loading = pipeline.registry.resolve("tiny").model_copy(update={"version": "2"})
+    pipeline.registry.apply(loading)
+    request = new_request("tiny", "stage-loading", version="2")
+    request.credentials = None
+    topic = Topics(pipeline.settings).model("tiny")
+    key, value = request.request_id.encode(), events.encode_request(request, tiny_input())
+    seal = pipeline.sealer.seal(topic, key, value, {"rid": request.request_id, "tenant": "stage-loading",
+                                                    "model": "tiny", "version": "2"})
+    record = Message(value, key, topic, 0, 0, [seal])
+    outbox = MemoryOutbox()
+    with pytest.raises(VersionLoading):
+        await pipeline.infer([record], outbox)
+    assert not outbox.sent
+    pipeline._unservable.add(loading.key)
+    await pipeline.infer([record], outbox)
+    answer = replies(outbox, pipeline)[request.request_id].header
+    assert answer.error is not None and answer.error.code == ErrorCode.UNAVAILABLE
