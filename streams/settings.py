@@ -74,10 +74,10 @@ class Settings(BaseSettings):
     model_repository: Path = PROJECT_ROOT / "models" / "repository"
     models: list[str] = Field(default_factory=list, description="models to serve; empty = all built")
     onnx_intra_op_threads: int = 0  # 0 = onnxruntime's default (one per core)
-    # onnxruntime's CPU memory arena keeps the largest batch's activations (~250 MB for ResNet18
-    # at 32 rows) for reuse; off, each run's memory goes back to the system: ~25 MB held after
-    # batches instead, for 0-14% of raw throughput (bench/README.md).
-    onnx_cpu_mem_arena: bool = False
+    # onnxruntime's CPU memory arena keeps the largest call's activations for reuse: ~70 MB for
+    # ResNet18 at onnx_cpu_max_rows 8 (~250 MB at 32 rows). Off, it saves those and costs CPU per
+    # image: +0-9% ResNet18, +50-70% EfficientNet-Lite0 (bench/README.md, onnxruntime options).
+    onnx_cpu_mem_arena: bool = True
     # Intra-op threads that spin while they wait take cores the broker, client and other
     # threads need on a small shared box; off, they sleep.
     onnx_allow_spinning: bool = False
