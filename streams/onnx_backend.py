@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from models.preprocess import ImageError, decode_rows, normalize_pixels
 from streams.registry import ModelInfo
-from streams.settings import Settings
+from streams.settings import Settings, get_settings
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,13 @@ class ImageInputs:
 class OnnxModel:
     def __init__(self, info: ModelInfo, intra_op_threads: int | None = None, *, cpu_mem_arena: bool | None = None,
                  allow_spinning: bool | None = None, cpu_max_rows: int | None = None) -> None:
-        """Unset options take the settings' defaults (`from_settings` takes a Settings' values)."""
+        """Unset options take the process's settings (`get_settings()`: INFERSTREAM_ONNX_* env
+        vars); `from_settings` takes another Settings' values."""
         self.info = info
         self.images = ImageInputs(info)
 
         def setting(name: str, value):
-            return Settings.model_fields[f"onnx_{name}"].default if value is None else value
+            return getattr(get_settings(), f"onnx_{name}") if value is None else value
 
         options = session_options(setting("intra_op_threads", intra_op_threads),
                                   setting("cpu_mem_arena", cpu_mem_arena), setting("allow_spinning", allow_spinning))
