@@ -438,7 +438,7 @@ class Bridge:
         try:
             # The file as it came where the model takes it (the worker decodes it with its batch,
             # check_inputs refuses a bad header here), else decoded here, off the event loop.
-            inputs = (info.image_file_inputs(data) if info.image_input and info.image_input.encoded
+            inputs = (info.image_file_inputs(data) if info.image_forms and info.image_forms.encoded
                       else await asyncio.to_thread(info.image_file_inputs, data))
         except ImageError as exc:
             raise EventError(ErrorCode.INVALID_IMAGE, str(exc)) from None

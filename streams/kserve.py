@@ -152,7 +152,7 @@ def _utf8(name: str, item: bytes) -> str:
 
 def caller_inputs(info: ModelInfo) -> list[TensorSignature]:
     """What a caller may send: the graph's inputs, then an image model's other forms of its image."""
-    image = info.image_input
+    image = info.image_forms
     return [*info.inputs, *(image.forms(info.crop) if image is not None else [])]
 
 
@@ -178,7 +178,7 @@ def model_config(info: ModelInfo, max_queue_delay_ms: float) -> dict:
     `max_queue_delay_ms` is how long the workers wait to fill a batch."""
     batching = info.max_batch_size > 0
 
-    image = info.image_input
+    image = info.image_forms
     # An image model takes exactly one of its image's forms: each is optional to Triton.
     image_forms = {image.tensor, image.pixels, image.encoded} if image is not None else set()
     formats = {image.pixels: f"FORMAT_N{image.layout}"} if image is not None and image.pixels else {}

@@ -135,19 +135,29 @@ class ModelInfo(BaseModel):
                                  f"[-1, 3, {pre['crop']}, {pre['crop']}]")
         return self
 
+    @property
+    def image_forms(self) -> ImageInput | None:
+        """The image input's other forms, where every backend of the version takes them: the
+        onnxruntime backend prepares them in the worker; a Triton server takes the float32 tensor."""
+        if self.image_input is None or any(b.kind != "onnxruntime" for b in self.backends):
+            return None
+        return self.image_input
+
     def image_file_inputs(self, data: bytes) -> dict[str, np.ndarray]:
         """An image file as this model's image input, in the smallest form it takes: the file
         itself (encoded), else its pixels, else the float32 tensor (decoded here for those two).
         Raises models.preprocess.ImageError."""
-        pre, image = self.preprocessing or {}, self.image_input
+        pre, image = self.preprocessing or {}, self.image_forms
         if image is not None and image.encoded:
             image_header(data, image.max_pixels)  # a file that is no image fails here, not in the worker
             return {image.encoded: encoded_tensor([data])}
-        decoded = load_image(data, image.max_pixels if image else MAX_PIXELS, min_side=pre.get("resize"))
+        bound = self.image_input.max_pixels if self.image_input else MAX_PIXELS
+        decoded = load_image(data, bound, min_side=pre.get("resize"))
         if image is not None and image.pixels:
             pixels = crop_pixels(decoded, pre["resize"], pre["crop"])[np.newaxis]
             return {image.pixels: pixels if image.layout == "HWC" else pixels.transpose(0, 3, 1, 2)}
-        return {image.tensor if image else self.inputs[0].name: image_to_tensor(decoded, pre)}
+        tensor = self.image_input.tensor if self.image_input else self.inputs[0].name
+        return {tensor: image_to_tensor(decoded, pre)}
 
     @property
     def crop(self) -> int:

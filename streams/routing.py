@@ -79,7 +79,7 @@ def check_inputs(model: ModelInfo, tensors: dict[str, np.ndarray]) -> int:
             ErrorCode.INVALID_TENSOR,
             f"batch axis must be 1..{model.max_batch_size} for {model.name}, got {count}",
         )
-    image = model.image_input
+    image = model.image_forms
     if image is not None and image.encoded in tensors:
         check_encoded(tensors[image.encoded], image.max_bytes, image.max_pixels)
     return count
@@ -88,7 +88,7 @@ def check_inputs(model: ModelInfo, tensors: dict[str, np.ndarray]) -> int:
 def caller_signature(model: ModelInfo, tensors: dict[str, np.ndarray]) -> list[TensorSignature]:
     """The inputs a request must carry: the graph's, with an image model's image tensor replaced
     by the form of it the request carries (float32 tensor, uint8 pixels or encoded image)."""
-    image = model.image_input
+    image = model.image_forms
     if image is None:
         return model.inputs
     forms = {s.name: s for s in [*(s for s in model.inputs if s.name == image.tensor),

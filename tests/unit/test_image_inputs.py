@@ -258,6 +258,24 @@ def test_encoded_images_are_checked_at_the_edge_by_their_headers(tmp_path):
         assert caught.value.code == ErrorCode.INVALID_IMAGE
 
 
+def test_a_version_with_a_triton_backend_takes_the_float32_tensor_only(tmp_path):
+    """A Triton server is given the graph's inputs: the worker prepares the other forms only for
+    onnxruntime, so they are neither offered nor admitted where a Triton backend may serve."""
+    from streams.kserve import model_metadata
+    from streams.registry import BackendSpec
+
+    info = image_model(tmp_path)
+    mixed = info.model_copy(update={"backends": [BackendSpec(), BackendSpec(kind="triton", url="127.0.0.1:8001")]})
+    assert info.image_forms is not None and mixed.image_forms is None
+    assert [t["name"] for t in model_metadata(mixed, ["1"])["inputs"]] == ["input"]
+    with pytest.raises(EventError, match="takes inputs \\['input'\\]"):
+        check_inputs(mixed, {"pixels": np.zeros((1, CROP, CROP, 3), np.uint8)})
+    (name, tensor), = mixed.image_file_inputs(encode(photo())).items()
+    assert name == "input" and tensor.dtype == np.float32 and tensor.shape == (1, 3, CROP, CROP)
+    (name, tensor), = info.image_file_inputs(encode(photo())).items()
+    assert name == "image" and tensor.dtype == object
+
+
 def test_an_image_input_must_fit_the_model(tmp_path):
     info = image_model(tmp_path)
     fields = info.model_dump()
