@@ -22,9 +22,9 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"  # every backend of the version is down, or the limiter's store is
     INFERENCE_FAILED = "INFERENCE_FAILED"
     INTERNAL = "INTERNAL"
+    INVALID_IMAGE = "INVALID_IMAGE"  # image bytes that do not decode, or over the size bounds
     # Answered only at the HTTP edge.
     INVALID_REQUEST = "INVALID_REQUEST"  # a malformed body, parameter or header
-    INVALID_IMAGE = "INVALID_IMAGE"  # image bytes that do not decode
     INVALID_MODEL = "INVALID_MODEL"  # a registration or change the registry refuses
     UNSUPPORTED = "UNSUPPORTED"  # a Triton/KServe route this server does not offer
     NOT_FOUND = "NOT_FOUND"  # no such route, job or batch (or not the caller's)
