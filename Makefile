@@ -26,9 +26,9 @@ load:  ## 100 req/s for 30 s through the running bridge (`make run` in another t
 	$(VENV)/bin/inferstream load --target bridge --rate 100 --duration 30
 
 lint:
-	$(VENV)/bin/ruff check streams agents topics models tests bench
+	$(VENV)/bin/ruff check streams agents topics models infra tests bench
 
-typecheck:  ## mypy over streams, agents, topics and models (config: [tool.mypy] in pyproject.toml)
+typecheck:  ## mypy over streams, agents, topics, models and infra/local (config: [tool.mypy] in pyproject.toml)
 	$(VENV)/bin/mypy
 
 stack-up:

@@ -1,5 +1,5 @@
-"""Glue shared by the agents: Faust events to plain messages, an outbox on Faust's producer, and
-the error policy (`streams.failures`) around each step."""
+"""The glue of every agent: a stage's topic read in chunks, Faust events to plain messages, an
+outbox on Faust's producer, and the error policy (`streams.worker.failures`) around each step."""
 
 from __future__ import annotations
 
@@ -9,16 +9,29 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import faust
 
-from streams import tracing
-from streams.failures import MAX_MESSAGE_CHARS, Failure, backoff, classify
-from streams.metrics import STEP_RETRIES
-from streams.outbox import Headers, Outbox
-from streams.pipeline import Message, Pipeline
+from streams.kafka.outbox import Headers, Outbox
+from streams.telemetry import tracing
+from streams.telemetry.metrics import STEP_RETRIES
+from streams.worker.failures import MAX_MESSAGE_CHARS, Failure, backoff, classify
+from streams.worker.pipeline import Message, Pipeline
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[Sequence[Message], Outbox], Awaitable[None]]
+
+
+def register_stage(app: faust.App, pipeline: Pipeline, name: str, stage: str, topic: str, partitions: int,
+                   step: Step, take: int, within_s: float) -> None:
+    """One agent: `topic` read in chunks of up to `take` events (waiting up to `within_s` to fill
+    one), each chunk run through `step` under the error policy and acknowledged once it returns."""
+
+    async def run(stream: faust.StreamT) -> None:
+        await start(pipeline)
+        async for batch in stream.take_events(take, within=within_s):  # type: ignore[attr-defined]
+            await process(app, pipeline, stage, step, batch)
+
+    app.agent(app.topic(topic, partitions=partitions), name=name)(run)
 
 
 def to_messages(batch: Sequence[faust.EventT]) -> list[Message]:

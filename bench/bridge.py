@@ -40,22 +40,23 @@ from rich.table import Table
 from bench import loadavg
 from bench.e2e import box_busy_cpu
 from bench.processes import private_stack, stopped_after
-from models.build import build_models
-from streams.harness import (
+from infra.local import ROOT
+from infra.local.harness import (
     BridgeProcess,
     Worker,
     isolated_settings,
     tiny_input,
 )
-from streams.onnx_backend import OnnxModel
-from streams.registry import ModelRegistry
-from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import free_port
-from streams.triton_server import TritonServer, triton_available
-from topics.admin import ensure_topics
+from infra.local.stack import free_port
+from infra.local.triton_server import TritonServer, triton_available
+from models.build import build_models
+from streams.kafka.admin import ensure_topics
+from streams.registry.records import ModelRegistry
+from streams.serving.backends.onnx import OnnxModel
+from streams.settings import Settings
 
 MODEL = "tiny"
-RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+RESULTS_DIR = ROOT / "bench" / "results"
 INFER_PATH = f"/v2/models/{MODEL}/infer"
 JSON_HEADERS = {"Content-Type": "application/json"}
 WARM_UP_S = 2.0  # a short saturated pass before measuring, not counted

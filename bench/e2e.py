@@ -49,18 +49,19 @@ from rich.table import Table
 from bench import loadavg
 from bench.floor import EchoService, FloorClient, create_topics, ratio
 from bench.processes import private_stack, stopped_after
+from infra.local import ROOT
+from infra.local.harness import Worker, isolated_settings
 from models.build import build_models
-from models.preprocess import decode_rows, encoded_tensor, image_to_tensor, load_image
 from streams.client import InferenceClient
-from streams.harness import Worker, isolated_settings
-from streams.onnx_backend import OnnxModel, concat_rows
-from streams.registry import ModelInfo, ModelRegistry
-from streams.settings import PROJECT_ROOT, Settings
+from streams.kafka.admin import ensure_topics
+from streams.registry.records import ModelInfo, ModelRegistry
+from streams.serving.backends.onnx import OnnxModel, concat_rows
+from streams.serving.images import decode_rows, encoded_tensor, image_to_tensor, load_image
+from streams.settings import Settings
 from topics import events
-from topics.admin import ensure_topics
 from topics.tensors import dtype_name
 
-RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+RESULTS_DIR = ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_PROBES = 30  # sequential requests for the unloaded latency
 WARM_CALLS = 3  # onnxruntime's first runs allocate and pick kernels

@@ -26,7 +26,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.app import (
+from infra.local.harness import Service
+from streams.kafka.fetch_wait import wait_longer_when_behind
+from streams.settings import Settings
+from streams.worker.app import (
     HEARTBEAT_INTERVAL_S,
     LINGER_S,
     MAX_BATCH_BYTES,
@@ -34,9 +37,6 @@ from streams.app import (
     MAX_POLL_RECORDS,
     SESSION_TIMEOUT_S,
 )
-from streams.fetch_wait import wait_longer_when_behind
-from streams.harness import Service
-from streams.settings import Settings
 
 # The worker's consumer and producer settings, so only the pipeline differs.
 LINGER_MS = int(LINGER_S * 1000)

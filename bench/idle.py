@@ -42,11 +42,12 @@ from rich.table import Table
 
 from bench import loadavg
 from bench.e2e import process_cpu, py_spy
-from streams.harness import drop_database, isolated_settings, settings_env, tiny_input
-from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import free_port
+from infra.local import ROOT
+from infra.local.harness import drop_database, isolated_settings, settings_env, tiny_input
+from infra.local.stack import free_port
+from streams.settings import Settings
 
-RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+RESULTS_DIR = ROOT / "bench" / "results"
 READY_TIMEOUT_S = 180.0
 INFER = "/v2/models/tiny/infer"
 IDLE_TARGET_CORES = 0.05
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         log_path = Path(state_dir) / "up.log"
         env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
         with log_path.open("ab") as log_file:
-            up = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--no-build"], cwd=PROJECT_ROOT,
+            up = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--no-build"], cwd=ROOT,
                                   env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:

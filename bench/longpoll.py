@@ -35,11 +35,12 @@ from rich.table import Table
 
 from bench import loadavg
 from bench.e2e import process_cpu
-from streams.harness import isolated_settings
-from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import LocalStack
+from infra.local import ROOT
+from infra.local.harness import isolated_settings
+from infra.local.stack import LocalStack
+from streams.settings import Settings
 
-RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+RESULTS_DIR = ROOT / "bench" / "results"
 IDLE_SECONDS = 10.0
 
 console = Console(width=None if sys.stdout.isatty() else 160)

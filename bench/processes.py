@@ -11,9 +11,9 @@ from typing import Protocol
 
 from rich.console import Console
 
-from streams.harness import drop_database
+from infra.local.harness import drop_database
+from infra.local.stack import LocalStack
 from streams.settings import Settings
-from streams.stack import LocalStack
 
 LOG_TAIL_CHARS = 3000
 

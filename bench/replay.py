@@ -33,8 +33,8 @@ from rich.console import Console
 
 from bench import loadavg
 from bench.processes import private_stack
-from streams.harness import isolated_settings
-from streams.replay import (
+from infra.local.harness import isolated_settings
+from streams.ops.replay import (
     FETCH_MAX_WAIT_MS,
     FETCH_MIN_BYTES,
     PUBLISH_BATCH_BYTES,
@@ -151,7 +151,7 @@ async def ends(settings: Settings, topic: str) -> int:
 
 
 async def measure(settings: Settings, count: int) -> dict:
-    source = Topics(settings).requests
+    source = Topics(settings.topic_prefix).requests
     produced, copied, replayed = (f"{settings.topic_prefix}.bench.{n}" for n in ("produce", "copy", "replay"))
     await create_topics(settings, [source, produced, copied, replayed])
     started = time.perf_counter()

@@ -4,14 +4,14 @@
 
 `--backend triton` (the default where `.venv-triton` exists) is the case more workers are for:
 `tiny` registered as a version whose only backend is a real tritonserver (see
-streams/triton_server.py), so each inference batch is a gRPC round trip the worker awaits rather
+infra/local/triton_server.py), so each inference batch is a gRPC round trip the worker awaits rather
 than CPU it burns. `--backend onnxruntime` serves tiny in the workers' own onnxruntime: on a
 2-core box that is CPU-bound, and a second process mostly competes for the same cores (STACK.md
 measured 1.39x for two plain processes), which is worth knowing too.
 
 Per pass: fresh topics and consumer group, the workers started and answering, then N requests
 sent back to back through InferenceClient, timed from the first send to the last reply; then the
-requests topic is replayed (streams/replay.py), timed from the start until every copy's result is
+requests topic is replayed (streams/ops/replay.py), timed from the start until every copy's result is
 in PostgreSQL (copies answer no caller). A private
 stack (Tansu in memory, SeaweedFS, a fresh PostgreSQL database) on free ports; everything is
 stopped by PID on exit. Figures go to bench/results/workers-<timestamp>.json.
@@ -36,22 +36,23 @@ from rich.table import Table
 
 from bench import loadavg
 from bench.processes import private_stack
-from models.build import build_models
-from streams.app import bootstrap_registry
-from streams.client import InferenceClient
-from streams.harness import (
+from infra.local import ROOT
+from infra.local.harness import (
     Worker,
     isolated_settings,
     tiny_input,
     wait_ready,
 )
-from streams.registry import BackendSpec, ModelRegistry
-from streams.registry_store import save_record
-from streams.replay import Replayer, ReplayJob
-from streams.settings import PROJECT_ROOT, Settings
-from streams.triton_server import SETUP_HINT, TritonServer, triton_available
+from infra.local.triton_server import SETUP_HINT, TritonServer, triton_available
+from models.build import build_models
+from streams.client import InferenceClient
+from streams.ops.replay import Replayer, ReplayJob
+from streams.registry.records import BackendSpec, ModelRegistry
+from streams.registry.store import save_record
+from streams.settings import Settings
+from streams.worker.app import bootstrap_registry
 
-RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+RESULTS_DIR = ROOT / "bench" / "results"
 TRITON_VERSION = "io"  # tiny served by Triton; unversioned requests stay on version 1
 # Piped output (CI, a log file) would otherwise wrap the table at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -123,7 +124,7 @@ def main() -> None:
     load = {"before": loadavg.before_run(console)}
     if args.backend == "triton" and not triton_available():
         raise SystemExit(f"no .venv-triton: {SETUP_HINT}")
-    build_models(PROJECT_ROOT / "models" / "repository", ["tiny"])
+    build_models(ROOT / "models" / "repository", ["tiny"])
     # SIGTERM unwinds like Ctrl-C through the cleanup below (as in bench.e2e).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     state = tempfile.TemporaryDirectory(prefix="bench-workers-")

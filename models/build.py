@@ -52,7 +52,7 @@ class ModelSpec:
     inputs: dict[str, list[int]]  # tensor name -> shape, -1 = dynamic batch axis
     outputs: dict[str, list[int]]
     preprocessing: dict | None
-    image_input: dict | None  # the image input's other forms (streams.registry.ImageInput)
+    image_input: dict | None  # the image input's other forms (streams.registry.records.ImageInput)
     postprocessing: str | None
     labels: bool
     description: str

@@ -7,7 +7,7 @@ a rebalance can never move its replies to another process; a bridge instance giv
 a reply topic of its own. A reply finds its waiting future by correlation id in a dict: O(1)
 per reply, however many requests are pending.
 
-Fetch waits (`streams.fetch_wait`): the reply consumer fetches with the short wait while replies
+Fetch waits (`streams.kafka.fetch_wait`): the reply consumer fetches with the short wait while replies
 are expected and polls slowly once idle; each send wakes it, and, after a quiet spell, wakes the
 workers through Redis (`kafka_idle_mode=wake`).
 """
@@ -24,9 +24,9 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.fetch_wait import FetchWait, IdlePolicy, WakePublisher
-from streams.objectstore import ObjectStore
+from streams.kafka.fetch_wait import FetchWait, IdlePolicy, WakePublisher
 from streams.settings import Settings
+from streams.storage.objects import ObjectStore
 from topics import events
 from topics.events import InferenceRequest, Result
 from topics.names import Topics
@@ -45,7 +45,7 @@ class ReplyTimeout(TimeoutError):
 class InferenceClient:
     def __init__(self, settings: Settings, reply_topic: str | None = None) -> None:
         self.settings = settings
-        self.topics = Topics(settings)
+        self.topics = Topics(settings.topic_prefix)
         self.reply_topic = reply_topic or self.topics.replies
         self.store = ObjectStore(settings)
         self._producer = AIOKafkaProducer(

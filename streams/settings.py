@@ -13,8 +13,6 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERSTREAM_", env_file=".env", extra="ignore",
@@ -23,7 +21,7 @@ class Settings(BaseSettings):
     # Kafka (any Kafka-protocol broker)
     # Unset: the local stack's broker (127.0.0.1:<broker_port>).
     kafka_bootstrap: str = ""
-    # Consumer fetch waits (streams/fetch_wait.py; README "Fetch waits and idle CPU"). Tansu
+    # Consumer fetch waits (streams/kafka/fetch_wait.py; README "Fetch waits and idle CPU"). Tansu
     # looks for records only at 1/2, 3/4, 7/8... of a fetch's wait and holds the connection
     # meanwhile; Apache Kafka answers as soon as a record arrives. Each empty fetch costs the
     # broker and the client ~0.5-1 ms of CPU.
@@ -71,7 +69,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Models
-    model_repository: Path = PROJECT_ROOT / "models" / "repository"
+    # Relative paths are taken from the working directory at startup (the checkout, for the
+    # local stack; the image sets both).
+    model_repository: Path = Path("models/repository")
     models: list[str] = Field(default_factory=list, description="models to serve; empty = all built")
     onnx_intra_op_threads: int = 0  # 0 = onnxruntime's default (one per core)
     # onnxruntime's CPU memory arena keeps the largest call's activations for reuse: ~70 MB for
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     sink_max_delay_ms: float = 200.0
 
     # Local stack
-    state_dir: Path = PROJECT_ROOT / ".inferstream"
+    state_dir: Path = Path(".inferstream")
     broker_port: int = 9092
     s3_port: int = 9000
     broker_storage: str = "s3"  # "s3" (durable, on the S3 server) or "memory"
@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     def _local_stack_endpoints(self) -> Settings:
         self.kafka_bootstrap = self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
         self.s3_endpoint = self.s3_endpoint or f"127.0.0.1:{self.s3_port}"
+        # Absolute, so that the processes this one starts in other directories read the same.
+        self.model_repository = self.model_repository.absolute()
+        self.state_dir = self.state_dir.absolute()
         return self
 
 

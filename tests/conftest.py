@@ -10,22 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from models.build import build_models
-from streams.app import bootstrap_registry
-from streams.harness import (
+from infra.local import ROOT
+from infra.local.harness import (
     BridgeProcess,
     Worker,
     create_database,
     drop_database,
     isolated_settings,
 )
-from streams.settings import PROJECT_ROOT, Settings
-from streams.stack import LocalStack, free_port
+from infra.local.stack import LocalStack, free_port
+from models.build import build_models
+from streams.settings import Settings
+from streams.worker.app import bootstrap_registry
 
 
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
-    repository = PROJECT_ROOT / "models" / "repository"
+    repository = ROOT / "models" / "repository"
     build_models(repository)
     return repository
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-from streams.settings import Settings
+from typing import Protocol
 
 _VALID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
@@ -22,10 +21,25 @@ def valid_topic(name: str) -> bool:
     return bool(_VALID.match(name))
 
 
+class TopicSizing(Protocol):
+    """Partition counts and retentions (the settings object has them)."""
+
+    request_partitions: int
+    reply_partitions: int
+    result_partitions: int
+    deadletter_partitions: int
+    model_partitions: int
+    request_retention_ms: int
+    reply_retention_ms: int
+    result_retention_ms: int
+    deadletter_retention_ms: int
+
+
 class Topics:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        prefix = settings.topic_prefix
+    """Every topic name, from one prefix (`INFERSTREAM_TOPIC_PREFIX`)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
         self.requests = f"{prefix}.requests"
         self.replies = f"{prefix}.replies"
         self.results = f"{prefix}.results"
@@ -35,14 +49,13 @@ class Topics:
 
     def bridge_replies(self, instance: str) -> str:
         """The reply topic of one bridge instance: it alone reads it."""
-        return f"{self._settings.topic_prefix}.replies.bridge.{instance}"
+        return f"{self.prefix}.replies.bridge.{instance}"
 
     def model(self, name: str) -> str:
         """The per-model topic the intake routes validated requests to."""
-        return f"{self._settings.topic_prefix}.model.{name}"
+        return f"{self.prefix}.model.{name}"
 
-    def specs(self, models: list[str]) -> list[TopicSpec]:
-        s = self._settings
+    def specs(self, models: list[str], s: TopicSizing) -> list[TopicSpec]:
         return [
             TopicSpec(self.requests, s.request_partitions, s.request_retention_ms),
             TopicSpec(self.replies, s.reply_partitions, s.reply_retention_ms),

@@ -6,7 +6,7 @@ docker-compose.yml. This script is its one source of truth: edit it, run
 and commit both. tests/unit/test_dashboard.py checks that the JSON is what this script writes, and
 that every series a query reads is one the code exports.
 
-Series (see streams/metrics.py, streams/bridge.py, streams/scaling.py): the workers export
+Series (see streams/telemetry/metrics.py, streams/bridge/app.py, streams/ops/scaling.py): the workers export
 inferstream_requests_total{stage,outcome}, inferstream_errors_total{stage,code},
 inferstream_dead_letters_total{stage,reason}, inferstream_step_retries_total{stage},
 inferstream_latency_seconds{stage,model}, inferstream_batch_size{model,backend},

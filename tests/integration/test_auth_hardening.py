@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from test_gatekeeping import AUTH, Stores, call, ready_with, token
 
-from streams.auth import new_api_key, parse_api_key
 from streams.client import InferenceClient
+from streams.gate.auth import new_api_key, parse_api_key
 from topics.events import Credentials
 
 pytestmark = pytest.mark.integration

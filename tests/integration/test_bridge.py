@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from streams.harness import tiny_input
+from infra.local.harness import tiny_input
 
 pytestmark = pytest.mark.integration
 CHELSEA = Path(skimage.data.__file__).parent / "chelsea.png"
@@ -19,8 +19,8 @@ CHELSEA = Path(skimage.data.__file__).parent / "chelsea.png"
 async def test_tritonclient_infers_through_the_bridge(start_worker, start_bridge, settings):
     import tritonclient.http.aio as triton
 
-    from streams.onnx_backend import OnnxModel
-    from streams.registry import ModelRegistry
+    from streams.registry.records import ModelRegistry
+    from streams.serving.backends.onnx import OnnxModel
 
     start_worker()
     bridge = await start_bridge()
@@ -68,8 +68,8 @@ async def warm_up(session: aiohttp.ClientSession, url: str) -> None:
 
 
 def tiny_reference(settings, x: np.ndarray) -> np.ndarray:
-    from streams.onnx_backend import OnnxModel
-    from streams.registry import ModelRegistry
+    from streams.registry.records import ModelRegistry
+    from streams.serving.backends.onnx import OnnxModel
 
     return OnnxModel(ModelRegistry.load(settings.model_repository).resolve("tiny")).run({"x": x})["y"]
 
@@ -228,7 +228,7 @@ async def test_job_completes_with_its_result_in_postgres_and_s3(start_worker, st
 def put_jsonl(settings, key: str, xs: list[np.ndarray], bad_lines: int = 0) -> str:
     import orjson
 
-    from streams.objectstore import ObjectStore
+    from streams.storage.objects import ObjectStore
 
     lines = [orjson.dumps({"id": f"item-{i}", "inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
                                                           "data": x.ravel().tolist()}]}) for i, x in enumerate(xs)]
@@ -241,7 +241,7 @@ def put_jsonl(settings, key: str, xs: list[np.ndarray], bad_lines: int = 0) -> s
 def read_output(settings, uri: str) -> list[dict]:
     import orjson
 
-    from streams.objectstore import ObjectStore
+    from streams.storage.objects import ObjectStore
 
     return [orjson.loads(line) for line in ObjectStore(settings).get(uri).splitlines()]
 
@@ -291,8 +291,8 @@ async def test_batch_finishes_after_its_worker_is_killed_midway(start_worker, st
 
 async def test_broker_outage_gives_503_quickly(start_bridge, settings, tmp_path):
     """A bridge whose broker goes away answers 503 within seconds instead of hanging."""
-    from streams.app import bootstrap_registry
-    from streams.stack import LocalStack, free_port
+    from infra.local.stack import LocalStack, free_port
+    from streams.worker.app import bootstrap_registry
 
     broker_port = free_port()
     own = settings.model_copy(update={"broker_port": broker_port, "kafka_bootstrap": f"127.0.0.1:{broker_port}"})

@@ -23,11 +23,11 @@ import urllib3
 from minio.error import MinioException
 from test_scaling import stored
 
-from streams.app import bootstrap_registry
+from infra.local.harness import Worker, drop_database, isolated_settings, tiny_input, wait_ready
+from infra.local.stack import LocalStack
 from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
-from streams.harness import Worker, drop_database, isolated_settings, tiny_input, wait_ready
 from streams.settings import Settings
-from streams.stack import LocalStack
+from streams.worker.app import bootstrap_registry
 from topics.events import InferenceRequest, Result
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,10 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.app import bootstrap_registry
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.dlq import Letter, read_letters
-from streams.harness import tiny_input, wait_ready
+from streams.ops.dlq import Letter, read_letters
+from streams.worker.app import bootstrap_registry
 from topics.errors import ErrorCode
 from topics.events import Status
 from topics.names import Topics
@@ -136,7 +136,7 @@ async def test_a_model_served_by_another_worker_group_goes_through_its_topic(sta
         "models": [name]})
     await bootstrap_registry(pool_settings)  # registered, its topic created, as the pool's workers do
     front = start_worker(models=["tiny"])
-    topic = Topics(settings).model(name)
+    topic = Topics(settings.topic_prefix).model(name)
     async with InferenceClient(settings) as client:
         await wait_ready(client, front)
         requests = [client.request(name, {}, timeout=180) for _ in range(50)]

@@ -15,11 +15,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cli_process import cli_popen, run_cli
+from support.cli_process import cli_popen, run_cli
 
-from streams.harness import drop_database, isolated_settings
+from infra.local.harness import drop_database, isolated_settings
+from infra.local.stack import LocalStack, free_port, port_taken, weed_ports
 from streams.settings import Settings
-from streams.stack import LocalStack, free_port, port_taken, weed_ports
 
 
 @pytest.fixture

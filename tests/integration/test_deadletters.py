@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from infra.local import ROOT
+from infra.local.harness import settings_env, tiny_input, wait_ready
+from infra.local.stack import free_port
 from streams.client import InferenceClient
-from streams.deadletters import object_key
-from streams.dlq import Letter, StoreUnreachable, Unreadable, describe, read_letters, redrive
-from streams.harness import settings_env, tiny_input, wait_ready
-from streams.objectstore import ObjectStore
-from streams.settings import PROJECT_ROOT
-from streams.stack import free_port
+from streams.ops.dlq import Letter, StoreUnreachable, Unreadable, describe, read_letters, redrive
+from streams.storage.objects import ObjectStore
+from streams.worker.deadletters import object_key
 from topics import events
 from topics.errors import ErrorCode
 from topics.events import Credentials, DeadLetter, InferenceRequest, InferenceResult, Status
@@ -47,7 +47,7 @@ async def letters_of(settings, request_ids: set[str], timeout: float = 60.0) -> 
 
 
 async def test_an_oversized_original_goes_to_s3_and_the_partition_goes_on(start_worker, settings):
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker(jwt_hs_secret=SECRET)
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
@@ -106,7 +106,7 @@ async def test_an_oversized_original_goes_to_s3_and_the_partition_goes_on(start_
 
 
 async def test_a_dead_letter_carries_no_credentials(start_worker, settings):
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
@@ -152,7 +152,7 @@ async def test_a_dead_letter_carries_no_credentials(start_worker, settings):
 
 async def test_the_tooling_reads_and_skips_whatever_lies_on_the_dead_letter_topic(topics_ready):
     settings = topics_ready
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     store = ObjectStore(settings)
     store.ensure_bucket()
     request = InferenceRequest(request_id=f"redrive-{settings.app_id}", model="tiny")
@@ -200,7 +200,7 @@ async def test_the_tooling_reads_and_skips_whatever_lies_on_the_dead_letter_topi
     assert await redriven_original(settings, request.request_id) == original
 
     env = {**os.environ, **settings_env(settings), "COLUMNS": "300"}
-    cli = str(PROJECT_ROOT / ".venv" / "bin" / "inferstream")
+    cli = str(ROOT / ".venv" / "bin" / "inferstream")
 
     def run(*args: str) -> str:
         done = subprocess.run([cli, "dlq", *args], env=env, capture_output=True, text=True, timeout=120)
@@ -220,7 +220,7 @@ async def test_the_tooling_reads_and_skips_whatever_lies_on_the_dead_letter_topi
 
 async def redriven_original(settings, request_id: str, timeout: float = 30.0) -> bytes | None:
     """The event with this request id on the requests topic."""
-    consumer = AIOKafkaConsumer(Topics(settings).requests, bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(Topics(settings.topic_prefix).requests, bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="earliest", group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:

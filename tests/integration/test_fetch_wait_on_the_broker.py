@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.fetch_wait import FetchWait, IdlePolicy, WakePublisher, follow_wakes, wake_channel
-from streams.scaling import LagReader
+from streams.kafka.fetch_wait import FetchWait, IdlePolicy, WakePublisher, follow_wakes, wake_channel
+from streams.telemetry.lag import LagReader
 
 pytestmark = pytest.mark.integration
 

@@ -29,10 +29,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from hostile import HostileEvent, HostileEvents, Probe, Probes, forged_tenant
 
+from infra.local.harness import wait_ready
 from streams.client import InferenceClient
-from streams.harness import wait_ready
-from streams.objectstore import ObjectStore
 from streams.settings import Settings
+from streams.storage.objects import ObjectStore
 from topics import events
 from topics.names import Topics
 
@@ -194,7 +194,7 @@ async def test_hostile_events_never_crash_a_worker_and_each_is_answered_or_dead_
     seed = int(os.environ.get("INFERSTREAM_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
     print(f"\nfuzz seed {seed} (rerun with INFERSTREAM_FUZZ_SEED={seed})")
     started = time.monotonic()
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     run = settings.app_id
     reply_topic = f"fuzz-replies-{run}"
     await create_topic(settings, reply_topic)

@@ -12,11 +12,11 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 
-from streams.auth import ApiKeyStore
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.harness import tiny_input, wait_ready
-from streams.objectstore import ObjectStore
-from streams.registry_store import RegistryStore, info_from_artifact
+from streams.gate.auth import ApiKeyStore
+from streams.registry.store import RegistryStore, info_from_artifact
+from streams.storage.objects import ObjectStore
 from topics.events import Credentials
 
 pytestmark = pytest.mark.integration
@@ -246,7 +246,7 @@ async def test_triton_backends_only_on_allowed_hosts_and_remote_answers_never_ec
     import aiohttp
     from aiohttp import web
 
-    from streams.stack import free_port
+    from infra.local.stack import free_port
 
     async def leak(request: web.Request) -> web.Response:
         return web.Response(status=400, text="SECRET-BODY-of-an-internal-service")

@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streams.auth import (
+from infra.local.stack import free_port
+from streams.gate.auth import (
     API_KEYS_DDL,
     INVALID_API_KEY,
     ApiKeyStore,
@@ -22,7 +23,7 @@ from streams.auth import (
     new_api_key,
     parse_api_key,
 )
-from streams.ratelimit import (
+from streams.gate.ratelimit import (
     TENANT_LIMITS_DDL,
     RateLimiter,
     SlidingLog,
@@ -30,7 +31,6 @@ from streams.ratelimit import (
     decide,
 )
 from streams.settings import Settings
-from streams.stack import free_port
 from topics.errors import ErrorCode, EventError
 from topics.events import Credentials
 
@@ -252,7 +252,7 @@ async def test_tenant_override(pool, redis, prefix):
 
 
 async def test_fail_closed_when_redis_is_down(dead_redis, caplog):
-    caplog.set_level(logging.WARNING, logger="streams.ratelimit")
+    caplog.set_level(logging.WARNING, logger="streams.gate.ratelimit")
     limiter = RateLimiter(dead_redis, fail_open=False)
     for _ in range(3):
         started = time.monotonic()
@@ -265,7 +265,7 @@ async def test_fail_closed_when_redis_is_down(dead_redis, caplog):
 
 
 async def test_fail_open_when_redis_is_down(dead_redis, caplog):
-    caplog.set_level(logging.WARNING, logger="streams.ratelimit")
+    caplog.set_level(logging.WARNING, logger="streams.gate.ratelimit")
     limiter = RateLimiter(dead_redis, fail_open=True)
     decisions = [await asyncio.wait_for(limiter.check("acme", f"r{i}"), 5) for i in range(3)]
     assert all(d.allowed for d in decisions)

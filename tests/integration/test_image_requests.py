@@ -12,7 +12,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from models.preprocess import (
+from infra.local.harness import wait_ready
+from streams.client import InferenceClient
+from streams.registry.records import ModelRegistry
+from streams.serving.images import (
     crop_pixels,
     encoded_tensor,
     image_to_tensor,
@@ -21,9 +24,6 @@ from models.preprocess import (
     probabilities,
     top_k,
 )
-from streams.client import InferenceClient
-from streams.harness import wait_ready
-from streams.registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
 CHELSEA = Path(skimage.data.__file__).parent / "chelsea.png"

@@ -11,11 +11,11 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from cli_process import run_cli
+from support.cli_process import run_cli
 
-from streams import load
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.harness import tiny_input, wait_ready
+from streams.ops import load
 
 pytestmark = pytest.mark.integration
 RATE, SECONDS = 50, 3

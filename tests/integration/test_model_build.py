@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from models.build import MODELS, build_models, is_built, tiny_parameters  # noqa: E402
-from models.preprocess import (  # noqa: E402
+from streams.serving.images import (  # noqa: E402
     image_to_tensor,
     load_image,
     load_labels,

@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
+from infra.local.harness import tiny_input, wait_ready
+from infra.local.stack import free_port
 from streams.client import InferenceClient
-from streams.harness import tiny_input, wait_ready
-from streams.stack import free_port
 from topics import events
 from topics.names import Topics
 
@@ -82,7 +82,7 @@ async def test_metrics_count_every_request_at_every_stage(start_worker, start_br
                                          for i in range(sent_kafka)))
         assert all(r.header.error is None for r in results)
         for _ in range(bad):
-            await client.produce(Topics(settings).requests, b"bad", b"not an event")
+            await client.produce(Topics(settings.topic_prefix).requests, b"bad", b"not an event")
     async with aiohttp.ClientSession() as session:
         statuses = [(await infer_http(session, bridge.url))[0] for _ in range(sent_http)]
     assert statuses == [200] * sent_http
@@ -122,11 +122,11 @@ async def test_metrics_count_every_request_at_every_stage(start_worker, start_br
 
     # The consumer lag gauge covers the requests topic (refreshed every few seconds).
     deadline = time.monotonic() + 30
-    while not any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings).requests
+    while not any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings.topic_prefix).requests
                   for name, labels in after) and time.monotonic() < deadline:
         await asyncio.sleep(1)
         after = await scrape(worker_metrics)
-    assert any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings).requests
+    assert any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings.topic_prefix).requests
                for name, labels in after)
 
     # The bridge counts its own requests.

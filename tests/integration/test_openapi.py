@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from openapi_spec_validator import validate
 
-from streams.bridge import ROUTES
+from infra.local.harness import wait_ready
+from streams.bridge.app import ROUTES
 from streams.client import InferenceClient
-from streams.harness import wait_ready
 
 pytestmark = pytest.mark.integration
 FUZZ_EXAMPLES = 12  # per operation and phase: bounded, about three minutes on a 2-core box

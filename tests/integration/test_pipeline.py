@@ -11,11 +11,11 @@ import orjson
 import pytest
 import skimage.data
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from cli_process import run_cli
+from support.cli_process import run_cli
 
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.harness import tiny_input, wait_ready
-from streams.objectstore import ObjectStore
+from streams.storage.objects import ObjectStore
 from topics import events
 from topics.names import Topics
 
@@ -61,14 +61,14 @@ async def rows_for(settings, request_ids: list[str], expect: int, timeout: float
 
 
 async def test_chelsea_photo_is_a_cat(start_worker, settings):
-    from models.preprocess import (
+    from streams.registry.records import ModelRegistry
+    from streams.serving.images import (
         image_to_tensor,
         load_image,
         load_labels,
         probabilities,
         top_k,
     )
-    from streams.registry import ModelRegistry
 
     info = ModelRegistry.load(settings.model_repository).resolve("efficientnet-lite0")
     image = load_image(CHELSEA)
@@ -87,7 +87,7 @@ async def test_chelsea_photo_is_a_cat(start_worker, settings):
 
 async def test_thousand_requests_from_a_plain_kafka_client(start_worker, settings):
     """Any Kafka client: JSON request events in, replies and one PostgreSQL row per request out."""
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
@@ -164,7 +164,7 @@ async def test_large_input_travels_by_reference(start_worker, settings):
 
 async def read_dead_letters(settings, request_ids: set, timeout: float = 30.0) -> list[events.DeadLetter]:
     """Dead letters of these requests (None: an event without a readable request id)."""
-    consumer = AIOKafkaConsumer(Topics(settings).deadletter, bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(Topics(settings.topic_prefix).deadletter, bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="earliest", group_id=f"{settings.app_id}-dlq")
     await consumer.start()
     letters: list[events.DeadLetter] = []
@@ -180,7 +180,7 @@ async def read_dead_letters(settings, request_ids: set, timeout: float = 30.0) -
 
 
 async def test_bad_events_go_to_the_dead_letter_topic_and_the_pipeline_goes_on(start_worker, settings):
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)

@@ -12,9 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.dlq import Letter, read_letters
-from streams.harness import tiny_input, wait_ready
+from streams.ops.dlq import Letter, read_letters
 from topics import events
 from topics.errors import ErrorCode
 from topics.events import Status
@@ -93,10 +93,10 @@ async def test_poison_events_are_rejected_alone_at_once(start_worker, settings):
 async def test_a_model_server_stopped_under_a_request_is_an_outage_not_an_answer(model_repository):
     """On shutdown or reload a version's server stops under the requests it holds: those must be
     retried (by this worker or the next owner), never answered UNAVAILABLE to their callers."""
-    from streams.failures import Failure, ServerStopped, classify
-    from streams.registry import load_repository
-    from streams.serving import VersionServer
+    from streams.registry.records import load_repository
+    from streams.serving.version_server import ServerStopped, VersionServer
     from streams.settings import Settings
+    from streams.worker.failures import Failure, classify
 
     info = load_repository(model_repository, ["tiny"])[0]
     server = await VersionServer.create(info, Settings(_env_file=None))

@@ -11,14 +11,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from cli_process import run_cli
+from support.cli_process import run_cli
 
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.dlq import read_letters, redrive, select
-from streams.harness import tiny_input, wait_ready
-from streams.objectstore import ObjectStore
-from streams.registry_store import RegistryStore, info_from_artifact
-from streams.replay import Replayer, ReplayJob, compare, fixed_ends
+from streams.kafka.offsets import fixed_ends
+from streams.ops.dlq import read_letters, redrive, select
+from streams.ops.replay import Replayer, ReplayJob, compare
+from streams.registry.store import RegistryStore, info_from_artifact
+from streams.storage.objects import ObjectStore
 from topics import events
 from topics.errors import ErrorCode
 from topics.names import Topics
@@ -122,7 +123,7 @@ async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_store
         await wait_ready(client, worker)
         since = events.now_ms()  # after the readiness probes: the window holds only these
         window = await answered(client, 4, seed=300)
-    requests_topic = Topics(settings).requests
+    requests_topic = Topics(settings.topic_prefix).requests
     checkpoints = settings.state_dir / "replay"
     pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
     try:
@@ -160,7 +161,7 @@ async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_store
 
 async def test_stopped_replay_resumes_without_duplicates(topics_ready):
     settings = topics_ready
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     target = topics.model("tiny")  # any existing topic nobody reads here will do: no worker runs
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     await producer.start()
@@ -208,10 +209,10 @@ async def test_batched_pipelined_replay_stops_and_resumes_with_each_copy_once(to
     publish each stored event exactly once."""
     from aiokafka.partitioner import murmur2
 
-    import streams.replay as replay_module
+    import streams.ops.replay as replay_module
 
     settings = topics_ready
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     target = topics.model("tiny")  # any existing topic nobody reads here will do: no worker runs
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()

@@ -17,13 +17,13 @@ import aiohttp
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from cli_process import cli_popen, run_cli
+from support.cli_process import cli_popen, run_cli
 
+from infra.local import ROOT
+from infra.local.harness import settings_env, tiny_input, wait_ready
+from infra.local.stack import free_port
 from streams.client import InferenceClient, ReplyTimeout
-from streams.harness import settings_env, tiny_input, wait_ready
-from streams.scaling import read_lag
-from streams.settings import PROJECT_ROOT
-from streams.stack import free_port
+from streams.telemetry.lag import read_lag
 from topics.names import Topics
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ SLOW_SINK_WORKER = """
 import asyncio
 import sys
 
-from streams import pipeline
+from streams.worker import pipeline
 
 sink = pipeline.Pipeline.sink
 
@@ -129,7 +129,7 @@ async def slow_sink(self, messages, outbox):
 
 pipeline.Pipeline.sink = slow_sink
 sys.argv = ["inferstream", "worker"]
-from streams.cli import main
+from streams.cli.main import main
 
 main()
 """
@@ -143,7 +143,7 @@ async def test_sigterm_inside_a_step_finishes_it_before_committing(start_worker,
     log_path = tmp_path / "slow.log"
     env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log:
-        slow = await asyncio.create_subprocess_exec(sys.executable, "-c", SLOW_SINK_WORKER, cwd=PROJECT_ROOT, env=env,
+        slow = await asyncio.create_subprocess_exec(sys.executable, "-c", SLOW_SINK_WORKER, cwd=ROOT, env=env,
                                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         async with InferenceClient(settings) as client:
@@ -191,7 +191,7 @@ async def scrape_lag(port: int) -> dict[str, float]:
 @pytest.mark.timeout(300)
 async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start_worker, settings):
     backlog = 300
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
@@ -233,7 +233,7 @@ async def test_lag_is_exact_when_batches_hold_several_records(topics_ready):
     """The local broker answers ListOffsets(latest) below the end once a record batch holds several
     records: lag must come out exact anyway, never negative."""
     settings = topics_ready
-    topic, group = Topics(settings).requests, f"lag-{uuid.uuid4().hex[:8]}"
+    topic, group = Topics(settings.topic_prefix).requests, f"lag-{uuid.uuid4().hex[:8]}"
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=200)
     await producer.start()
     try:

@@ -15,9 +15,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams.harness import free_s3_port
+from infra.local.harness import free_s3_port
+from infra.local.stack import LocalStack, StackError, free_port, port_taken, weed_ports
 from streams.settings import Settings
-from streams.stack import LocalStack, StackError, free_port, port_taken, weed_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

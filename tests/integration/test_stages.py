@@ -12,12 +12,12 @@ import jwt
 import numpy as np
 import pytest
 
-from streams.failures import VersionLoading
-from streams.gatekeeper import Gatekeeper
-from streams.harness import tiny_input
-from streams.outbox import Headers
-from streams.pipeline import Message, Pipeline
-from streams.registry import ModelRegistry, load_repository
+from infra.local.harness import tiny_input
+from streams.gate.gatekeeper import Gatekeeper
+from streams.kafka.outbox import Headers
+from streams.registry.records import ModelRegistry, load_repository
+from streams.worker.failures import VersionLoading
+from streams.worker.pipeline import Message, Pipeline
 from topics import events
 from topics.errors import ErrorCode
 from topics.events import Credentials, InferenceRequest, Status
@@ -122,7 +122,7 @@ async def test_a_chunk_is_admitted_whole_and_its_rate_limit_stays_exact(pipeline
     assert calls == {"authenticate": 2, "rate limit round trip": 1}
     by_tenant = Counter((r.header.tenant, r.header.error.code if r.header.error else "ok") for r in answers.values())
     assert by_tenant == {(tenants[0], "ok"): 15, (tenants[0], ErrorCode.RATE_LIMITED): 5, (tenants[1], "ok"): 20}
-    assert not outbox.to(Topics(pipeline.settings).model("tiny"))
+    assert not outbox.to(Topics(pipeline.settings.topic_prefix).model("tiny"))
     expected = {r.request_id: tiny_input(seed=i)["x"] for i, (r, _) in enumerate(sent)}
     for rid, result in answers.items():
         if result.header.status == Status.OK:
@@ -194,7 +194,7 @@ async def test_a_version_still_loading_is_waited_for_and_one_that_failed_to_load
     pipeline.registry.apply(loading)
     request = new_request("tiny", "stage-loading", version="2")
     request.credentials = None
-    topic = Topics(pipeline.settings).model("tiny")
+    topic = Topics(pipeline.settings.topic_prefix).model("tiny")
     key, value = request.request_id.encode(), events.encode_request(request, tiny_input())
     seal = pipeline.sealer.seal(topic, key, value, {"rid": request.request_id, "tenant": "stage-loading",
                                                     "model": "tiny", "version": "2"})

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infra.local.harness import wait_ready
+from infra.local.triton_server import TritonServer, triton_available
 from streams.client import InferenceClient
-from streams.harness import wait_ready
-from streams.onnx_backend import OnnxModel
-from streams.registry import BackendSpec, ModelInfo, ModelRegistry, TensorSignature
-from streams.registry_store import save_record
-from streams.triton_backend import TritonModel, TritonUnavailable, check_triton_backend
-from streams.triton_server import TritonServer, triton_available
+from streams.registry.records import BackendSpec, ModelInfo, ModelRegistry, TensorSignature
+from streams.registry.store import save_record
+from streams.serving.backends.onnx import OnnxModel
+from streams.serving.backends.triton import TritonModel, TritonUnavailable, check_triton_backend
 from topics.errors import ErrorCode, EventError
 
 pytestmark = [

@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from streams.harness import tiny_input
+from infra.local.harness import tiny_input
 
 pytestmark = pytest.mark.integration
 BEAT = {"heartbeat_interval_s": 0.5}  # heartbeats expire after 1.5 s

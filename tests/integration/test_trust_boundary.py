@@ -15,11 +15,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from test_chunks import pooled_repository
 from test_gatekeeping import AUTH, Stores, call, ready_with, token
 
-from streams.app import bootstrap_registry
+from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.dlq import Letter, read_letters
-from streams.harness import tiny_input, wait_ready
-from streams.objectstore import ObjectStore
+from streams.ops.dlq import Letter, read_letters
+from streams.storage.objects import ObjectStore
+from streams.worker.app import bootstrap_registry
 from topics import events
 from topics.errors import ErrorCode
 from topics.events import Credentials, InferenceRequest, InferenceResult, Status
@@ -92,7 +92,7 @@ async def topic_values(settings, topic: str) -> list[bytes]:
 
 async def test_events_written_straight_to_internal_topics_are_never_served(start_worker, settings):
     """Model topic, results topic, batch commands and registry records: only sealed ones count."""
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
@@ -144,7 +144,7 @@ async def test_internal_headers_from_a_caller_are_dropped(start_worker, settings
 async def test_a_request_is_admitted_without_credentials_only_under_the_products_own_seal(start_worker, settings):
     """Batch items carry their owner's principal in a seal; a caller can neither forge one nor
     reuse a genuine one on another request."""
-    requests_topic = Topics(settings).requests
+    requests_topic = Topics(settings.topic_prefix).requests
     worker = start_worker(**AUTH)
     acme = {"admission": {"tenant": "acme", "subject": "alice", "scopes": ["infer"], "method": "jwt"}}
 
@@ -184,7 +184,7 @@ async def test_forwarded_events_carry_no_credentials(start_worker, settings, tmp
         await ready_with(client, worker, credentials)
         request = client.request(pooled, {}, timeout=30, credentials=credentials)
         await client.send(request, tiny_input(), delivered=True)
-        topic = Topics(settings).model(pooled)
+        topic = Topics(settings.topic_prefix).model(pooled)
         values: list[bytes] = []
         deadline = time.monotonic() + 30
         while not values and time.monotonic() < deadline:
@@ -195,7 +195,7 @@ async def test_forwarded_events_carry_no_credentials(start_worker, settings, tmp
 
 
 async def test_reply_to_must_be_an_existing_topic_outside_the_internal_namespace(start_worker, settings):
-    topics = Topics(settings)
+    topics = Topics(settings.topic_prefix)
     worker = start_worker()
     missing = f"{settings.topic_prefix}-nowhere-{int(time.time())}"
     internal = [topics.deadletter, topics.results, topics.batches, topics.registry, topics.model("tiny"),
@@ -307,7 +307,8 @@ async def test_registry_records_not_written_by_the_product_are_ignored(start_wor
         record = next(r for r in await stores.registry.list() if r.name == "tiny")
     # A later revision than any the product wrote: the registry would take it, were it sealed.
     forged = record.model_copy(update={"status": "retired", "revision": record.revision + 100})
-    await produce(settings, Topics(settings).registry, forged.model_dump_json().encode(), record.key.encode())
+    registry_topic = Topics(settings.topic_prefix).registry
+    await produce(settings, registry_topic, forged.model_dump_json().encode(), record.key.encode())
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)  # would answer UNKNOWN_VERSION had the forged record applied

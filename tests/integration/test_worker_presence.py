@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
-from streams.gatekeeper import redis_client
-from streams.heartbeats import Heartbeat, index_key, live_workers, served
-from streams.model_stats import ModelStats, read
+from streams.gate.gatekeeper import redis_client
 from streams.settings import Settings
+from streams.telemetry.model_stats import ModelStats, read
+from streams.telemetry.presence import Heartbeat, index_key, live_workers, served
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from streams.auth import (
+from streams.gate.auth import (
     ANONYMOUS,
     INVALID_API_KEY,
     MAX_SCOPES,
@@ -315,7 +315,7 @@ async def test_authenticator_paths(verifier):
 def test_cli_refuses_a_bad_tenant_or_scope_before_connecting(args, message, monkeypatch):
     from typer.testing import CliRunner
 
-    from streams import cli
+    from streams.cli import main as cli
 
     for stores in ("_keys_call", "_limits_call"):
         monkeypatch.setattr(cli, stores, lambda *args: pytest.fail("the stores were reached"))

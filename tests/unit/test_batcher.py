@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from streams.batcher import AdaptiveBatcher, BatcherStopped
+from streams.serving.batcher import AdaptiveBatcher, BatcherStopped
 
 
 def doubler(calls: list[list[int]]):

@@ -1,6 +1,6 @@
 import pytest
 
-from streams.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from streams.serving.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 
 class Clock:

@@ -12,12 +12,13 @@ import sys
 
 import pytest
 import typer
-from cli_process import run_cli_sync
+from support.cli_process import run_cli_sync
 from typer.testing import CliRunner
 
-from streams import cli, load
-from streams.logs import compact
-from streams.stack import Port, StackError, check_ports
+from infra.local.stack import Port, StackError, check_ports
+from streams.cli import main as cli
+from streams.ops import load
+from streams.telemetry.logs import compact
 
 HEAVY = ("faust", "aiokafka", "numpy", "onnxruntime", "torch", "minio", "asyncpg", "pydantic")
 # Type tags typer adds to options and arguments, and the braces it puts around arguments.
@@ -34,7 +35,7 @@ def _commands(command, path=()):
 def test_help_loads_no_heavy_module():
     """`inferstream --help` (and importing the CLI) starts without numpy, faust, aiokafka,
     onnxruntime, torch...: each command imports what it uses when it runs."""
-    probe = ("import sys\nsys.argv = ['inferstream', '--help']\nfrom streams.cli import main\n"
+    probe = ("import sys\nsys.argv = ['inferstream', '--help']\nfrom streams.cli.main import main\n"
              "try:\n    main()\nexcept SystemExit:\n    pass\n"
              f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     done = run_cli_sync("--help")
@@ -150,7 +151,7 @@ def test_compact_log_lines():
                           "time": "2026-12-02T16:49:33+00:00"})
     assert compact(chatter, "worker", chatter=False) is None
     assert compact(chatter, "worker") == "16:49:33 worker Joined group"
-    lifecycle = json.dumps({"level": "INFO", "logger": "streams.app", "message": "[^-WorkerApp]: Starting..."})
+    lifecycle = json.dumps({"level": "INFO", "logger": "streams.worker.app", "message": "[^-WorkerApp]: Starting..."})
     assert compact(lifecycle, chatter=False) is None
     failure = json.dumps({"level": "ERROR", "logger": "faust.worker", "message": "crashed", "time": "",
                           "exc_info": "Traceback ...\nOSError: address in use"})

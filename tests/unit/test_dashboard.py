@@ -3,7 +3,7 @@ writes, every panel uses the provisioned data source, the files are where docker
 them, and every series a query reads is one the code exports.
 
 The exported series are taken from the code, not from a list: the worker's registry
-(streams.metrics.REGISTRY), the collectors it registers when a worker starts (built here with empty
+(streams.telemetry.metrics.REGISTRY), the collectors it registers when a worker starts (built here with empty
 state; those named at their call site, like ValueCounter, are found by reading the source), and the
 bridge's registry. Nothing is started and nothing is connected to.
 """
@@ -24,9 +24,9 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from streams import metrics as worker_metrics  # noqa: E402
-from streams import scaling  # noqa: E402
-from streams.bridge import Bridge  # noqa: E402
+from streams.telemetry import metrics as worker_metrics  # noqa: E402
+from streams.telemetry import lag  # noqa: E402
+from streams.bridge.app import Bridge  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "inferstream.yml"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "infra" / "prometheus" / "prometheus.yml"
 SOURCES = [ROOT / "streams", ROOT / "agents"]
-COLLECTOR_MODULES = [worker_metrics, scaling]
+COLLECTOR_MODULES = [worker_metrics, lag]
 # Series of other programs that the dashboard may read: Triton's own metrics (triton:8002).
 FOREIGN_PREFIXES = ("nv_inference_",)
 GRID_WIDTH = 24

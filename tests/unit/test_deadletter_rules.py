@@ -12,16 +12,16 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from streams.deadletters import (
+from streams.ops.dlq import Letter, Unreadable, original_of, parse, select, unsendable
+from streams.settings import Settings
+from streams.storage.objects import ObjectStore
+from streams.worker.deadletters import (
     CARRIED_HEADER_BYTES,
     CARRIED_KEY_BYTES,
     MESSAGE_CHARS,
     carried_headers,
     dead_letter,
 )
-from streams.dlq import Letter, Unreadable, original_of, parse, select, unsendable
-from streams.objectstore import ObjectStore
-from streams.settings import Settings
 from topics import events
 from topics.errors import ErrorCode, EventError
 from topics.events import Credentials, DeadLetter, InferenceRequest, InferenceResult, Status
@@ -183,7 +183,7 @@ def test_an_original_that_is_not_whole_or_not_where_the_pipeline_puts_it_is_unav
 
 
 def test_only_topics_the_pipeline_consumes_are_redriven_to():
-    topics = Topics(Settings(topic_prefix="t"))
+    topics = Topics("t")
     letter = DeadLetter.model_validate({**LETTER, "original_b64": ""})
     for source in ("t.requests", "t.results", "t.batches", "t.model.tiny"):
         assert unsendable(topics, letter.model_copy(update={"source_topic": source})) is None

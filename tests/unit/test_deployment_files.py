@@ -615,7 +615,7 @@ def test_workflow_lint_and_typecheck():
     assert re.search(r"^lint:.*\n\t\$\(VENV\)/bin/ruff check ", makefile, re.M)
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert config["python_version"] == "3.11"
-    assert set(config["files"]) == {"streams", "agents", "topics", "models"}
+    assert set(config["files"]) == {"streams", "agents", "topics", "models", "infra/local"}
 
 
 def test_workflow_test_job_runs_the_ci_script_on_services():

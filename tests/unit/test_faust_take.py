@@ -1,4 +1,4 @@
-"""`streams.faust_take`: the take_events copied from faust still matches the installed faust,
+"""`streams.kafka.faust_take`: the take_events copied from faust still matches the installed faust,
 differs from it only in the marked lines, and with nothing buffered waits without a timeout where
 faust's wakes every `within`. No broker; every wait is bounded."""
 
@@ -12,7 +12,7 @@ from importlib.metadata import version
 
 import faust
 
-from streams.faust_take import (
+from streams.kafka.faust_take import (
     FAUST_VERSION,
     TAKE_EVENTS_SOURCE_SHA256,
     IdleFreeStream,
@@ -91,9 +91,10 @@ async def test_with_nothing_buffered_it_waits_for_an_event_without_a_timeout() -
 
 
 def test_the_worker_app_makes_its_streams_idle_free(tmp_path) -> None:
-    from streams.app import create_app
+    from agents import register_agents
     from streams.settings import Settings
+    from streams.worker.app import create_app
 
     settings = Settings(state_dir=tmp_path, kafka_bootstrap="127.0.0.1:9")
-    app, _ = create_app(settings, ["tiny"])
+    app, _ = create_app(settings, ["tiny"], register_agents)
     assert app.conf.Stream is IdleFreeStream

@@ -1,4 +1,4 @@
-"""The Faust tuning (`streams.faust_tuning`): the drain loop copied from faust still matches the
+"""The Faust tuning (`streams.kafka.faust_tuning`): the drain loop copied from faust still matches the
 installed faust, differs from it in the one marked change, hands records over without a task per
 record, and still gives up a callback blocked on a full buffer when a rebalance suspends the flow,
 as faust's own loop does. A real Faust consumer object, never started; no broker, nothing timed
@@ -19,7 +19,7 @@ import pytest
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP
 
-from streams.faust_tuning import (
+from streams.kafka.faust_tuning import (
     DRAIN_SOURCE_SHA256,
     FAUST_VERSION,
     EagerDrain,
@@ -29,7 +29,7 @@ from streams.faust_tuning import (
     run_until_wait,
     tune_transport,
 )
-from streams.kafka_transport import broker_url
+from streams.kafka.transport import broker_url
 from streams.settings import Settings
 
 BOUND_S = 10.0  # every wait in these tests; none should come near it
@@ -294,9 +294,10 @@ def test_the_lean_monitor_keeps_only_when_a_stream_last_took_an_event() -> None:
 
 
 async def test_the_worker_app_uses_the_tuned_consumer_and_monitor(tmp_path: Path) -> None:
-    from streams.app import create_app
+    from agents import register_agents
+    from streams.worker.app import create_app
 
-    app, _ = create_app(Settings(state_dir=tmp_path), ["tiny"])
+    app, _ = create_app(Settings(state_dir=tmp_path), ["tiny"], register_agents)
     assert isinstance(app.consumer, EagerDrain)
     assert isinstance(app.monitor, LeanMonitor)
     assert eager_drain(eager_drain(type(app.consumer))) is type(app.consumer)

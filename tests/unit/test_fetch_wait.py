@@ -7,7 +7,7 @@ import threading
 from aiokafka import TopicPartition
 from aiokafka.consumer.subscription_state import SubscriptionState
 
-from streams.fetch_wait import (
+from streams.kafka.fetch_wait import (
     BACKLOG_FETCH_WAIT_MS,
     FetchWait,
     IdlePolicy,

@@ -14,7 +14,10 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from models.preprocess import (
+from streams.registry.records import ImageInput, ModelInfo, TensorSignature
+from streams.registry.routing import check_inputs
+from streams.serving.backends.onnx import OnnxModel, group_requests
+from streams.serving.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageError,
@@ -26,10 +29,7 @@ from models.preprocess import (
     load_image,
     normalize_pixels,
 )
-from streams.claims import request_digest
-from streams.onnx_backend import OnnxModel, group_requests
-from streams.registry import ImageInput, ModelInfo, TensorSignature
-from streams.routing import check_inputs
+from streams.storage.claims import request_digest
 from topics import events
 from topics.errors import ErrorCode, EventError
 from topics.events import InferenceRequest
@@ -261,8 +261,8 @@ def test_encoded_images_are_checked_at_the_edge_by_their_headers(tmp_path):
 def test_a_version_with_a_triton_backend_takes_the_float32_tensor_only(tmp_path):
     """A Triton server is given the graph's inputs: the worker prepares the other forms only for
     onnxruntime, so they are neither offered nor admitted where a Triton backend may serve."""
-    from streams.kserve import model_metadata
-    from streams.registry import BackendSpec
+    from streams.registry.records import BackendSpec
+    from streams.serving.oip import model_metadata
 
     info = image_model(tmp_path)
     mixed = info.model_copy(update={"backends": [BackendSpec(), BackendSpec(kind="triton", url="127.0.0.1:8001")]})

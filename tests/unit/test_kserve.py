@@ -8,7 +8,8 @@ import orjson
 import pytest
 import tritonclient.http as triton
 
-from streams.kserve import (
+from streams.registry.records import ModelInfo, TensorSignature
+from streams.serving.oip import (
     InferBody,
     Limits,
     ProtocolError,
@@ -18,7 +19,6 @@ from streams.kserve import (
     model_metadata,
     parse_infer_request,
 )
-from streams.registry import ModelInfo, TensorSignature
 from topics.errors import ErrorCode, EventError
 
 ARRAYS = {

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from rich.console import Console
 
-from streams.load import (
+from streams.ops.load import (
     DROPPED,
     ERROR,
     OK,

@@ -1,4 +1,4 @@
-"""models.preprocess and the ImageNet label file: no models built, numpy and Pillow only."""
+"""streams.serving.images and the ImageNet label file: no models built, numpy and Pillow only."""
 
 import io
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.preprocess import (
+from streams.serving.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     image_to_tensor,
@@ -120,7 +120,7 @@ def test_load_model_info_and_labels(tmp_path):
 
 
 def test_unreadable_images_are_one_clean_error(tmp_path):
-    from models.preprocess import ImageError
+    from streams.serving.images import ImageError
 
     cases = {b"not an image at all": "not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 32: "not an image",
              tmp_path / "missing.png": "no such file", tmp_path: "a directory", tmp_path / "text.png": "not an image"}

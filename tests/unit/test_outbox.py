@@ -1,4 +1,4 @@
-"""The outbox (`streams.outbox`): records grouped into aiokafka record batches per topic partition
+"""The outbox (`streams.kafka.outbox`): records grouped into aiokafka record batches per topic partition
 as the producer's partitioner places them, full batches split, headers kept; `flush` returns only
 once every batch is confirmed and raises when one failed. Real aiokafka batch builders, a fake
 producer, no broker; nothing timed (each wait is bounded)."""
@@ -14,7 +14,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 from faust.exceptions import ProducerSendError
 
-from streams.outbox import Batches, Outbox, Record, group
+from streams.kafka.outbox import Batches, Outbox, Record, group
 
 BOUND_S = 10.0
 PARTITIONS = 4

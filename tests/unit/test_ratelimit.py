@@ -1,4 +1,4 @@
-from streams.ratelimit import Decision, SlidingLog, decide
+from streams.gate.ratelimit import Decision, SlidingLog, decide
 
 WINDOW_MS = 60_000
 

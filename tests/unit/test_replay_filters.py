@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.dlq import Letter, select
-from streams.replay import (
+from streams.ops.dlq import Letter, select
+from streams.ops.replay import (
     Filters,
     Pair,
     compare_pairs,

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from streams.replay import Replayer, ReplayJob, copy_event, replay_copy, stored_request
+from streams.ops.replay import Replayer, ReplayJob, copy_event, replay_copy, stored_request
 from streams.settings import Settings
 from topics import events
 from topics.errors import EventError
@@ -221,8 +221,8 @@ def origins(delivered: list[bytes]) -> list[str]:
 
 
 async def test_sends_are_batched_and_pipelined_and_the_checkpoint_follows_confirmations(tmp_path, monkeypatch):
-    monkeypatch.setattr("streams.replay.CHUNK_RECORDS", 20)
-    monkeypatch.setattr("streams.replay.CHUNKS_IN_FLIGHT", 3)
+    monkeypatch.setattr("streams.ops.replay.CHUNK_RECORDS", 20)
+    monkeypatch.setattr("streams.ops.replay.CHUNKS_IN_FLIGHT", 3)
     log = stored_log(200)
     delivered: list[bytes] = []
     producer = FakeProducer(delivered, capacity=4)

@@ -1,7 +1,7 @@
 """When `worker --workers N` starts a dead worker again: backoff per recent death, a limit per
 minute, and a fresh start once a minute passed without deaths."""
 
-from streams.scaling import RestartPolicy
+from streams.ops.scaling import RestartPolicy
 
 
 def test_delay_doubles_with_each_death_in_the_window_up_to_the_cap():

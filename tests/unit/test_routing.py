@@ -3,9 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.registry import ModelInfo, ModelRegistry, TensorSignature
-from streams.routing import Router, check_inputs
-from streams.settings import Settings
+from streams.registry.records import ModelInfo, ModelRegistry, TensorSignature
+from streams.registry.routing import Router, check_inputs
 from topics.errors import ErrorCode, EventError
 from topics.events import InferenceRequest, TensorSpec
 from topics.names import Topics
@@ -23,7 +22,7 @@ def info(name: str, version: str, **fields) -> ModelInfo:
 @pytest.fixture
 def router() -> Router:
     registry = ModelRegistry([info("tiny", "1"), info("tiny", "2"), info("tiny", "10"), info("other", "3")])
-    return Router(registry, Topics(Settings(topic_prefix="t")))
+    return Router(registry, Topics("t"))
 
 
 def req(**kw) -> InferenceRequest:

@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from streams import tracing
-from streams.logs import MASK, log_request, redact, setup_logging
 from streams.settings import Settings
+from streams.telemetry import tracing
+from streams.telemetry.logs import MASK, log_request, redact, setup_logging
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = f"00-{TRACE}-b7ad6b7169203331-01"

@@ -7,13 +7,13 @@ import asyncio
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from streams.heartbeats import WorkerBeat, served
-from streams.kserve import model_config, repository_index, unsupported_message
-from streams.model_stats import ModelStats, triton_stats
-from streams.registry import ModelRegistry
-from streams.settings import PROJECT_ROOT
+from infra.local import ROOT
+from streams.registry.records import ModelRegistry
+from streams.serving.oip import model_config, repository_index, unsupported_message
+from streams.telemetry.model_stats import ModelStats, triton_stats
+from streams.telemetry.presence import WorkerBeat, served
 
-REPOSITORY = PROJECT_ROOT / "models" / "repository"
+REPOSITORY = ROOT / "models" / "repository"
 
 
 def built(name: str):
@@ -148,8 +148,8 @@ class _Server:
 
 
 def test_a_worker_serves_the_versions_it_loaded_whose_topic_it_holds_and_a_backend_is_not_cut_off():
-    from streams.pipeline import Pipeline
     from streams.settings import Settings
+    from streams.worker.pipeline import Pipeline
 
     pipeline = Pipeline(Settings(), ModelRegistry(), serve=["tiny", "other"])
     pipeline._servers = {  # type: ignore[assignment]

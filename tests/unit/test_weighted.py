@@ -3,8 +3,8 @@ from functools import partial
 
 import pytest
 
-from streams.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from streams.weighted import Balancer, choose, version_order
+from streams.serving.balancer import Balancer, choose, version_order
+from streams.serving.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 
 def keys(n: int) -> list[str]:

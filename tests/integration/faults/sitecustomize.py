@@ -25,7 +25,7 @@ if marker and once:
 # intake's step (its deadline check raises), always.
 bug = os.environ.get("INFERSTREAM_FAULT_BUG_MARKER")
 if bug:
-    import streams.pipeline as pipeline
+    import streams.worker.pipeline as pipeline
 
     checked = pipeline.check_deadline
 
