@@ -13,7 +13,8 @@ from streams.kafka.outbox import Headers, Outbox
 from streams.telemetry import tracing
 from streams.telemetry.metrics import STEP_RETRIES
 from streams.worker.failures import MAX_MESSAGE_CHARS, Failure, backoff, classify
-from streams.worker.pipeline import Message, Pipeline
+from streams.worker.message import Message
+from streams.worker.pipeline import Pipeline
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,9 @@ async def _dead_letter(app: faust.App, pipeline: Pipeline, stage: str, message: 
             box = outbox(app)
             try:
                 if bare:
-                    await pipeline.dead_letter_bare(box, message, error)
+                    await pipeline.answers.dead_letter_bare(box, message, error)
                 else:
-                    await pipeline.reject(box, message, error, None, stage, span)
+                    await pipeline.answers.reject(box, message, error, None, stage, span)
                 await box.flush()
                 return
             except Exception as failure:  # noqa: BLE001 - classified: an outage retries the chunk

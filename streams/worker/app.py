@@ -121,7 +121,7 @@ def create_app(settings: Settings, serve: list[str], register_agents: RegisterAg
 def serve_metrics(app: faust.App, pipeline: Pipeline, settings: Settings) -> None:
     """The worker's /metrics: what the stages record, plus live breaker states, the rate
     limiter's store outages and (with `metrics_lag`) the consumer group's lag."""
-    metrics.REGISTRY.register(metrics.BreakerCollector(pipeline.breaker_states))
+    metrics.REGISTRY.register(metrics.BreakerCollector(pipeline.inference.breaker_states))
     if pipeline.gatekeeper is not None:
         limiter = pipeline.gatekeeper.limiter
         metrics.REGISTRY.register(metrics.ValueCounter(
@@ -164,7 +164,7 @@ class Presence(mode.Service):
             self._models = None
         elif not self.app.rebalancing:  # during a rebalance, what it served before
             assigned = {tp.topic for tp in self.app.consumer.assignment()}
-            self._models = self.pipeline.served_versions(assigned) if assigned else None
+            self._models = self.pipeline.inference.served_versions(assigned) if assigned else None
         return self._models
 
     async def on_started(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,11 +25,15 @@ from streams.settings import Settings
 from streams.storage.batch_inputs import Item, list_items
 from streams.storage.jobs import Batch, BatchStatus, JobStore
 from streams.storage.objects import ObjectStore
+from streams.storage.results import ResultsStore
+from streams.telemetry import tracing
+from streams.worker.answers import Answers
+from streams.worker.message import Message
 from topics import events
-from topics.errors import EventError
+from topics.errors import ErrorCode, EventError
 from topics.events import ErrorInfo, InferenceRequest, InferenceResult, Status
 from topics.names import Topics
-from topics.seal import Sealer
+from topics.seal import Sealer, SealError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 50
@@ -140,3 +145,41 @@ def _output_line(batch_id: str, row) -> dict:
         _, tensors = events.decode_bundle(row["outputs"])
         line["outputs"] = [tensor_json(name, array) for name, array in tensors.items()]
     return line
+
+
+class BatchJobs:
+    """The batch stage: batch job commands, which only the product writes."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: ObjectStore, results: ResultsStore,
+                 answers: Answers) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.results = results
+        self.answers = answers
+
+    def batch_command(self, msg: Message) -> tuple[str, dict[str, Any] | None]:
+        """The batch id of a batch job command, which only the product writes, and the claims of
+        the principal who submitted it (sealed onto each of its items)."""
+        try:
+            claims = self.answers.open_seal(msg)
+        except SealError as exc:
+            raise EventError(ErrorCode.UNAUTHENTICATED, f"batch command not written by the product ({exc})") from None
+        batch_id = claims.get("batch")
+        if not isinstance(batch_id, str) or not batch_id:
+            raise EventError(ErrorCode.INVALID_SCHEMA, "batch command without a batch id")
+        return batch_id, claims.get("admission")
+
+    async def step(self, messages: Sequence[Message], outbox: Outbox) -> None:
+        """Batch job commands: each batch runs to its end (its output written) before the next."""
+        runner = BatchRunner(self.settings, self.registry, self.store, JobStore(self.results.pool))
+        for message in messages:
+            try:
+                batch_id, owner = self.batch_command(message)
+            except EventError as error:
+                span = tracing.start_span("batches", message.headers)
+                await self.answers.reject(outbox, message, error, None, "batches", span, answer=False)
+                span.end()
+                continue
+            await runner.run(batch_id, owner, outbox)
+        await outbox.flush()

@@ -17,7 +17,8 @@ from streams.gate.gatekeeper import Gatekeeper
 from streams.kafka.outbox import Headers
 from streams.registry.records import ModelRegistry, load_repository
 from streams.worker.failures import VersionLoading
-from streams.worker.pipeline import Message, Pipeline
+from streams.worker.message import Message
+from streams.worker.pipeline import Pipeline
 from topics import events
 from topics.errors import ErrorCode
 from topics.events import Credentials, InferenceRequest, Status
@@ -58,8 +59,8 @@ async def pipeline(settings) -> AsyncIterator[Pipeline]:
     await pipeline.gatekeeper.start(pipeline.results.pool)
     info = load_repository(settings.model_repository, ["tiny"])[0]
     pipeline.registry.apply(info)
-    await pipeline._on_registry_change(info)
-    assert info.key in pipeline._servers
+    await pipeline.inference.on_registry_change(info)
+    assert info.key in pipeline.inference.servers
     try:
         yield pipeline
     finally:
@@ -116,7 +117,7 @@ async def test_a_chunk_is_admitted_whole_and_its_rate_limit_stays_exact(pipeline
     authenticator.authenticate = counted_authenticate  # type: ignore[method-assign]
     limiter._script = counted_script  # type: ignore[assignment]
     outbox = MemoryOutbox()
-    await pipeline.intake(request_records(pipeline.topics.requests, [body for _, body in sent]), outbox)
+    await pipeline.intake.step(request_records(pipeline.topics.requests, [body for _, body in sent]), outbox)
     answers = replies(outbox, pipeline)
     assert len(answers) == 40 and outbox.flushes == 1
     assert calls == {"authenticate": 2, "rate limit round trip": 1}
@@ -147,7 +148,7 @@ async def test_a_bad_request_inside_a_chunk_is_rejected_alone(pipeline):
         events.encode_request(forged, tiny_input()), good[5][1],
     ]
     outbox = MemoryOutbox()
-    await pipeline.intake(request_records(pipeline.topics.requests, bodies), outbox)
+    await pipeline.intake.step(request_records(pipeline.topics.requests, bodies), outbox)
     answers = replies(outbox, pipeline)
     codes = {rid: (r.header.error.code if r.header.error else "ok") for rid, r in answers.items()}
     assert {codes[r.request_id] for r, _ in good} == {"ok"}
@@ -168,7 +169,7 @@ async def test_a_result_is_encoded_once_and_stored_as_it_was_sent(pipeline):
     from those bytes and they read back equal to what the caller got."""
     sent = [tiny_request("stage-encode", i) for i in range(5)]
     outbox = MemoryOutbox()
-    await pipeline.intake(request_records(pipeline.topics.requests, [body for _, body in sent]), outbox)
+    await pipeline.intake.step(request_records(pipeline.topics.requests, [body for _, body in sent]), outbox)
     to_caller = {key: value for _, key, value, _ in outbox.to(pipeline.topics.replies)}
     stored = outbox.to(pipeline.topics.results)
     assert len(to_caller) == len(stored) == 5
@@ -177,7 +178,7 @@ async def test_a_result_is_encoded_once_and_stored_as_it_was_sent(pipeline):
         assert any(name == SEAL_HEADER for name, _ in headers)
     records = [Message(value, key, topic, 0, offset, headers)
                for offset, (topic, key, value, headers) in enumerate(stored)]
-    await pipeline.sink(records, MemoryOutbox())
+    await pipeline.sink.step(records, MemoryOutbox())
     for request, _ in sent:
         row = await pipeline.results.get(request.request_id)
         assert row is not None and row["status"] == "ok"
@@ -196,14 +197,14 @@ async def test_a_version_still_loading_is_waited_for_and_one_that_failed_to_load
     request.credentials = None
     topic = Topics(pipeline.settings.topic_prefix).model("tiny")
     key, value = request.request_id.encode(), events.encode_request(request, tiny_input())
-    seal = pipeline.sealer.seal(topic, key, value, {"rid": request.request_id, "tenant": "stage-loading",
+    seal = pipeline.answers.sealer.seal(topic, key, value, {"rid": request.request_id, "tenant": "stage-loading",
                                                     "model": "tiny", "version": "2"})
     record = Message(value, key, topic, 0, 0, [seal])
     outbox = MemoryOutbox()
     with pytest.raises(VersionLoading):
-        await pipeline.infer([record], outbox)
+        await pipeline.inference.step([record], outbox)
     assert not outbox.sent
-    pipeline._unservable.add(loading.key)
-    await pipeline.infer([record], outbox)
+    pipeline.inference.unservable.add(loading.key)
+    await pipeline.inference.step([record], outbox)
     answer = replies(outbox, pipeline)[request.request_id].header
     assert answer.error is not None and answer.error.code == ErrorCode.UNAVAILABLE

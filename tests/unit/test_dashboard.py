@@ -24,10 +24,10 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from streams.telemetry import metrics as worker_metrics  # noqa: E402
-from streams.telemetry import lag  # noqa: E402
 from streams.bridge.app import Bridge  # noqa: E402
 from streams.settings import Settings  # noqa: E402
+from streams.telemetry import lag  # noqa: E402
+from streams.telemetry import metrics as worker_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "infra" / "grafana"

@@ -152,13 +152,13 @@ def test_a_worker_serves_the_versions_it_loaded_whose_topic_it_holds_and_a_backe
     from streams.worker.pipeline import Pipeline
 
     pipeline = Pipeline(Settings(), ModelRegistry(), serve=["tiny", "other"])
-    pipeline._servers = {  # type: ignore[assignment]
+    pipeline.inference.servers = {  # type: ignore[assignment]
         "tiny/1": _Server("tiny", "1", {"onnxruntime": "closed"}),
         "tiny/2": _Server("tiny", "2", {"triton-grpc://127.0.0.1:8001": "open"}),  # its only backend is down
         "tiny/3": _Server("tiny", "3", {"onnxruntime": "closed", "triton-grpc://127.0.0.1:8001": "open"}),
         "other/1": _Server("other", "1", {"onnxruntime": "half_open"}),
     }
     tiny, other = pipeline.topics.model("tiny"), pipeline.topics.model("other")
-    assert pipeline.served_versions({tiny, other}) == ["tiny/1", "tiny/3", "other/1"]
-    assert pipeline.served_versions({tiny}) == ["tiny/1", "tiny/3"]  # no partition of other's topic here
-    assert pipeline.served_versions(set()) == []
+    assert pipeline.inference.served_versions({tiny, other}) == ["tiny/1", "tiny/3", "other/1"]
+    assert pipeline.inference.served_versions({tiny}) == ["tiny/1", "tiny/3"]  # no partition of other's topic here
+    assert pipeline.inference.served_versions(set()) == []

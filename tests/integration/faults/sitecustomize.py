@@ -25,13 +25,13 @@ if marker and once:
 # intake's step (its deadline check raises), always.
 bug = os.environ.get("INFERSTREAM_FAULT_BUG_MARKER")
 if bug:
-    import streams.worker.pipeline as pipeline
+    import streams.worker.intake as intake
 
-    checked = pipeline.check_deadline
+    checked = intake.check_deadline
 
     def check_deadline(request, now):
         if bug in request.request_id:
             raise RuntimeError(f"injected bug at /srv/secret/path.py for {request.request_id}")
         return checked(request, now)
 
-    pipeline.check_deadline = check_deadline
+    intake.check_deadline = check_deadline
