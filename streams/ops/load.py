@@ -8,7 +8,7 @@ too. `max_inflight` bounds the requests in flight: one that is due while the bou
 not started and counts as dropped.
 
 The pieces: `schedule` (the send times), `InflightGate` (the bound), `run_load` (the dispatcher,
-given any async `send`), `summarize` / `percentiles` (pure figures from the outcomes), the two
+given any async `send`), `summarize` / `percentiles` (pure figures from the attempts), the two
 targets (`BridgeTarget`, `KafkaTarget`) and `summary_table` for the CLI.
 """
 
@@ -76,7 +76,7 @@ class InflightGate:
         self.inflight -= 1
 
 
-# -- outcomes and figures ----------------------------------------------------------------------
+# -- attempts and figures ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Attempt:
+    """One scheduled request of a load run, and what became of it."""
+
     due: float  # seconds after the start, as scheduled
     started: float | None  # None: dropped
     done: float
@@ -114,34 +116,34 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = PERCENTILES) -> d
     return figures
 
 
-def summarize(outcomes: Sequence[Outcome], rate: float, duration: float, **about: Any) -> dict[str, Any]:
-    """The run's figures from its counted outcomes. `about` (target, model, ...) is copied in.
+def summarize(attempts: Sequence[Attempt], rate: float, duration: float, **about: Any) -> dict[str, Any]:
+    """The run's figures from its counted attempts. `about` (target, model, ...) is copied in.
 
     offered_rate: requests scheduled per second of the measured window; achieved_rate: ok
     replies per second, over the window or, when replies came in after it, until the last one.
     Latency percentiles are in ms, of ok requests only.
     """
-    ok = [o for o in outcomes if o.status == OK]
-    errors = Counter(o.code or "UNKNOWN" for o in outcomes if o.status == ERROR)
-    started = [o for o in outcomes if o.started is not None]
-    if outcomes:
-        first_due = min(o.due for o in outcomes)
-        elapsed = max(duration, max(o.done for o in outcomes) - first_due)
+    ok = [o for o in attempts if o.status == OK]
+    errors = Counter(o.code or "UNKNOWN" for o in attempts if o.status == ERROR)
+    started = [o for o in attempts if o.started is not None]
+    if attempts:
+        first_due = min(o.due for o in attempts)
+        elapsed = max(duration, max(o.done for o in attempts) - first_due)
     else:
         elapsed = duration
-    lags = [o.started - o.due for o in outcomes if o.started is not None]
+    lags = [o.started - o.due for o in attempts if o.started is not None]
     return {
         **about,
         "rate": rate,
         "duration_s": duration,
-        "scheduled": len(outcomes),
+        "scheduled": len(attempts),
         "sent": len(started),
         "ok": len(ok),
         "errors": dict(sorted(errors.items())),
         "error_count": sum(errors.values()),
-        "timeouts": sum(o.status == TIMEOUT for o in outcomes),
-        "dropped": sum(o.status == DROPPED for o in outcomes),
-        "offered_rate": len(outcomes) / duration,
+        "timeouts": sum(o.status == TIMEOUT for o in attempts),
+        "dropped": sum(o.status == DROPPED for o in attempts),
+        "offered_rate": len(attempts) / duration,
         "achieved_rate": len(ok) / elapsed,
         "elapsed_s": elapsed,
         "latency_ms": {k: None if v is None else v * 1000 for k, v in
@@ -183,8 +185,8 @@ Send = Callable[[int], Awaitable[Reply]]  # called with the request's index in t
 
 async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | None = DEFAULT_MAX_INFLIGHT,
                    timeout: float = 10.0, grace: float = 1.0,
-                   clock: Callable[[], float] = time.monotonic, tally: Tally | None = None) -> list[Outcome]:
-    """Start `send(i)` at each slot's due time; the counted slots' outcomes, in schedule order.
+                   clock: Callable[[], float] = time.monotonic, tally: Tally | None = None) -> list[Attempt]:
+    """Start `send(i)` at each slot's due time; the counted slots' attempts, in schedule order.
 
     Each send is bounded by `timeout` + `grace` (time for the target's own deadline, set from
     the same timeout, to answer first); the call returns once every started request has
@@ -192,7 +194,7 @@ async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | Non
     """
     tally = tally or Tally()
     gate = InflightGate(max_inflight)
-    outcomes: list[Outcome | None] = [None] * len(slots)
+    attempts: list[Attempt | None] = [None] * len(slots)
     tasks: set[asyncio.Task] = set()
     start = clock() + _START_LEAD_S
 
@@ -207,7 +209,7 @@ async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | Non
         finally:
             gate.release()
         tally.count(reply.status)
-        outcomes[index] = Outcome(slot.due, started, clock() - start, reply.status, reply.code, reply.request_id)
+        attempts[index] = Attempt(slot.due, started, clock() - start, reply.status, reply.code, reply.request_id)
 
     for index, slot in enumerate(slots):
         delay = start + slot.due - clock()
@@ -215,7 +217,7 @@ async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | Non
             await asyncio.sleep(delay)
         now = clock() - start
         if not gate.try_acquire():
-            outcomes[index] = Outcome(slot.due, None, now, DROPPED)
+            attempts[index] = Attempt(slot.due, None, now, DROPPED)
             tally.count(DROPPED)
             continue
         tally.sent += 1
@@ -224,7 +226,7 @@ async def run_load(send: Send, slots: Sequence[Slot], *, max_inflight: int | Non
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
-    return [o for o, slot in zip(outcomes, slots) if slot.counted and o is not None]
+    return [o for o, slot in zip(attempts, slots) if slot.counted and o is not None]
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -416,7 +418,7 @@ class KafkaTarget:
 @dataclass
 class LoadRun:
     summary: dict[str, Any]
-    outcomes: list[Outcome]  # the counted requests, in schedule order
+    attempts: list[Attempt]  # the counted requests, in schedule order
 
 
 async def run(driver: BridgeTarget | KafkaTarget, /, *, rate: float, duration: float, warmup: float = 0.0,
@@ -436,13 +438,13 @@ async def run(driver: BridgeTarget | KafkaTarget, /, *, rate: float, duration: f
 
         reporter = asyncio.create_task(report())
         try:
-            outcomes = await run_load(driver.send, slots, max_inflight=max_inflight, timeout=timeout, tally=tally)
+            attempts = await run_load(driver.send, slots, max_inflight=max_inflight, timeout=timeout, tally=tally)
         finally:
             reporter.cancel()
     inputs = {s.name: f"{s.dtype.name}{list(s.shape)}" for s in driver.specs}
-    summary = summarize(outcomes, rate, duration, **about, warmup_s=warmup, max_inflight=max_inflight,
+    summary = summarize(attempts, rate, duration, **about, warmup_s=warmup, max_inflight=max_inflight,
                         timeout_s=timeout, inputs=inputs)
-    return LoadRun(summary, outcomes)
+    return LoadRun(summary, attempts)
 
 
 def _ms(value: float | None) -> str:

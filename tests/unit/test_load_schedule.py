@@ -14,9 +14,9 @@ from streams.ops.load import (
     ERROR,
     OK,
     TIMEOUT,
+    Attempt,
     InflightGate,
     InputSpec,
-    Outcome,
     Reply,
     oip_body,
     parse_shapes,
@@ -41,13 +41,13 @@ def test_percentiles_on_known_data():
 
 
 def test_summary_counts_and_latency_of_ok_requests_only():
-    ok = [Outcome(due=i * 0.01, started=i * 0.01, done=i * 0.01 + (i + 1) / 1000, status=OK) for i in range(100)]
+    ok = [Attempt(due=i * 0.01, started=i * 0.01, done=i * 0.01 + (i + 1) / 1000, status=OK) for i in range(100)]
     others = [
-        Outcome(1.0, 1.0, 1.5, ERROR, "RATE_LIMITED"),
-        Outcome(1.01, 1.01, 1.02, ERROR, "RATE_LIMITED"),
-        Outcome(1.02, 1.02, 1.03, ERROR, "ClientConnectorError"),
-        Outcome(1.03, 1.03, 9.0, TIMEOUT),
-        Outcome(1.04, None, 1.04, DROPPED),
+        Attempt(1.0, 1.0, 1.5, ERROR, "RATE_LIMITED"),
+        Attempt(1.01, 1.01, 1.02, ERROR, "RATE_LIMITED"),
+        Attempt(1.02, 1.02, 1.03, ERROR, "ClientConnectorError"),
+        Attempt(1.03, 1.03, 9.0, TIMEOUT),
+        Attempt(1.04, None, 1.04, DROPPED),
     ]
     summary = summarize(ok + others, rate=100, duration=1.05, target="bridge", model="tiny")
     assert summary["target"] == "bridge" and summary["model"] == "tiny"
@@ -64,8 +64,8 @@ def test_summary_counts_and_latency_of_ok_requests_only():
 
 
 def test_throughput_is_over_the_window_when_replies_keep_up():
-    outcomes = [Outcome(i / 10, i / 10, i / 10 + 0.001, OK) for i in range(10)]
-    summary = summarize(outcomes, rate=10, duration=1.0)
+    attempts = [Attempt(i / 10, i / 10, i / 10 + 0.001, OK) for i in range(10)]
+    summary = summarize(attempts, rate=10, duration=1.0)
     assert summary["elapsed_s"] == 1.0 and summary["achieved_rate"] == pytest.approx(10)
     empty = summarize([], rate=10, duration=2.0)
     assert (empty["ok"], empty["achieved_rate"], empty["latency_ms"]["p99"]) == (0, 0, None)
@@ -102,12 +102,12 @@ async def test_open_loop_starts_on_schedule_while_replies_are_slow():
         return Reply(OK)
 
     started = time.monotonic()
-    outcomes = await run_load(slow, schedule(rate=100, duration=0.5), max_inflight=None, timeout=5)
+    attempts = await run_load(slow, schedule(rate=100, duration=0.5), max_inflight=None, timeout=5)
     assert time.monotonic() - started < 2
-    assert len(outcomes) == 50 and all(o.status == OK for o in outcomes)
+    assert len(attempts) == 50 and all(o.status == OK for o in attempts)
     # Every request started at its due time, not after the previous reply (closed loop: 15 s).
-    assert max(o.started - o.due for o in outcomes) < 0.1
-    assert min(o.latency_s for o in outcomes) >= 0.29
+    assert max(o.started - o.due for o in attempts) < 0.1
+    assert min(o.latency_s for o in attempts) >= 0.29
 
 
 async def test_requests_over_max_inflight_are_dropped():
@@ -115,10 +115,10 @@ async def test_requests_over_max_inflight_are_dropped():
         await asyncio.sleep(1.0)
         return Reply(OK)
 
-    outcomes = await run_load(stuck, schedule(rate=100, duration=0.5), max_inflight=10, timeout=5)
-    statuses = [o.status for o in outcomes]
+    attempts = await run_load(stuck, schedule(rate=100, duration=0.5), max_inflight=10, timeout=5)
+    statuses = [o.status for o in attempts]
     assert statuses[:10] == [OK] * 10 and statuses[10:] == [DROPPED] * 40
-    summary = summarize(outcomes, rate=100, duration=0.5)
+    summary = summarize(attempts, rate=100, duration=0.5)
     assert (summary["sent"], summary["ok"], summary["dropped"]) == (10, 10, 40)
 
 
@@ -133,13 +133,13 @@ async def test_timeouts_errors_and_warmup():
         return Reply(OK, request_id=f"r{index}")
 
     started = time.monotonic()
-    outcomes = await run_load(mixed, schedule(rate=40, duration=0.2, warmup=0.1), timeout=0.2, grace=0)
+    attempts = await run_load(mixed, schedule(rate=40, duration=0.2, warmup=0.1), timeout=0.2, grace=0)
     assert time.monotonic() - started < 2
     # The 4 warm-up requests (indices 0-3) are not counted; the counted ones are 4-11.
-    assert [(o.status, o.code) for o in outcomes] == [
+    assert [(o.status, o.code) for o in attempts] == [
         (OK, None), (TIMEOUT, None), (ERROR, "ConnectionResetError"), (ERROR, "UNAUTHENTICATED")] * 2
-    assert [o.request_id for o in outcomes if o.status == OK] == ["r4", "r8"]
-    assert all(o.due >= 0.1 for o in outcomes)
+    assert [o.request_id for o in attempts if o.status == OK] == ["r4", "r8"]
+    assert all(o.due >= 0.1 for o in attempts)
 
 
 def test_input_specs_shapes_and_random_data():
@@ -165,10 +165,10 @@ def test_input_specs_shapes_and_random_data():
 
 
 def test_summary_table_renders_every_figure():
-    outcomes = [Outcome(0.0, 0.0, 0.004, OK), Outcome(0.1, 0.1, 0.2, ERROR, "RATE_LIMITED"),
-                Outcome(0.2, None, 0.2, DROPPED)]
+    attempts = [Attempt(0.0, 0.0, 0.004, OK), Attempt(0.1, 0.1, 0.2, ERROR, "RATE_LIMITED"),
+                Attempt(0.2, None, 0.2, DROPPED)]
     console = Console(record=True, width=120)
-    console.print(summary_table(summarize(outcomes, rate=10, duration=0.3, model="tiny", target="kafka")))
+    console.print(summary_table(summarize(attempts, rate=10, duration=0.3, model="tiny", target="kafka")))
     text = console.export_text()
     for figure in ("offered rate", "achieved throughput", "RATE_LIMITED 1", "dropped", "latency p99 ms",
                    "latency max ms", "4.0"):
