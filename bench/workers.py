@@ -30,7 +30,6 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-import asyncpg
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +49,7 @@ from streams.ops.replay import Replayer, ReplayJob
 from streams.registry.records import BackendSpec, ModelRegistry
 from streams.registry.store import save_record
 from streams.settings import Settings
+from streams.storage.results import ResultsStore
 from streams.worker.app import bootstrap_registry
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -85,16 +85,10 @@ async def measure_replay(settings: Settings, timeout: float) -> dict:
     started = time.monotonic()
     progress = await Replayer(settings, ReplayJob(name=f"bench-{uuid.uuid4().hex[:6]}")).run()
     publish_rate = progress.rate  # a property of the elapsed time: read it now
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        while time.monotonic() - started < timeout:
-            stored = await conn.fetchval("SELECT count(*) FROM inference_results WHERE request_id = ANY($1::text[])",
-                                         list(progress.origins))
-            if stored >= progress.published:
-                break
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
+    async with ResultsStore(settings.postgres_dsn) as results:
+        rows = await results.wait_until_stored(list(progress.origins), progress.published,
+                                               timeout_s=timeout - (time.monotonic() - started))
+    stored = len(rows)
     seconds = time.monotonic() - started
     return {"replayed": progress.published, "replay_publish_req_s": round(publish_rate, 1),
             "replay_stored": stored, "replay_seconds": round(seconds, 2),

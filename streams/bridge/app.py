@@ -68,6 +68,7 @@ from streams.storage.batch_inputs import list_items
 from streams.storage.jobs import JobStore
 from streams.storage.objects import parse_uri
 from streams.storage.results import ResultsStore
+from streams.storage.schema import migrate
 from streams.telemetry import model_stats, tracing
 from streams.telemetry import presence as heartbeats
 from streams.telemetry.logs import log_request, setup_logging
@@ -218,6 +219,7 @@ class Bridge:
         await ensure_topics(self.settings, [], extra=[own])
         await self.follower.start()
         await self.client.start()
+        await migrate(self.settings.postgres_dsn)
         await self.db.start()
         self.jobs = JobStore(self.db.pool)
         self.redis = aioredis.from_url(self.settings.redis_url)
@@ -539,7 +541,7 @@ class Bridge:
         batch = await self.jobs.batch(batch_id)
         if batch is None or not _owns(caller, batch.tenant):
             raise EventError(ErrorCode.NOT_FOUND, f"no batch {batch_id}")  # the same whether it exists or not
-        done, failed = await self.jobs.batch_progress(batch_id)
+        done, failed = await self.db.batch_progress(batch_id)
         answer = {"batch_id": batch_id, "model": batch.model, "status": batch.status, "total": batch.total,
                   "published": batch.published, "done": done, "failed": failed, "error": batch.error}
         if batch.output_ref:

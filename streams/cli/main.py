@@ -237,10 +237,12 @@ async def _with_stores(work):
     import redis.asyncio as aioredis
 
     from streams.storage.results import ResultsStore
+    from streams.storage.schema import migrate
 
     settings = get_settings()
+    await migrate(settings.postgres_dsn)
     results = ResultsStore(settings.postgres_dsn)
-    await results.start()  # creates or migrates the schema
+    await results.start()
     redis = aioredis.from_url(settings.redis_url)
     try:
         return await work(settings, results.pool, redis)
@@ -746,14 +748,13 @@ def infer(
 def result(request_id: Annotated[str, typer.Argument(help="the request's id")]) -> None:
     """Show the stored result of a request (PostgreSQL)."""
     from streams.storage.results import ResultsStore
+    from streams.storage.schema import migrate
 
     async def fetch():
-        store = ResultsStore(get_settings().postgres_dsn)
-        await store.start()
-        try:
+        settings = get_settings()
+        await migrate(settings.postgres_dsn)
+        async with ResultsStore(settings.postgres_dsn) as store:
             return await store.get(request_id)
-        finally:
-            await store.stop()
 
     row = asyncio.run(fetch())
     if row is None:

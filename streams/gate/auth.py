@@ -23,8 +23,8 @@ import asyncpg
 import jwt
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from streams.storage.cache import ReadThroughCache
 from topics.errors import ErrorCode, EventError
 from topics.events import Credentials
 
@@ -261,30 +261,16 @@ def secret_matches(secret: str, stored: str, pepper: str) -> bool:
     return hmac.compare_digest(hash_secret(secret, pepper), stored)
 
 
-API_KEYS_DDL = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id      text PRIMARY KEY,
-    tenant      text NOT NULL,
-    scopes      text[] NOT NULL,
-    name        text NOT NULL DEFAULT '',
-    secret_hash text NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    revoked_at  timestamptz
-);
-CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
-"""
-
 # Cache entries: {"state": "active", "tenant", "scopes", "hash"} | {"state": "revoked"} |
 # {"state": "unknown"}. Unknown ids are cached briefly so guessing does not hammer PostgreSQL.
 _NEGATIVE_TTL_S = 5.0
 
 
 class ApiKeyStore:
-    """API keys in PostgreSQL, looked up through a Redis cache.
+    """API keys in PostgreSQL, looked up through a Redis cache (`streams.storage.cache`).
 
-    Revocation wins over the cache: revoke writes a "revoked" entry over whatever is cached,
-    and lookups fill the cache only where nothing is (SET NX), so a lookup that read the row
-    just before the revoke cannot put the key back."""
+    Revocation wins over the cache: revoke writes a "revoked" entry over whatever is cached, so
+    a lookup that read the row just before the revoke cannot put the key back."""
 
     def __init__(
         self,
@@ -297,14 +283,12 @@ class ApiKeyStore:
         if not pepper:
             raise ValueError("API keys need a non-empty pepper")
         self._pool = pool
-        self._redis = redis
         self._pepper = pepper
-        self._ttl_ms = int(cache_ttl_s * 1000)
-        self._negative_ttl_ms = int(min(cache_ttl_s, _NEGATIVE_TTL_S) * 1000)
-        self._prefix = key_prefix
-
-    async def ensure_schema(self) -> None:
-        await self._pool.execute(API_KEYS_DDL)
+        negative_ttl_s = min(cache_ttl_s, _NEGATIVE_TTL_S)
+        self._cache: ReadThroughCache[dict[str, Any]] = ReadThroughCache(
+            redis, f"{key_prefix}:apikey", cache_ttl_s, orjson.dumps, orjson.loads,
+            ttl_of=lambda entry: negative_ttl_s if entry["state"] == "unknown" else cache_ttl_s,
+        )
 
     async def create(self, tenant: str, scopes: list[str], name: str = "") -> str:
         """A new key; the full key is returned only here, the table keeps its hash. ValueError
@@ -331,7 +315,7 @@ class ApiKeyStore:
         status = await self._pool.execute(
             "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL", key_id
         )
-        await self._redis.set(self._cache_key(key_id), orjson.dumps({"state": "revoked"}), px=self._ttl_ms)
+        await self._cache.put(key_id, {"state": "revoked"})
         return status == "UPDATE 1"
 
     async def verify(self, full_key: str) -> Principal:
@@ -345,25 +329,8 @@ class ApiKeyStore:
             raise _unauthenticated(INVALID_API_KEY)
         return Principal(tenant=entry["tenant"], subject=key_id, scopes=frozenset(entry["scopes"]), method="api_key")
 
-    def _cache_key(self, key_id: str) -> str:
-        return f"{self._prefix}:apikey:{key_id}"
-
     async def _entry(self, key_id: str) -> dict[str, Any]:
-        cache_key = self._cache_key(key_id)
-        try:
-            cached = await self._redis.get(cache_key)
-        except RedisError as exc:
-            log.warning("API key cache unavailable, reading PostgreSQL: %s", exc)
-            return await self._load(key_id)
-        if cached is not None:
-            return orjson.loads(cached)
-        entry = await self._load(key_id)
-        ttl = self._negative_ttl_ms if entry["state"] == "unknown" else self._ttl_ms
-        try:
-            await self._redis.set(cache_key, orjson.dumps(entry), px=ttl, nx=True)
-        except RedisError as exc:
-            log.warning("API key cache unavailable: %s", exc)
-        return entry
+        return await self._cache.get(key_id, lambda: self._load(key_id))
 
     async def _load(self, key_id: str) -> dict[str, Any]:
         row = await self._pool.fetchrow(

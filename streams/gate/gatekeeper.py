@@ -7,13 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from streams.gate.auth import ANONYMOUS, ApiKeyStore, Authenticator, JwtVerifier, Principal
 from streams.gate.ratelimit import RateLimiter, TenantLimits
 from streams.settings import Settings
+from streams.storage.redis import redis_client
 from topics.errors import ErrorCode, EventError
 from topics.events import Credentials, InferenceRequest
 
@@ -31,15 +29,6 @@ def jwt_verifier(settings: Settings) -> JwtVerifier | None:
         issuer=settings.jwt_issuer or None, audience=settings.jwt_audience or None,
         leeway_s=settings.jwt_leeway_s, require_exp=settings.jwt_require_exp,
     )
-
-
-def redis_client(url: str) -> aioredis.Redis:
-    """Fails fast when Redis is down (redis-py's default retries take seconds), and waits for a
-    free connection rather than failing when a burst of checks outnumbers the pool."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=2.0, socket_timeout=1.0, socket_connect_timeout=1.0,
-    )
-    return aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
 
 
 class Gatekeeper:

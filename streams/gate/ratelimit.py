@@ -20,6 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from streams.storage.cache import ReadThroughCache
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
@@ -170,48 +171,21 @@ class RateLimiter:
         raise EventError(ErrorCode.UNAVAILABLE, f"rate limiter unavailable ({type(exc).__name__}); try again later")
 
 
-TENANT_LIMITS_DDL = """
-CREATE TABLE IF NOT EXISTS tenant_limits (
-    tenant              text PRIMARY KEY,
-    requests_per_minute integer NOT NULL CHECK (requests_per_minute >= 0),
-    updated_at          timestamptz NOT NULL DEFAULT now()
-);
-"""
-
-
 class TenantLimits:
     """Per-tenant overrides of the default limit (requests per limiter window, a minute by
-    default), in PostgreSQL behind a Redis cache. Writes overwrite the cached value and lookups
-    fill it only where nothing is cached (SET NX), so a change is never undone by a stale read."""
-
-    _NONE = b""  # cached "no override"
+    default), in PostgreSQL behind a Redis cache (`streams.storage.cache`). Writes overwrite the
+    cached value, so a change is never undone by a stale read."""
 
     def __init__(
         self, pool: asyncpg.Pool, redis: aioredis.Redis, cache_ttl_s: float = 30, key_prefix: str = "inferstream"
     ) -> None:
         self._pool = pool
-        self._redis = redis
-        self._ttl_ms = int(cache_ttl_s * 1000)
-        self._prefix = key_prefix
-
-    async def ensure_schema(self) -> None:
-        await self._pool.execute(TENANT_LIMITS_DDL)
+        self._cache: ReadThroughCache[int | None] = ReadThroughCache(
+            redis, f"{key_prefix}:tenantlimit", cache_ttl_s, _encode_limit, _decode_limit,
+        )
 
     async def get(self, tenant: str) -> int | None:
-        key = self._cache_key(tenant)
-        try:
-            cached = await self._redis.get(key)
-        except RedisError as exc:
-            log.warning("tenant limit cache unavailable, reading PostgreSQL: %s", exc)
-            return await self._load(tenant)
-        if cached is not None:
-            return int(cached) if cached else None  # bytes or str, as the client decodes
-        limit = await self._load(tenant)
-        try:
-            await self._redis.set(key, self._encode(limit), px=self._ttl_ms, nx=True)
-        except RedisError as exc:
-            log.warning("tenant limit cache unavailable: %s", exc)
-        return limit
+        return await self._cache.get(tenant, lambda: self._load(tenant))
 
     async def set(self, tenant: str, requests_per_minute: int) -> None:
         if requests_per_minute < 0:
@@ -221,23 +195,25 @@ class TenantLimits:
             " DO UPDATE SET requests_per_minute = EXCLUDED.requests_per_minute, updated_at = now()",
             tenant, requests_per_minute,
         )
-        await self._redis.set(self._cache_key(tenant), self._encode(requests_per_minute), px=self._ttl_ms)
+        await self._cache.put(tenant, requests_per_minute)
 
     async def clear(self, tenant: str) -> bool:
         """True when the tenant had an override."""
         status = await self._pool.execute("DELETE FROM tenant_limits WHERE tenant = $1", tenant)
-        await self._redis.set(self._cache_key(tenant), self._NONE, px=self._ttl_ms)
+        await self._cache.put(tenant, None)
         return status == "DELETE 1"
 
     async def list(self) -> dict[str, int]:
         rows = await self._pool.fetch("SELECT tenant, requests_per_minute FROM tenant_limits ORDER BY tenant")
         return {row["tenant"]: row["requests_per_minute"] for row in rows}
 
-    def _cache_key(self, tenant: str) -> str:
-        return f"{self._prefix}:tenantlimit:{tenant}"
-
-    def _encode(self, limit: int | None) -> bytes:
-        return self._NONE if limit is None else str(limit).encode()
-
     async def _load(self, tenant: str) -> int | None:
         return await self._pool.fetchval("SELECT requests_per_minute FROM tenant_limits WHERE tenant = $1", tenant)
+
+
+def _encode_limit(limit: int | None) -> bytes:
+    return b"" if limit is None else str(limit).encode()  # empty: cached "no override"
+
+
+def _decode_limit(cached: bytes | str) -> int | None:
+    return int(cached) if cached else None

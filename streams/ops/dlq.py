@@ -2,9 +2,9 @@
 source topic (original bytes, key and headers) once their cause is fixed.
 
 The topic is read by a consumer of our own (assigned partitions, no group). A redrive is recorded
-per dead-letter offset in PostgreSQL, in the transaction that holds the redrive lock, so running
-it twice does not send twice; the pipeline is idempotent by request id should a crash between
-send and commit re-send one.
+per dead-letter offset in PostgreSQL (table `deadletter_redrives`, see `streams.storage.schema`),
+in the transaction that holds the redrive lock, so running it twice does not send twice; the
+pipeline is idempotent by request id should a crash between send and commit re-send one.
 """
 
 from __future__ import annotations
@@ -28,17 +28,6 @@ from topics.errors import ErrorCode, EventError, printable
 from topics.events import DeadLetter
 from topics.names import Topics, valid_topic
 
-REDRIVES_DDL = """
-CREATE TABLE IF NOT EXISTS deadletter_redrives (
-    topic        text NOT NULL,
-    partition    integer NOT NULL,
-    "offset"     bigint NOT NULL,
-    source_topic text NOT NULL,
-    request_id   text,
-    redriven_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (topic, partition, "offset")
-)
-"""
 _LOCK_ID = 0x1F5E_D1  # advisory lock: one redrive at a time
 PREVIEW_BYTES = 200
 
@@ -214,7 +203,6 @@ async def redrive(settings: Settings, records: list[Record]) -> tuple[list[Lette
                                 max_request_size=settings.max_message_bytes + 64 * 1024)
     await producer.start()
     try:
-        await conn.execute(REDRIVES_DDL)
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
             done = {(r["partition"], r["offset"]) for r in await conn.fetch(

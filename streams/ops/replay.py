@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from streams.kafka.offsets import fixed_ends
 from streams.settings import Settings
 from streams.storage.objects import ObjectStore
+from streams.storage.results import ResultsStore
 from topics import events
 from topics import tensors as tensor_codec
 from topics.errors import ErrorCode, EventError
@@ -261,7 +262,7 @@ class Replayer:
             bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
             max_batch_size=PUBLISH_BATCH_BYTES, max_request_size=settings.max_message_bytes + 64 * 1024,
         )
-        self._pool: asyncpg.Pool | None = None
+        self._results: ResultsStore | None = None  # when a filter needs the stored results
         self._partitioner = DefaultPartitioner()  # what `send(key=...)` uses: keys keep their partitions
         self._partitions: list[int] = []  # the target's
 
@@ -271,11 +272,12 @@ class Replayer:
             if not self.job.dry_run:
                 await self._producer.start()
             if self.job.filters.needs_results:
-                self._pool = await asyncpg.create_pool(self.settings.postgres_dsn, min_size=1, max_size=2)
+                self._results = ResultsStore(self.settings.postgres_dsn)
+                await self._results.start()
             await self._replay(await self._ranges(), on_progress)
         finally:
-            if self._pool is not None:
-                await self._pool.close()
+            if self._results is not None:
+                await self._results.stop()
             await self._producer.stop()
             await self._consumer.stop()
         return self.progress
@@ -432,7 +434,7 @@ class Replayer:
 
     async def _stored_results(self, records: list[ConsumerRecord]) -> dict[str, dict[str, Any]]:
         """The result rows (status, tenant) of these records' requests, when a filter needs them."""
-        if self._pool is None or not records:
+        if self._results is None or not records:
             return {}
         ids = []
         for record in records:
@@ -440,9 +442,7 @@ class Replayer:
                 ids.append(events.decode_request_header(record.value)[0].request_id)
             except EventError:
                 continue
-        rows = await self._pool.fetch(
-            "SELECT request_id, status, tenant FROM inference_results WHERE request_id = ANY($1::text[])", ids)
-        return {row["request_id"]: dict(row) for row in rows}
+        return {request_id: dict(row) for request_id, row in (await self._results.outcomes(ids)).items()}
 
 
 # -- compare -----------------------------------------------------------------------------------
@@ -521,18 +521,9 @@ async def compare(settings: Settings, origins: dict[str, str], version: str, nam
     """Wait (bounded) for the replays' results, compare them with the originals' rows, and
     write the report to S3. Returns (report, its s3:// URI)."""
     store = ObjectStore(settings)
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        query = "SELECT * FROM inference_results WHERE request_id = ANY($1::text[])"
-        deadline = time.monotonic() + timeout
-        while True:
-            replays = {r["request_id"]: r for r in await conn.fetch(query, list(origins))}
-            if len(replays) >= len(origins) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-        originals = {r["request_id"]: r for r in await conn.fetch(query, list(origins.values()))}
-    finally:
-        await conn.close()
+    async with ResultsStore(settings.postgres_dsn) as results:
+        replays = await results.wait_until_stored(list(origins), timeout_s=timeout)
+        originals = await results.rows(list(origins.values()))
     pairs = []
     for rid, oid in origins.items():
         if rid in replays and oid in originals:

@@ -21,9 +21,11 @@ import onnxruntime as ort
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from minio.error import S3Error
+from pydantic import TypeAdapter
 
 from streams.registry.records import ModelInfo, ModelRegistry, TensorSignature, load_repository
 from streams.settings import Settings
+from streams.storage.cache import ReadThroughCache
 from streams.storage.objects import MISSING, ObjectStore, parse_uri
 from topics.names import Topics
 from topics.seal import Sealer, SealError
@@ -104,25 +106,28 @@ def triton_host_allowed(url: str | None, hosts: list[str]) -> bool:
             and f"//{url}" == f"//{parts.netloc}" and not parts.username and not parts.password)
 
 
+_VERSIONS = TypeAdapter(list[ModelInfo])
+_ALL_VERSIONS = "versions"  # the cache entry's name
+
+
 class RegistryStore:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.topic = Topics(settings.topic_prefix).registry
         self.pool = pool
-        self.redis = redis
-        self.cache_key = f"{settings.topic_prefix}:registry"
+        # The whole registry as one entry: every read wants all of it.
+        self.cache: ReadThroughCache[builtins.list[ModelInfo]] = ReadThroughCache(
+            redis, f"{settings.topic_prefix}:registry", settings.registry_cache_ttl_s,
+            _VERSIONS.dump_json, _VERSIONS.validate_json,
+        )
         self.store = ObjectStore(settings)
 
     async def list(self) -> list[ModelInfo]:
-        cached = await self.redis.hgetall(self.cache_key)
-        if cached:
-            return sorted((ModelInfo.model_validate_json(v) for v in cached.values()), key=lambda i: i.key)
+        return await self.cache.get(_ALL_VERSIONS, self._load)
+
+    async def _load(self) -> builtins.list[ModelInfo]:
         rows = await self.pool.fetch("SELECT doc FROM model_versions ORDER BY name, version")
-        infos = [ModelInfo.model_validate_json(r["doc"]) for r in rows]
-        if infos:
-            await self.redis.hset(self.cache_key, mapping={i.key: i.model_dump_json() for i in infos})
-            await self.redis.expire(self.cache_key, self.settings.registry_cache_ttl_s)
-        return infos
+        return [ModelInfo.model_validate_json(r["doc"]) for r in rows]
 
     async def get(self, name: str, version: str) -> ModelInfo | None:
         return next((i for i in await self.list() if i.name == name and i.version == version), None)
@@ -145,7 +150,7 @@ class RegistryStore:
                 " doc = EXCLUDED.doc, updated_at = now()",
                 info.name, info.version, info.revision, info.model_dump_json(),
             )
-        await self.redis.delete(self.cache_key)
+        await self.cache.invalidate(_ALL_VERSIONS)
         await self.publish([info])
         return info
 

@@ -23,15 +23,6 @@ import orjson
 from topics.events import InferenceRequest
 from topics.tensors import serialize_bytes
 
-CLAIMS_DDL = """
-CREATE TABLE IF NOT EXISTS request_claims (
-    request_id  text PRIMARY KEY,
-    digest      bytea NOT NULL,
-    source      text NOT NULL,
-    claimed_at  timestamptz NOT NULL DEFAULT now()
-);
-"""
-
 
 class Seen(Enum):
     NEW = "new"

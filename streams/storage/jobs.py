@@ -1,4 +1,5 @@
-"""Jobs and batch jobs in PostgreSQL (tables from `streams.storage.results.MIGRATIONS`)."""
+"""Jobs and batch jobs in PostgreSQL (tables from `streams.storage.schema`); their results are in
+`streams.storage.results`."""
 
 from __future__ import annotations
 
@@ -65,19 +66,4 @@ class JobStore:
         await self.pool.execute(
             f"UPDATE inference_batches SET {columns}, updated_at = now() WHERE batch_id = $1",
             batch_id, *fields.values(),
-        )
-
-    async def batch_progress(self, batch_id: str) -> tuple[int, int]:
-        """(answered ok, answered with an error) items of a batch."""
-        row = await self.pool.fetchrow(
-            "SELECT count(*) FILTER (WHERE status = 'ok') AS done,"
-            " count(*) FILTER (WHERE status <> 'ok') AS failed"
-            " FROM inference_results WHERE batch_id = $1", batch_id,
-        )
-        return row["done"], row["failed"]
-
-    async def batch_results(self, batch_id: str) -> list[asyncpg.Record]:
-        return await self.pool.fetch(
-            "SELECT request_id, correlation_id, status, error_code, error_message, outputs, outputs_ref"
-            " FROM inference_results WHERE batch_id = $1 ORDER BY request_id", batch_id,
         )

@@ -1,8 +1,10 @@
 """Results in PostgreSQL: one row per request id, written in batches by idempotent upserts, so a
-redelivered result never makes a second row. The schema is created and migrated by the code."""
+redelivered result never makes a second row. Every read of the results table is a method here."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -10,78 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from streams.gate.auth import API_KEYS_DDL
-from streams.gate.ratelimit import TENANT_LIMITS_DDL
-from streams.storage.claims import CLAIMS_DDL
 from topics.events import InferenceResult
-
-# Each entry runs once, in order, recorded in inferstream_schema.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE inference_results (
-        request_id      text PRIMARY KEY,
-        correlation_id  text,
-        model           text,
-        model_version   text,
-        status          text NOT NULL,
-        error_code      text,
-        error_message   text,
-        outputs         bytea,
-        outputs_ref     text,
-        timings_ms      jsonb NOT NULL DEFAULT '{}'::jsonb,
-        batch_size      integer,
-        tenant          text,
-        created_at      timestamptz,
-        completed_at    timestamptz NOT NULL,
-        stored_at       timestamptz NOT NULL DEFAULT now(),
-        source_partition integer,
-        source_offset   bigint
-    );
-    CREATE INDEX inference_results_model_completed ON inference_results (model, completed_at);
-    """,
-    """
-    ALTER TABLE inference_results ADD COLUMN batch_id text;
-    CREATE INDEX inference_results_batch ON inference_results (batch_id) WHERE batch_id IS NOT NULL;
-    CREATE TABLE inference_jobs (
-        job_id      text PRIMARY KEY,
-        model       text NOT NULL,
-        version     text,
-        created_at  timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE inference_batches (
-        batch_id    text PRIMARY KEY,
-        model       text NOT NULL,
-        version     text,
-        input       text NOT NULL,
-        rate        real NOT NULL,
-        status      text NOT NULL,
-        total       integer,
-        published   integer NOT NULL DEFAULT 0,
-        output_ref  text,
-        error       text,
-        created_at  timestamptz NOT NULL DEFAULT now(),
-        updated_at  timestamptz NOT NULL DEFAULT now()
-    );
-    """,
-    """
-    CREATE TABLE model_versions (
-        name        text NOT NULL,
-        version     text NOT NULL,
-        revision    integer NOT NULL,
-        doc         jsonb NOT NULL,
-        updated_at  timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (name, version)
-    );
-    ALTER TABLE inference_results ADD COLUMN shadow_of text;
-    """,
-    API_KEYS_DDL + TENANT_LIMITS_DDL,
-    CLAIMS_DDL,
-    # Jobs and batches belong to the tenant that submitted them (earlier ones: anonymous).
-    """
-    ALTER TABLE inference_jobs ADD COLUMN tenant text NOT NULL DEFAULT 'anonymous';
-    ALTER TABLE inference_batches ADD COLUMN tenant text NOT NULL DEFAULT 'anonymous';
-    """,
-]
 
 _UPSERT = """
 INSERT INTO inference_results (request_id, correlation_id, model, model_version, status,
@@ -100,8 +31,7 @@ ON CONFLICT (request_id) DO UPDATE SET
 -- An answered request keeps its answer: a later error for the same id never replaces it.
 WHERE inference_results.status <> 'ok' OR EXCLUDED.status = 'ok'
 """
-
-_LOCK_ID = 0x1F5E_A3  # advisory lock: one migrator at a time across workers
+_POLL_S = 0.25  # how often `wait_until_stored` counts the rows stored
 
 
 @dataclass
@@ -126,34 +56,28 @@ def _row(item: StoredResult) -> tuple[Any, ...]:
     )
 
 
-async def migrate(conn: asyncpg.Connection) -> None:
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS inferstream_schema (version integer PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        applied = await conn.fetchval("SELECT coalesce(max(version), 0) FROM inferstream_schema")
-        for version, statement in enumerate(MIGRATIONS, start=1):
-            if version > applied:
-                await conn.execute(statement)
-                await conn.execute("INSERT INTO inferstream_schema (version) VALUES ($1)", version)
-
-
 class ResultsStore:
+    """The results table (made by `streams.storage.schema.migrate`), over a pool of its own that
+    the other stores of a process share."""
+
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._pool: asyncpg.Pool | None = None
 
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4)
-        async with self._pool.acquire() as conn:
-            await migrate(conn)
 
     async def stop(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    async def __aenter__(self) -> ResultsStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -167,6 +91,14 @@ class ResultsStore:
         async with self.pool.acquire() as conn:
             await conn.executemany(_UPSERT, [_row(i) for i in latest.values()])
 
+    async def get(self, request_id: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow("SELECT * FROM inference_results WHERE request_id = $1", request_id)
+
+    async def rows(self, request_ids: list[str]) -> dict[str, asyncpg.Record]:
+        """The stored results of these request ids, by id."""
+        rows = await self.pool.fetch("SELECT * FROM inference_results WHERE request_id = ANY($1::text[])", request_ids)
+        return {row["request_id"]: row for row in rows}
+
     async def answered(self, request_ids: list[str]) -> dict[str, asyncpg.Record]:
         """The stored `ok` results of these request ids."""
         rows = await self.pool.fetch(
@@ -174,5 +106,29 @@ class ResultsStore:
         )
         return {row["request_id"]: row for row in rows}
 
-    async def get(self, request_id: str) -> asyncpg.Record | None:
-        return await self.pool.fetchrow("SELECT * FROM inference_results WHERE request_id = $1", request_id)
+    async def outcomes(self, request_ids: list[str]) -> dict[str, asyncpg.Record]:
+        """(status, tenant) of the stored results of these request ids, without their outputs."""
+        rows = await self.pool.fetch(
+            "SELECT request_id, status, tenant FROM inference_results WHERE request_id = ANY($1::text[])", request_ids,
+        )
+        return {row["request_id"]: row for row in rows}
+
+    async def batch_progress(self, batch_id: str) -> tuple[int, int]:
+        """(answered ok, answered with an error) items of a batch job."""
+        row = await self.pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE status = 'ok') AS done,"
+            " count(*) FILTER (WHERE status <> 'ok') AS failed"
+            " FROM inference_results WHERE batch_id = $1", batch_id,
+        )
+        return row["done"], row["failed"]
+
+    async def wait_until_stored(self, request_ids: list[str], expect: int | None = None,
+                                timeout_s: float = 60.0) -> dict[str, asyncpg.Record]:
+        """The stored results of these request ids once `expect` of them (all by default) are
+        stored, or `timeout_s` has passed: results are stored asynchronously, after their answer."""
+        expect = len(set(request_ids)) if expect is None else expect
+        count = "SELECT count(*) FROM inference_results WHERE request_id = ANY($1::text[])"
+        deadline = time.monotonic() + timeout_s
+        while await self.pool.fetchval(count, request_ids) < expect and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)
+        return await self.rows(request_ids)

@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from streams.gate.gatekeeper import redis_client
 from streams.settings import Settings
+from streams.storage.redis import redis_client
 from streams.telemetry.model_stats import ModelStats
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from streams.registry.records import ModelRegistry
 from streams.registry.store import RegistryStore
 from streams.settings import Settings
 from streams.storage.results import ResultsStore
+from streams.storage.schema import migrate
 from streams.telemetry import metrics
 from streams.telemetry.logs import setup_logging
 from streams.telemetry.model_stats import STATS
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 
 
 async def bootstrap_registry(settings: Settings) -> list[str]:
-    """Register the built models that the registry lacks, republish every record (so a new
-    registry topic starts complete), and return the model names to serve."""
+    """Migrate the database, register the built models that the registry lacks, republish every
+    record (so a new registry topic starts complete), and return the model names to serve."""
+    await migrate(settings.postgres_dsn)
     results = ResultsStore(settings.postgres_dsn)
-    await results.start()  # creates or migrates the schema
+    await results.start()
     redis = aioredis.from_url(settings.redis_url)
     try:
         store = RegistryStore(settings, results.pool, redis)

@@ -46,12 +46,14 @@ def item_request_id(batch_id: str, index: int) -> str:
 class BatchRunner:
     """Runs one batch to the end (used by the batch agent of a worker)."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: ObjectStore, jobs: JobStore) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: ObjectStore, jobs: JobStore,
+                 results: ResultsStore) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.registry = registry
         self.store = store
         self.jobs = jobs
+        self.results = results
         self.sealer = Sealer(settings.cluster_secret)
         self.limits = Limits(settings.bridge_max_elements, settings.bridge_max_json_depth)
 
@@ -114,18 +116,10 @@ class BatchRunner:
         await outbox.put(self.topics.requests, key, value, vouched if owner is not None else None)
 
     async def _collect(self, batch: Batch, total: int) -> None:
-        deadline = time.monotonic() + self.settings.batch_timeout_s
-        while True:
-            done, failed = await self.jobs.batch_progress(batch.batch_id)
-            if done + failed >= total:
-                status = BatchStatus.COMPLETED
-                break
-            if time.monotonic() > deadline:
-                status = BatchStatus.INCOMPLETE
-                break
-            await asyncio.sleep(0.5)
-        rows = await self.jobs.batch_results(batch.batch_id)
-        output = b"".join(orjson.dumps(_output_line(batch.batch_id, row)) + b"\n" for row in rows)
+        item_ids = [item_request_id(batch.batch_id, index) for index in range(total)]
+        rows = await self.results.wait_until_stored(item_ids, timeout_s=self.settings.batch_timeout_s)
+        status = BatchStatus.COMPLETED if len(rows) == total else BatchStatus.INCOMPLETE
+        output = b"".join(orjson.dumps(_output_line(batch.batch_id, rows[rid])) + b"\n" for rid in sorted(rows))
         uri = await self.store.aput(f"batches/{batch.batch_id}/output.jsonl", output)
         await self.jobs.update_batch(batch.batch_id, status=status, output_ref=uri)
 
@@ -172,7 +166,7 @@ class BatchJobs:
 
     async def step(self, messages: Sequence[Message], outbox: Outbox) -> None:
         """Batch job commands: each batch runs to its end (its output written) before the next."""
-        runner = BatchRunner(self.settings, self.registry, self.store, JobStore(self.results.pool))
+        runner = BatchRunner(self.settings, self.registry, self.store, JobStore(self.results.pool), self.results)
         for message in messages:
             try:
                 batch_id, owner = self.batch_command(message)

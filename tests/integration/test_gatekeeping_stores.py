@@ -1,4 +1,5 @@
-"""API keys, rate limits and tenant overrides against the real PostgreSQL and Redis."""
+"""API keys, rate limits and tenant overrides against the real PostgreSQL and Redis, and the
+read-through cache they share."""
 
 import asyncio
 import logging
@@ -12,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from infra.local.stack import free_port
 from streams.gate.auth import (
-    API_KEYS_DDL,
     INVALID_API_KEY,
     ApiKeyStore,
     Authenticator,
@@ -24,13 +25,14 @@ from streams.gate.auth import (
     parse_api_key,
 )
 from streams.gate.ratelimit import (
-    TENANT_LIMITS_DDL,
     RateLimiter,
     SlidingLog,
     TenantLimits,
     decide,
 )
 from streams.settings import Settings
+from streams.storage.cache import ReadThroughCache
+from streams.storage.schema import migrate
 from topics.errors import ErrorCode, EventError
 from topics.events import Credentials
 
@@ -41,15 +43,14 @@ PEPPER = "test-pepper"
 
 @pytest.fixture(scope="module")
 async def pool():
-    """A throwaway database with both tables, dropped at the end."""
+    """A throwaway database with the product's tables, dropped at the end."""
     base = Settings().postgres_dsn.rpartition("/")[0]
     name = f"inferstream_gk_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(f"{base}/postgres", timeout=10)
     await admin.execute(f'CREATE DATABASE "{name}"')
+    await migrate(f"{base}/{name}")
     pool = await asyncpg.create_pool(f"{base}/{name}", min_size=1, max_size=4, timeout=10)
     try:
-        await pool.execute(API_KEYS_DDL)
-        await pool.execute(TENANT_LIMITS_DDL)
         yield pool
     finally:
         await pool.close()
@@ -99,7 +100,6 @@ async def reason(coro) -> str:
 
 async def test_create_then_verify(pool, redis, prefix):
     store = keys_of(pool, redis, prefix)
-    await store.ensure_schema()  # idempotent: the tables exist already
     full = await store.create("acme", ["infer:tiny"], "ci")
     key_id, secret = parse_api_key(full)
 
@@ -231,7 +231,6 @@ async def test_log_keys_expire(redis, prefix):
 
 async def test_tenant_override(pool, redis, prefix):
     admin = TenantLimits(pool, redis, cache_ttl_s=30, key_prefix=prefix)
-    await admin.ensure_schema()
     worker = TenantLimits(pool, redis, cache_ttl_s=30, key_prefix=prefix)
     limiter = RateLimiter(redis, key_prefix=prefix)
     tenant = f"small-{prefix}"
@@ -271,3 +270,57 @@ async def test_fail_open_when_redis_is_down(dead_redis, caplog):
     assert all(d.allowed for d in decisions)
     assert limiter.unavailable_count == 3
     assert sum("failing open" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- the read-through cache they share -----------------------------------------------------
+
+
+class Loader:
+    """Loads `value` (as PostgreSQL would), counting the loads; `during` runs inside each load."""
+
+    def __init__(self, value: str, during=None) -> None:
+        self.value, self.during, self.loads = value, during, 0
+
+    async def __call__(self) -> str:
+        self.loads += 1
+        if self.during is not None:
+            await self.during()
+        return self.value
+
+
+def text_cache(redis, prefix: str, ttl_of=None) -> ReadThroughCache[str]:
+    return ReadThroughCache(redis, f"{prefix}:text", 30, str.encode,
+                            lambda cached: cached.decode() if isinstance(cached, bytes) else cached, ttl_of)
+
+
+async def test_the_cache_loads_once_then_answers_from_redis(redis, prefix):
+    cache = text_cache(redis, prefix, ttl_of=lambda value: 1 if value == "none" else 30)
+    load = Loader("row")
+    assert [await cache.get("a", load) for _ in range(3)] == ["row"] * 3
+    assert load.loads == 1
+    assert 29_000 < await redis.pttl(f"{prefix}:text:a") <= 30_000
+    assert await cache.get("b", Loader("none")) == "none"
+    assert 0 < await redis.pttl(f"{prefix}:text:b") <= 1_000  # a value's own TTL
+
+
+async def test_a_change_during_a_lookup_is_not_undone_by_it(redis, prefix):
+    cache = text_cache(redis, prefix)
+    # The lookup reads the row, then the change lands before the lookup fills the cache.
+    stale = Loader("old", during=lambda: cache.put("a", "new"))
+    assert await cache.get("a", stale) == "old"
+    assert await cache.get("a", Loader("unused")) == "new"
+
+    await cache.invalidate("a")
+    fresh = Loader("newer")
+    assert await cache.get("a", fresh) == "newer" and fresh.loads == 1
+
+
+async def test_the_cache_loads_every_time_when_redis_is_down_and_changes_raise(dead_redis, prefix):
+    cache = text_cache(dead_redis, prefix)
+    load = Loader("row")
+    assert [await asyncio.wait_for(cache.get("a", load), 5) for _ in range(2)] == ["row"] * 2
+    assert load.loads == 2
+    with pytest.raises(RedisError):
+        await asyncio.wait_for(cache.put("a", "new"), 5)
+    with pytest.raises(RedisError):
+        await asyncio.wait_for(cache.invalidate("a"), 5)

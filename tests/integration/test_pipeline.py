@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
 import numpy as np
 import orjson
 import pytest
@@ -16,6 +15,7 @@ from support.cli_process import run_cli
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
 from streams.storage.objects import ObjectStore
+from streams.storage.results import ResultsStore
 from topics import events
 from topics.names import Topics
 
@@ -44,20 +44,10 @@ async def test_tiny_request_gets_the_models_answer(start_worker, settings):
     np.testing.assert_allclose(result.tensors["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
 
 
-async def rows_for(settings, request_ids: list[str], expect: int, timeout: float = 60.0) -> list:
-    """Result rows of these requests, polled until `expect` are stored (the sink is async)."""
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            rows = await conn.fetch(
-                "SELECT * FROM inference_results WHERE request_id = ANY($1::text[])", request_ids
-            )
-            if len(rows) >= expect or asyncio.get_running_loop().time() > deadline:
-                return rows
-            await asyncio.sleep(0.5)
-    finally:
-        await conn.close()
+async def rows_for(settings, request_ids: list[str]) -> list:
+    """Result rows of these requests, once all are stored (the sink is async) or after a minute."""
+    async with ResultsStore(settings.postgres_dsn) as results:
+        return list((await results.wait_until_stored(request_ids)).values())
 
 
 async def test_chelsea_photo_is_a_cat(start_worker, settings):
@@ -125,7 +115,7 @@ async def test_thousand_requests_from_a_plain_kafka_client(start_worker, setting
         await producer.stop()
         await replies.stop()
     assert answered == set(ids)
-    rows = await rows_for(settings, ids, expect=1000)
+    rows = await rows_for(settings, ids)
     assert len(rows) == 1000
     assert {r["request_id"] for r in rows} == set(ids)
     assert all(r["status"] == "ok" and r["outputs"] for r in rows)
@@ -142,7 +132,7 @@ async def test_large_output_goes_to_s3_by_reference(start_worker, settings):
         assert result.tensors == {}
         outputs = await client.outputs(result)
     np.testing.assert_allclose(outputs["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
-    (row,) = await rows_for(settings, [result.header.request_id], expect=1)
+    (row,) = await rows_for(settings, [result.header.request_id])
     assert row["outputs_ref"] == result.header.outputs_ref and row["outputs"] is None
     _, stored = events.decode_bundle(ObjectStore(settings).get(row["outputs_ref"]))
     np.testing.assert_array_equal(stored["y"], outputs["y"])
@@ -216,7 +206,7 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_the_pipeline_goes_on(s
     assert all(letter.message for letter in letters)
     assert worker.proc.poll() is None
 
-    rows = await rows_for(settings, [wrong_shape.request_id, unknown.request_id], expect=2)
+    rows = await rows_for(settings, [wrong_shape.request_id, unknown.request_id])
     assert sorted(r["error_code"] for r in rows) == ["INVALID_TENSOR", "UNKNOWN_MODEL"]
 
 

@@ -20,6 +20,7 @@ from streams.ops.dlq import read_letters, redrive, select
 from streams.ops.replay import Replayer, ReplayJob, compare
 from streams.registry.store import RegistryStore, info_from_artifact
 from streams.storage.objects import ObjectStore
+from streams.storage.results import ResultsStore
 from topics import events
 from topics.errors import ErrorCode
 from topics.names import Topics
@@ -36,17 +37,6 @@ async def answered(client: InferenceClient, count: int, seed: int) -> list[str]:
     results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
     assert all(r.header.status == "ok" for r in results), [r.header.error for r in results][:3]
     return [request.request_id for request, _ in pending]
-
-
-async def rows(pool: asyncpg.Pool, ids: list[str], expect: int, timeout: float = 60.0) -> dict[str, asyncpg.Record]:
-    """Result rows of these ids, polled until `expect` are stored (the sink is asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {r["request_id"]: r for r in await pool.fetch(
-            "SELECT * FROM inference_results WHERE request_id = ANY($1::text[])", ids)}
-        if len(found) >= expect or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.5)
 
 
 async def register_tiny(settings, version: str) -> None:
@@ -76,15 +66,14 @@ async def test_time_window_replay_is_stored_beside_originals_and_compares(start_
         await asyncio.sleep(0.3)
         until = events.now_ms()
         await answered(client, 4, seed=200)  # after the window
-    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
-    try:
-        before = await rows(pool, window, expect=7)
+    async with ResultsStore(settings.postgres_dsn) as results:
+        before = await results.wait_until_stored(window)
         progress = await Replayer(settings, ReplayJob(name="win", since_ms=since, until_ms=until)).run()
         assert progress.published == 7
         assert sorted(progress.origins.values()) == sorted(window)
-        replays = await rows(pool, list(progress.origins), expect=7)
+        replays = await results.wait_until_stored(list(progress.origins))
         assert len(replays) == 7 and all(r["status"] == "ok" for r in replays.values())
-        after = await rows(pool, window, expect=7)
+        after = await results.wait_until_stored(window)
         assert {k: dict(v) for k, v in after.items()} == {k: dict(v) for k, v in before.items()}  # untouched
         assert not set(replays) & set(window)
 
@@ -96,12 +85,10 @@ async def test_time_window_replay_is_stored_beside_originals_and_compares(start_
         assert report["compared"] == 7 and report["top1_agreement"] == 1.0, report
         assert report["max_abs_diff"]["max"] <= 1e-5 and report["differing"] == [], report
         assert report["missing_replays"] == [] and report["missing_originals"] == []
-        versions = {r["model_version"] for r in (await rows(pool, list(progress.origins), expect=7)).values()}
+        versions = {r["model_version"] for r in (await results.wait_until_stored(list(progress.origins))).values()}
         assert versions == {"2"}
         stored = orjson.loads(await ObjectStore(settings).aget(uri))
         assert stored["top1_agreement"] == 1.0 and stored["version"] == "2"
-    finally:
-        await pool.close()
 
 
 async def topic_ends(settings, topic: str) -> dict[int, int]:
@@ -125,9 +112,8 @@ async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_store
         window = await answered(client, 4, seed=300)
     requests_topic = Topics(settings.topic_prefix).requests
     checkpoints = settings.state_dir / "replay"
-    pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
-    try:
-        before = await rows(pool, window, expect=4)
+    async with ResultsStore(settings.postgres_dsn) as results:
+        before = await results.wait_until_stored(window)
         assert len(before) == 4
 
         ends = await topic_ends(settings, requests_topic)
@@ -146,17 +132,16 @@ async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_store
 
         deadline = time.monotonic() + 60
         while True:
-            replays = {r["request_id"]: r for r in await pool.fetch(
+            replays = {r["request_id"]: r for r in await results.pool.fetch(
                 "SELECT * FROM inference_results WHERE request_id LIKE 'replay-cli-%'")}
             if len(replays) >= 4 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
         assert len(replays) == 4 and all(r["status"] == "ok" for r in replays.values()), replays
-        after = await rows(pool, window, expect=4)
+        after = await results.wait_until_stored(window)
         assert {k: dict(v) for k, v in after.items()} == {k: dict(v) for k, v in before.items()}  # untouched
-        assert not await pool.fetch("SELECT 1 FROM inference_results WHERE request_id LIKE 'replay-clidry-%'")
-    finally:
-        await pool.close()
+        assert not await results.pool.fetch(
+            "SELECT 1 FROM inference_results WHERE request_id LIKE 'replay-clidry-%'")
 
 
 async def test_stopped_replay_resumes_without_duplicates(topics_ready):

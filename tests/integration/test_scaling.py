@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support.cli_process import cli_popen, run_cli
@@ -23,6 +22,7 @@ from infra.local import ROOT
 from infra.local.harness import settings_env, tiny_input, wait_ready
 from infra.local.stack import free_port
 from streams.client import InferenceClient, ReplyTimeout
+from streams.storage.results import ResultsStore
 from streams.telemetry.lag import read_lag
 from topics.names import Topics
 
@@ -52,21 +52,11 @@ async def outcomes(client: InferenceClient, requests: list, waiters: list) -> tu
     return [d for d in done if not isinstance(d, BaseException)], sum(isinstance(d, ReplyTimeout) for d in done)
 
 
-async def stored(settings, request_ids: list[str], expect: int, timeout: float = 120.0) -> tuple[int, int]:
-    """(rows, distinct request ids) in PostgreSQL for these requests, polled until `expect` rows."""
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            rows, distinct = await conn.fetchrow(
-                "SELECT count(*), count(DISTINCT request_id) FROM inference_results WHERE request_id = ANY($1::text[])",
-                request_ids,
-            )
-            if rows >= expect or time.monotonic() > deadline:
-                return rows, distinct
-            await asyncio.sleep(0.5)
-    finally:
-        await conn.close()
+async def stored(settings, request_ids: list[str], timeout: float = 120.0) -> int:
+    """Result rows in PostgreSQL (one per request id) for these requests, once all are there or
+    after `timeout`."""
+    async with ResultsStore(settings.postgres_dsn) as results:
+        return len(await results.wait_until_stored(request_ids, timeout_s=timeout))
 
 
 @pytest.mark.timeout(600)
@@ -85,7 +75,7 @@ async def test_workers_join_and_die_mid_stream_and_every_request_is_answered_onc
     assert (len(results), timed_out) == (total, 0)
     assert all(r.header.status == "ok" for r in results)
     assert {r.header.request_id for r in results} == {r.request_id for r in requests}
-    assert await stored(settings, [r.request_id for r in requests], expect=total) == (total, total)
+    assert await stored(settings, [r.request_id for r in requests]) == total
 
 
 @pytest.mark.timeout(300)
@@ -108,7 +98,7 @@ async def test_sigterm_mid_stream_drains_and_exits_cleanly(start_worker, setting
     assert seconds < 25
     assert (len(results), timed_out) == (total, 0)
     assert {r.header.request_id for r in results} == {r.request_id for r in requests}
-    assert await stored(settings, [r.request_id for r in requests], expect=total) == (total, total)
+    assert await stored(settings, [r.request_id for r in requests]) == total
 
 
 # A worker whose sink step takes seconds, so that a SIGTERM lands inside one.
@@ -160,7 +150,7 @@ async def test_sigterm_inside_a_step_finishes_it_before_committing(start_worker,
             slow.kill()
     # Whatever the stopped worker committed, a new one stores the rest.
     start_worker()
-    assert await stored(settings, [r.request_id for r in requests], expect=total, timeout=60) == (total, total)
+    assert await stored(settings, [r.request_id for r in requests], timeout=60) == total
 
 
 def _timed_stop(worker) -> float:

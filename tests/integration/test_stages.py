@@ -16,6 +16,7 @@ from infra.local.harness import tiny_input
 from streams.gate.gatekeeper import Gatekeeper
 from streams.kafka.outbox import Headers
 from streams.registry.records import ModelRegistry, load_repository
+from streams.storage.schema import migrate
 from streams.worker.failures import VersionLoading
 from streams.worker.message import Message
 from streams.worker.pipeline import Pipeline
@@ -54,6 +55,7 @@ async def pipeline(settings) -> AsyncIterator[Pipeline]:
         "auth_required": True, "jwt_hs_secret": SECRET, "jwt_algorithms": ["HS256"],
         "jwt_issuer": "", "jwt_audience": ""})
     pipeline = Pipeline(settings, ModelRegistry(), serve=["tiny"], gatekeeper=Gatekeeper(settings))
+    await migrate(settings.postgres_dsn)
     await pipeline.results.start()
     assert pipeline.gatekeeper is not None
     await pipeline.gatekeeper.start(pipeline.results.pool)

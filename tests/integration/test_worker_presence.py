@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from streams.gate.gatekeeper import redis_client
 from streams.settings import Settings
+from streams.storage.redis import redis_client
 from streams.telemetry.model_stats import ModelStats, read
 from streams.telemetry.presence import Heartbeat, index_key, live_workers, served
 
