@@ -1,25 +1,34 @@
-"""The bridge's route table and the OpenAPI document made from it: one list says how each route
-is served and how it is described (parameters, headers, request body, every status it answers)."""
+"""The bridge's endpoints and the OpenAPI document made from them: each says how a route is
+served and how it is described (parameters, headers, request body, every status it answers)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
 
 from streams.registry.records import NAME_PATTERN
 from topics.errors import HTTP_STATUS, ErrorCode
 
+if TYPE_CHECKING:
+    from streams.bridge.app import Bridge
+
 VERSION = "0.1.0"
+
+# What serves a route: the bridge's shared services and the request.
+Handler = Callable[["Bridge", web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
-class Route:
+class Endpoint:
     """One route of the bridge: how it is served and how /openapi.json describes it."""
 
     method: str
     path: str
-    handler: str
+    handler: Handler
     summary: str
     ok: int = 200  # the success status
     errors: tuple[ErrorCode, ...] = ()  # the codes it answers beyond those every route may
@@ -35,6 +44,13 @@ COMMON_ERRORS = (ErrorCode.INTERNAL, ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.METH
 CALLER = ("Authorization", "X-API-Key")  # headers of a route that checks the caller
 CREDENTIAL_ERRORS = (ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN)
 REQUEST_ERRORS = (ErrorCode.INVALID_REQUEST,)
+UNKNOWN = (ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_VERSION)
+# What a request for inference may be answered, through the worker or at the edge.
+INFERENCE = (
+    ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_TENSOR, ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN,
+    ErrorCode.UNKNOWN_MODEL, ErrorCode.UNKNOWN_VERSION, ErrorCode.DUPLICATE_REQUEST, ErrorCode.PAYLOAD_UNAVAILABLE,
+    ErrorCode.RATE_LIMITED, ErrorCode.INFERENCE_FAILED, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED,
+)
 
 _NAME = {"type": "string", "pattern": NAME_PATTERN}
 PARAMETERS: dict[str, dict[str, Any]] = {
@@ -107,7 +123,7 @@ _IMAGE = {"content": {
 _BINARY_INFER = {"schema": {"type": "string", "format": "binary"}}
 
 
-def openapi_document(routes: list[Route]) -> dict[str, Any]:
+def openapi_document(routes: list[Endpoint]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for route in routes:
@@ -142,8 +158,8 @@ def _parameter(name: str) -> dict[str, Any]:
     return {"name": name, "required": spec["in"] == "path", **spec}
 
 
-def _operation_id(route: Route, seen: set[str]) -> str:
-    """The handler and the path's words: unique even where one handler serves several paths."""
+def _operation_id(route: Endpoint, seen: set[str]) -> str:
+    """The method and the path's words: unique even where one handler serves several paths."""
     words = [w for w in re.split(r"[^A-Za-z0-9]+", route.path) if w and w not in ("v1", "v2")]
     operation_id = "_".join([route.method.lower(), *words])
     if operation_id in seen:
@@ -152,7 +168,7 @@ def _operation_id(route: Route, seen: set[str]) -> str:
     return operation_id
 
 
-def _responses(route: Route) -> dict[str, Any]:
+def _responses(route: Endpoint) -> dict[str, Any]:
     success: dict[str, Any] = {"description": "OK" if route.ok == 200 else "Accepted" if route.ok == 202 else "Created"}
     if route.answers == "application/json":
         success["content"] = {"application/json": {"schema": {}}}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from streams.bridge.app import check_exposure, is_loopback, may_change_registry
+from streams.bridge.admin import is_loopback, may_change_registry
+from streams.bridge.app import check_exposure
 from streams.gate.auth import ANONYMOUS, Principal
 from streams.settings import Settings
 
