@@ -313,3 +313,17 @@ async def test_broker_outage_gives_503_quickly(start_bridge, settings, tmp_path)
     assert (status, body["code"]) == (503, "UNAVAILABLE"), body
     assert elapsed < 10, f"503 took {elapsed:.1f} s"
     assert ready_status == 503
+
+
+async def test_start_and_stop_are_idempotent(topics_ready):
+    """A second start makes nothing again, and a second stop closes nothing again: aiohttp's
+    startup and cleanup may meet a bridge its owner already started or stopped."""
+    from streams.bridge.app import Bridge
+
+    bridge = Bridge(topics_ready)
+    await bridge.start()
+    pool, stores = bridge.db.pool, bridge.stores
+    await bridge.start()
+    assert (bridge.db.pool, bridge.stores) == (pool, stores)
+    await bridge.stop()
+    await bridge.stop()
