@@ -2,12 +2,12 @@
 fake targets (no network)."""
 
 import asyncio
-import time
 
 import numpy as np
 import orjson
 import pytest
 from rich.console import Console
+from support.virtual_time import run_virtual
 
 from streams.ops.load import (
     DROPPED,
@@ -96,33 +96,38 @@ def test_inflight_gate_refuses_over_its_limit():
         InflightGate(0)
 
 
-async def test_open_loop_starts_on_schedule_while_replies_are_slow():
+async def on_the_loop_clock(send, slots, **options) -> list[Attempt]:
+    """`run_load` timed by the loop's clock (a virtual one under `run_virtual`)."""
+    return await run_load(send, slots, clock=asyncio.get_running_loop().time, **options)
+
+
+def test_open_loop_starts_on_schedule_while_replies_are_slow():
     async def slow(index: int) -> Reply:
         await asyncio.sleep(0.3)
         return Reply(OK)
 
-    started = time.monotonic()
-    attempts = await run_load(slow, schedule(rate=100, duration=0.5), max_inflight=None, timeout=5)
-    assert time.monotonic() - started < 2
+    attempts = run_virtual(on_the_loop_clock(slow, schedule(rate=100, duration=0.5), max_inflight=None, timeout=5))
     assert len(attempts) == 50 and all(o.status == OK for o in attempts)
-    # Every request started at its due time, not after the previous reply (closed loop: 15 s).
-    assert max(o.started - o.due for o in attempts) < 0.1
-    assert min(o.latency_s for o in attempts) >= 0.29
+    # Every request started at its due time, not after the previous reply: the last one was
+    # answered 0.3 s after it was due (a closed loop would have taken 15 s).
+    assert [o.started for o in attempts] == pytest.approx([o.due for o in attempts])
+    assert [o.latency_s for o in attempts] == pytest.approx([0.3] * 50)
+    assert attempts[-1].done == pytest.approx(0.49 + 0.3)
 
 
-async def test_requests_over_max_inflight_are_dropped():
+def test_requests_over_max_inflight_are_dropped():
     async def stuck(index: int) -> Reply:
         await asyncio.sleep(1.0)
         return Reply(OK)
 
-    attempts = await run_load(stuck, schedule(rate=100, duration=0.5), max_inflight=10, timeout=5)
+    attempts = run_virtual(on_the_loop_clock(stuck, schedule(rate=100, duration=0.5), max_inflight=10, timeout=5))
     statuses = [o.status for o in attempts]
     assert statuses[:10] == [OK] * 10 and statuses[10:] == [DROPPED] * 40
     summary = summarize(attempts, rate=100, duration=0.5)
     assert (summary["sent"], summary["ok"], summary["dropped"]) == (10, 10, 40)
 
 
-async def test_timeouts_errors_and_warmup():
+def test_timeouts_errors_and_warmup():
     async def mixed(index: int) -> Reply:
         if index % 4 == 1:
             await asyncio.sleep(5)  # past the bound: a timeout
@@ -132,14 +137,15 @@ async def test_timeouts_errors_and_warmup():
             return Reply(ERROR, "UNAUTHENTICATED")
         return Reply(OK, request_id=f"r{index}")
 
-    started = time.monotonic()
-    attempts = await run_load(mixed, schedule(rate=40, duration=0.2, warmup=0.1), timeout=0.2, grace=0)
-    assert time.monotonic() - started < 2
+    attempts = run_virtual(on_the_loop_clock(mixed, schedule(rate=40, duration=0.2, warmup=0.1), timeout=0.2,
+                                             grace=0))
     # The 4 warm-up requests (indices 0-3) are not counted; the counted ones are 4-11.
     assert [(o.status, o.code) for o in attempts] == [
         (OK, None), (TIMEOUT, None), (ERROR, "ConnectionResetError"), (ERROR, "UNAUTHENTICATED")] * 2
     assert [o.request_id for o in attempts if o.status == OK] == ["r4", "r8"]
     assert all(o.due >= 0.1 for o in attempts)
+    # A timeout ends at its bound, not when the send would have answered.
+    assert [o.done - o.due for o in attempts if o.status == TIMEOUT] == pytest.approx([0.2, 0.2])
 
 
 def test_input_specs_shapes_and_random_data():
