@@ -122,11 +122,10 @@ class ResultsStore:
         )
         return row["done"], row["failed"]
 
-    async def wait_until_stored(self, request_ids: list[str], expect: int | None = None,
-                                timeout_s: float = 60.0) -> dict[str, asyncpg.Record]:
-        """The stored results of these request ids once `expect` of them (all by default) are
-        stored, or `timeout_s` has passed: results are stored asynchronously, after their answer."""
-        expect = len(set(request_ids)) if expect is None else expect
+    async def wait_until_stored(self, request_ids: list[str], timeout_s: float = 60.0) -> dict[str, asyncpg.Record]:
+        """The stored results of these request ids once all are stored, or `timeout_s` has passed
+        (results are stored asynchronously, after their answer)."""
+        expect = len(set(request_ids))
         count = "SELECT count(*) FROM inference_results WHERE request_id = ANY($1::text[])"
         deadline = time.monotonic() + timeout_s
         while await self.pool.fetchval(count, request_ids) < expect and time.monotonic() < deadline:

@@ -1,9 +1,11 @@
-"""The schema's migrations against the real PostgreSQL: on an empty database, over every state the
-code before numbered migrations left a database in, twice, and from several connections at once."""
+"""The storage package against the real PostgreSQL: the schema's migrations (on an empty database,
+over every state the code before numbered migrations left a database in, twice, and from several
+connections at once), and the results store's reads."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,7 +14,10 @@ import pytest
 
 from infra.local.harness import create_database, drop_database
 from streams.settings import Settings
+from streams.storage.results import ResultsStore, StoredResult
 from streams.storage.schema import MIGRATIONS, migrate
+from topics.errors import ErrorCode
+from topics.events import ErrorInfo, InferenceResult, Status
 
 pytestmark = pytest.mark.integration
 
@@ -181,3 +186,48 @@ async def test_processes_starting_together_migrate_once(database, migrated_shape
     assert sorted(applied) == [[], [], [], LATEST]
     assert await recorded(database) == LATEST
     assert await shape(database) == migrated_shape
+
+
+# -- the results store ---------------------------------------------------------------------
+
+
+def result(request_id: str, ok: bool = True, batch_id: str | None = None) -> StoredResult:
+    error = None if ok else ErrorInfo(code=ErrorCode.INFERENCE_FAILED, message="failed")
+    return StoredResult(InferenceResult(request_id=request_id, model="tiny", status=Status.OK if ok else Status.ERROR,
+                                        error=error, tenant="acme", batch_id=batch_id), b"bundle" if ok else None)
+
+
+@pytest.fixture
+async def results(database) -> AsyncIterator[ResultsStore]:
+    await migrate(database)
+    async with ResultsStore(database) as store:
+        yield store
+
+
+async def test_waiting_ends_once_every_result_is_stored(results):
+    waiting = asyncio.create_task(results.wait_until_stored(["a", "b"], timeout_s=60))
+    await results.upsert([result("a")])
+    await results.upsert([result("b", ok=False)])
+    started = time.monotonic()
+    stored = await asyncio.wait_for(waiting, 10)
+    assert time.monotonic() - started < 5
+    assert {rid: row["status"] for rid, row in stored.items()} == {"a": "ok", "b": "error"}
+
+
+async def test_waiting_gives_what_is_stored_when_its_time_is_up(results):
+    await results.upsert([result("a")])
+    started = time.monotonic()
+    assert set(await results.wait_until_stored(["a", "never"], timeout_s=0.5)) == {"a"}
+    assert 0.5 <= time.monotonic() - started < 5
+
+
+async def test_reads_of_the_results(results):
+    await results.upsert([result("b-1", batch_id="b"), result("b-2", ok=False, batch_id="b"), result("x")])
+    await results.upsert([result("b-1", ok=False, batch_id="b")])  # an answer is never replaced by an error
+    assert (await results.get("b-1"))["outputs"] == b"bundle"
+    assert set(await results.rows(["b-1", "x", "missing"])) == {"b-1", "x"}
+    assert set(await results.answered(["b-1", "b-2"])) == {"b-1"}
+    assert {rid: dict(row) for rid, row in (await results.outcomes(["b-2", "x"])).items()} == {
+        "b-2": {"request_id": "b-2", "status": "error", "tenant": "acme"},
+        "x": {"request_id": "x", "status": "ok", "tenant": "acme"}}
+    assert await results.batch_progress("b") == (1, 1)
