@@ -31,11 +31,11 @@ lint:
 typecheck:  ## mypy over streams, agents, topics, models and infra/local (config: [tool.mypy] in pyproject.toml)
 	$(VENV)/bin/mypy
 
-stack-up:
-	$(VENV)/bin/inferstream stack up
+stack-up:  ## the local stack alone (dev commands: `python -m infra.local --help`)
+	$(PY) -m infra.local stack up
 
 stack-down:
-	$(VENV)/bin/inferstream stack down
+	$(PY) -m infra.local stack down
 
 compose-up:  ## the production stack (needs Docker)
 	docker compose up -d --build

@@ -3,9 +3,9 @@ after a quiet spell is answered.
 
     python -m bench.idle [--seconds 60] [--storage s3] [--gaps 0 2 10] [--requests 20]
 
-Runs `inferstream up` (broker, S3 server, worker, bridge: what `infra/local/run.sh` runs) on free
-ports with its own state directory, bucket and database, every built model served, and waits
-until the bridge answers an inference. Then:
+Runs the main job, `python -m infra.local up` (broker, S3 server, worker, bridge: what
+`infra/local/run.sh` runs), on free ports with its own state directory, bucket and database,
+every built model served, and waits until the bridge answers an inference. Then:
 
 1. **idle CPU**: after `--settle` seconds without requests, each process's CPU (user + system,
    all threads, from /proc/<pid>/stat) over `--seconds`: `up` itself, worker, bridge, broker,
@@ -95,7 +95,7 @@ async def wait_answering(session: aiohttp.ClientSession, url: str, body: bytes, 
     headers = {"Content-Type": "application/json", "X-Inferstream-Timeout": "3"}
     while time.monotonic() < deadline:
         if up.poll() is not None:
-            raise RuntimeError(f"inferstream up exited with {up.returncode}")
+            raise RuntimeError(f"the main job (python -m infra.local up) exited with {up.returncode}")
         try:
             async with session.post(url, data=body, headers=headers) as response:
                 if response.status == 200:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         log_path = Path(state_dir) / "up.log"
         env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
         with log_path.open("ab") as log_file:
-            up = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--no-build"], cwd=ROOT,
+            up = subprocess.Popen([sys.executable, "-m", "infra.local", "up", "--no-build"], cwd=ROOT,
                                   env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -18,7 +18,8 @@ import asyncpg
 import numpy as np
 
 from infra.local import ROOT
-from infra.local.stack import free_port, port_taken, weed_ports
+from infra.local.stack import free_port, weed_ports
+from streams.cli.ports import port_taken
 from streams.settings import Settings
 
 

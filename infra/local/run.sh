@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 infra/local/setup.sh
-exec .venv/bin/inferstream up "$@"
+exec .venv/bin/python -m infra.local up "$@"

@@ -35,6 +35,7 @@ import redis
 import urllib3
 from minio import Minio
 
+from streams.cli.ports import Port, port_problem
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,42 +87,11 @@ def _weed_sockets(s3_port: int) -> tuple[Path, ...]:
     return tuple(paths)
 
 
-def port_taken(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something listens on (or holds) host:port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        # Like the servers themselves, ignore TIME_WAIT leftovers of an earlier run.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-@dataclass(frozen=True)
-class Port:
-    """A port a command is about to bind: what binds it and the setting that moves it."""
-
-    port: int
-    what: str
-    setting: str
-    host: str = "127.0.0.1"
-
-
-def check_ports(ports: list[Port]) -> None:
-    """Raise StackError, naming the port and its setting, when one of `ports` is taken or two of
-    them are the same; checked before anything starts."""
-    seen: dict[int, Port] = {}
-    for needed in ports:
-        other = seen.setdefault(needed.port, needed)
-        if other is not needed:
-            raise StackError(f"port {needed.port} is set for both {other.what} ({other.setting}) and "
-                             f"{needed.what} ({needed.setting}); set one of them to another port")
-    for needed in ports:
-        if port_taken(needed.port, needed.host):
-            raise StackError(f"port {needed.port} ({needed.what}) is taken by another process; set "
-                             f"{needed.setting} to another port, or stop that process")
+def _check_ports(ports: list[Port]) -> None:
+    """Raise StackError, naming the port and its setting, when one of `ports` cannot be bound;
+    checked before anything starts."""
+    if problem := port_problem(ports):
+        raise StackError(problem)
 
 
 def _without_secret(url: str) -> str:
@@ -172,7 +142,7 @@ class LocalStack:
         """Start whatever is not running, wait until everything answers, return the endpoints."""
         for directory in ("s3", "pids", "logs"):
             (self.state_dir / directory).mkdir(parents=True, exist_ok=True)
-        check_ports(self.ports_to_bind())
+        _check_ports(self.ports_to_bind())
         s3, kafka = self._s3_service(), self._kafka_service()
         self._ensure_running(s3)
         self._ensure_buckets()
@@ -204,7 +174,7 @@ class LocalStack:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         kafka = self._kafka_service()
         if self._live_pid(kafka) is None:
-            check_ports([Port(port, what, kafka.port_setting) for what, port in kafka.ports.items()])
+            _check_ports([Port(port, what, kafka.port_setting) for what, port in kafka.ports.items()])
         self._ensure_running(kafka)
         return kafka.endpoint
 

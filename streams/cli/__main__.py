@@ -1,3 +1,3 @@
-from streams.cli.main import main
+from streams.cli.app import main
 
 main()

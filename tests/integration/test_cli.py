@@ -1,5 +1,6 @@
-"""`inferstream up` as a user runs it: every port checked before anything starts, a failed start
-is a non-zero exit, and the console holds a short summary while the JSON logs go to files."""
+"""The main job (`python -m infra.local up`) as a user runs it: every port checked before anything
+starts, a failed start is a non-zero exit, and the console holds a short summary while the JSON
+logs go to files. And the other commands, runtime and dev, on a real stack."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.cli_process import cli_popen, run_cli
+from support.cli_process import DEV_CLI, RUNTIME_CLI, cli_popen, run_cli
 
 from infra.local.harness import drop_database, isolated_settings
-from infra.local.stack import LocalStack, free_port, port_taken, weed_ports
+from infra.local.stack import LocalStack, free_port, weed_ports
+from streams.cli.ports import port_taken
 from streams.settings import Settings
 
 
@@ -43,7 +45,7 @@ async def test_up_with_the_bridge_port_taken_starts_nothing_and_says_which_port(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", up_settings.bridge_port))
         taken.listen()
-        done = await run_cli("up", "--no-build", settings=up_settings, timeout=30, expect=2)
+        done = await run_cli("up", "--no-build", settings=up_settings, timeout=30, expect=2, cli=DEV_CLI)
     assert done.lines == [f"error: port {up_settings.bridge_port} (HTTP bridge) is taken by another process; "
                           "set INFERSTREAM_BRIDGE_PORT to another port, or stop that process"], done.output
     pids = up_settings.state_dir / "pids"
@@ -76,7 +78,7 @@ def _json_lines(path: Path) -> list[dict]:
 def test_up_prints_a_summary_keeps_json_logs_in_files_and_stops_on_sigint(up_settings, tmp_path):
     console = tmp_path / "console.txt"
     with console.open("wb") as out:
-        proc = cli_popen("up", "--no-build", settings=up_settings, stdout=out, stderr=subprocess.STDOUT)
+        proc = cli_popen("up", "--no-build", settings=up_settings, cli=DEV_CLI, stdout=out, stderr=subprocess.STDOUT)
     try:
         text = _wait_for(proc, console, "Ctrl-C stops everything")
         url = f"http://127.0.0.1:{up_settings.bridge_port}"
@@ -103,7 +105,7 @@ def test_up_prints_a_summary_keeps_json_logs_in_files_and_stops_on_sigint(up_set
 async def test_up_exits_non_zero_when_the_bridge_fails_to_start(up_settings):
     # A bridge with auth off refuses to listen on a non-loopback address: it exits at once.
     done = await run_cli("up", "--no-build", settings=up_settings, env={"INFERSTREAM_BRIDGE_HOST": "0.0.0.0"},
-                         timeout=120, expect=1)
+                         timeout=120, expect=1, cli=DEV_CLI)
     failure = [line for line in done.lines if line.startswith("error: ")]
     assert len(failure) == 1 and "bridge (pid" in failure[0] and "while starting" in failure[0], done.output
     assert "Traceback" not in done.output
@@ -114,11 +116,11 @@ async def test_registry_keys_limits_results_and_dead_letters_through_the_cli(top
     """Each read and write command as a user types it, on the test's stack."""
     settings = topics_ready
 
-    async def cli(*args: str, expect: int = 0) -> str:
-        return (await run_cli(*args, settings=settings, timeout=60, expect=expect)).output
+    async def cli(*args: str, expect: int = 0, program: str = RUNTIME_CLI) -> str:
+        return (await run_cli(*args, settings=settings, timeout=60, expect=expect, cli=program)).output
 
     assert "topics: all present" in await cli("topics", "create")
-    assert "model ready: " in await cli("models", "build", "--only", "tiny")
+    assert "model ready: " in await cli("models", "build", "--only", "tiny", program=DEV_CLI)
     assert re.search(r"│ tiny +│ 1 +│ active", await cli("models", "list"))
     artifact = model_repository / "tiny" / "1" / "model.onnx"
     assert "registered tiny/2 (revision 1, draft, weight 0)" in await cli("models", "register", "tiny", "2",
@@ -141,22 +143,22 @@ async def test_registry_keys_limits_results_and_dead_letters_through_the_cli(top
     assert "error: no result for nothing-here" in await cli("result", "nothing-here", expect=2)
     assert "position" in await cli("dlq", "list")
     assert "error: no dead letter at 0:999999" in await cli("dlq", "show", "0:999999", expect=2)
-    assert re.search(r"│ kafka +│ True ", await cli("stack", "status"))
+    assert re.search(r"│ kafka +│ True ", await cli("stack", "status", program=DEV_CLI))
 
 
 async def test_stack_up_checks_its_ports_then_starts_reuses_and_stops(up_settings):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", up_settings.broker_port))
         taken.listen()
-        done = await run_cli("stack", "up", settings=up_settings, timeout=30, expect=2)
+        done = await run_cli("stack", "up", settings=up_settings, timeout=30, expect=2, cli=DEV_CLI)
     assert len(done.lines) == 1 and f"port {up_settings.broker_port} (kafka)" in done.output, done.output
     assert "INFERSTREAM_BROKER_PORT" in done.output
     assert not [port for port in _stack_ports(up_settings) if port_taken(port)]  # the S3 server did not start
 
-    out = (await run_cli("stack", "up", settings=up_settings, timeout=60)).output
+    out = (await run_cli("stack", "up", settings=up_settings, timeout=60, cli=DEV_CLI)).output
     assert f"kafka: 127.0.0.1:{up_settings.broker_port}" in out and "topics: created" in out, out
     # What runs is reused: its ports are not checked again.
-    assert "topics: all present" in (await run_cli("stack", "up", settings=up_settings, timeout=60)).output
-    assert re.search(r"│ s3 +│ True ", (await run_cli("stack", "status", settings=up_settings)).output)
-    await run_cli("stack", "down", settings=up_settings, timeout=60)
+    assert "topics: all present" in (await run_cli("stack", "up", settings=up_settings, timeout=60, cli=DEV_CLI)).output
+    assert re.search(r"│ s3 +│ True ", (await run_cli("stack", "status", settings=up_settings, cli=DEV_CLI)).output)
+    await run_cli("stack", "down", settings=up_settings, timeout=60, cli=DEV_CLI)
     assert not [port for port in _stack_ports(up_settings) if port_taken(port)]

@@ -16,7 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from infra.local.harness import free_s3_port
-from infra.local.stack import LocalStack, StackError, free_port, port_taken, weed_ports
+from infra.local.stack import LocalStack, StackError, free_port, weed_ports
+from streams.cli.ports import port_taken
 from streams.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -1,5 +1,5 @@
-"""`inferstream ARGS` as a real process, the way a user runs it: shared by the tests that drive
-the CLI through its entry point (python -m streams.cli)."""
+"""`inferstream ARGS` (or a dev command, `python -m infra.local ARGS`) as a real process, the way
+a user runs it: shared by the tests that drive a command line through its entry point."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from infra.local import ROOT
 from infra.local.harness import settings_env
 from streams.settings import Settings
 
+RUNTIME_CLI = "streams.cli"  # `inferstream`
+DEV_CLI = "infra.local"  # the checkout's dev commands: up, stack, models build
 
-def cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "streams.cli", *args]
+
+def cli_argv(*args: str, cli: str = RUNTIME_CLI) -> list[str]:
+    return [sys.executable, "-m", cli, *args]
 
 
 def cli_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
@@ -27,9 +30,9 @@ def cli_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
 
 
 def cli_popen(*args: str, settings: Settings | None = None, env: dict[str, str] | None = None,
-              **popen: Any) -> subprocess.Popen:
+              cli: str = RUNTIME_CLI, **popen: Any) -> subprocess.Popen:
     """A long-running CLI process (worker, up...) in its own session, stopped by its PID."""
-    return subprocess.Popen(cli_argv(*args), cwd=ROOT, env=cli_env(settings, **(env or {})),
+    return subprocess.Popen(cli_argv(*args, cli=cli), cwd=ROOT, env=cli_env(settings, **(env or {})),
                             start_new_session=True, **popen)
 
 
@@ -44,10 +47,10 @@ class CliRun:
 
 
 async def run_cli(*args: str, settings: Settings | None = None, env: dict[str, str] | None = None,
-                  timeout: float = 120.0, expect: int | None = 0) -> CliRun:
+                  timeout: float = 120.0, expect: int | None = 0, cli: str = RUNTIME_CLI) -> CliRun:
     """Run the command to its end (killed past `timeout`); with `expect`, assert its exit status."""
     proc = await asyncio.create_subprocess_exec(
-        *cli_argv(*args), cwd=ROOT, env=cli_env(settings, **(env or {})),
+        *cli_argv(*args, cli=cli), cwd=ROOT, env=cli_env(settings, **(env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:

@@ -315,11 +315,11 @@ async def test_authenticator_paths(verifier):
 def test_cli_refuses_a_bad_tenant_or_scope_before_connecting(args, message, monkeypatch):
     from typer.testing import CliRunner
 
-    from streams.cli import main as cli
+    from streams.cli import app, keys, limits
 
-    for stores in ("_keys_call", "_limits_call"):
-        monkeypatch.setattr(cli, stores, lambda *args: pytest.fail("the stores were reached"))
-    result = CliRunner().invoke(cli.app, args)
+    for group in (keys, limits):
+        monkeypatch.setattr(group, "with_stores", lambda *args: pytest.fail("the stores were reached"))
+    result = CliRunner().invoke(app.app, args)
     assert result.exit_code == 2 and message in result.output, result.output
 
 

@@ -15,8 +15,10 @@ import typer
 from support.cli_process import run_cli_sync
 from typer.testing import CliRunner
 
-from infra.local.stack import Port, StackError, check_ports
-from streams.cli import main as cli
+from infra.local import cli as dev_cli
+from streams.cli import app as cli
+from streams.cli import keys
+from streams.cli.ports import Port, port_problem
 from streams.ops import load
 from streams.telemetry.logs import compact
 
@@ -35,7 +37,7 @@ def _commands(command, path=()):
 def test_help_loads_no_heavy_module():
     """`inferstream --help` (and importing the CLI) starts without numpy, faust, aiokafka,
     onnxruntime, torch...: each command imports what it uses when it runs."""
-    probe = ("import sys\nsys.argv = ['inferstream', '--help']\nfrom streams.cli.main import main\n"
+    probe = ("import sys\nsys.argv = ['inferstream', '--help']\nfrom streams.cli.app import main\n"
              "try:\n    main()\nexcept SystemExit:\n    pass\n"
              f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     done = run_cli_sync("--help")
@@ -44,22 +46,33 @@ def test_help_loads_no_heavy_module():
     assert "LOADED []" in out, out
 
 
-def test_every_command_has_a_description_and_help_without_type_tags():
-    root = typer.main.get_command(cli.app)
+@pytest.mark.parametrize(("app", "name", "commands"), [
+    (cli.app, "inferstream", 25), (dev_cli.app, "python -m infra.local", 6),
+])
+def test_every_command_has_a_description_and_help_without_type_tags(app, name, commands):
+    root = typer.main.get_command(app)
     seen = 0
     for path, command in _commands(root):
         if path:
-            assert (command.help or "").strip(), f"`inferstream {' '.join(path)}` has no description"
+            assert (command.help or "").strip(), f"`{name} {' '.join(path)}` has no description"
             # The summary in the parent's list is the first paragraph: one line, or it breaks mid-sentence.
-            assert "\n" not in command.help.strip().split("\n\n")[0], f"`inferstream {' '.join(path)}` summary"
-        result = CliRunner().invoke(cli.app, [*path, "--help"], env={"COLUMNS": "200"})
+            assert "\n" not in command.help.strip().split("\n\n")[0], f"`{name} {' '.join(path)}` summary"
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
         tags = TYPE_TAG.findall(result.output)
-        assert not tags, f"`inferstream {' '.join(path)} --help` shows {tags}:\n{result.output}"
+        assert not tags, f"`{name} {' '.join(path)} --help` shows {tags}:\n{result.output}"
         seen += 1
-    assert seen > 25
+    assert seen > commands
+
+
+def test_the_dev_commands_are_not_in_the_runtime_command_line():
+    """`up`, `stack` and `models build` (torch) are the checkout's: `python -m infra.local`."""
+    runtime = typer.main.get_command(cli.app)
+    dev = typer.main.get_command(dev_cli.app)
+    assert {"up", "stack"} <= set(dev.commands) and not {"up", "stack"} & set(runtime.commands)
+    assert "build" in dev.commands["models"].commands and "build" not in runtime.commands["models"].commands
     models_help = CliRunner().invoke(cli.app, ["models", "--help"], env={"COLUMNS": "200"}).output
-    assert all(word in models_help for word in ("build", "list", "register", "change")), models_help
+    assert all(word in models_help for word in ("list", "register", "change")), models_help
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -83,7 +96,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_it_whole(monkeypatch):
     def broken(*args):
         raise RuntimeError("the store\nfell over")
 
-    monkeypatch.setattr(cli, "_keys_call", broken)
+    monkeypatch.setattr(keys, "with_stores", broken)
     result = CliRunner().invoke(cli.app, ["keys", "list"])
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines() == [
@@ -131,15 +144,15 @@ def test_worker_refuses_a_taken_metrics_port_before_starting():
     assert f"port {port} (worker metrics) is taken" in done.output and "INFERSTREAM_METRICS_PORT" in done.output
 
 
-def test_check_ports_names_a_taken_port_and_a_port_set_twice():
+def test_port_problem_names_a_taken_port_and_a_port_set_twice():
     with _listening() as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(StackError, match=f"port {port} \\(kafka\\) is taken.*set INFERSTREAM_BROKER_PORT"):
-            check_ports([Port(port, "kafka", "INFERSTREAM_BROKER_PORT")])
-    with pytest.raises(StackError, match="port 8000 is set for both HTTP bridge .* and worker metrics"):
-        check_ports([Port(8000, "HTTP bridge", "INFERSTREAM_BRIDGE_PORT"),
-                     Port(8000, "worker metrics", "INFERSTREAM_METRICS_PORT")])
-    check_ports([])
+        assert re.fullmatch(f"port {port} \\(kafka\\) is taken .*set INFERSTREAM_BROKER_PORT .*",
+                            port_problem([Port(port, "kafka", "INFERSTREAM_BROKER_PORT")]) or "")
+    assert re.match("port 8000 is set for both HTTP bridge .* and worker metrics",
+                    port_problem([Port(8000, "HTTP bridge", "INFERSTREAM_BRIDGE_PORT"),
+                                  Port(8000, "worker metrics", "INFERSTREAM_METRICS_PORT")]) or "")
+    assert port_problem([]) is None
 
 
 def test_compact_log_lines():

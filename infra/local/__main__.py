@@ -1,0 +1,3 @@
+from infra.local.cli import main
+
+main()
