@@ -304,7 +304,7 @@ async def burst(client: InferenceClient, model: str, inputs: dict[str, np.ndarra
     sent, arrivals, waiters = [0.0] * count, [0.0] * count, []
     deadline = time.perf_counter() + timeout
     for i in range(count):
-        request = client.request(model, {}, timeout=timeout)
+        request = client.request(model, timeout=timeout)
         sent[i] = time.perf_counter()
         waiter = await client.send(request, inputs)
         waiter.add_done_callback(partial(_stamp, arrivals, i))

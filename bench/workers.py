@@ -69,7 +69,7 @@ async def measure(settings: Settings, workers: list[Worker], version: str, reque
     async with InferenceClient(settings) as client:
         for worker in workers:
             await wait_ready(client, worker)
-        batch = [client.request("tiny", {}, version=version, timeout=timeout) for _ in range(requests)]
+        batch = [client.request("tiny", version=version, timeout=timeout) for _ in range(requests)]
         started = time.monotonic()
         waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(batch)]
         results = await asyncio.wait_for(asyncio.gather(*waiters), timeout)

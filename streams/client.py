@@ -132,10 +132,10 @@ class InferenceClient:
         except events.EventError as exc:
             waiter.set_exception(exc)
 
-    def request(
-        self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-        timeout: float = 30.0, **fields: Any,
-    ) -> InferenceRequest:
+    def request(self, model: str, *, version: str | None = None, timeout: float = 30.0,
+                **fields: Any) -> InferenceRequest:
+        """A request event for `model` that replies to this client, due within `timeout` seconds;
+        `send` carries it with its tensors."""
         return InferenceRequest(
             request_id=events.new_request_id(), model=model, version=version,
             reply_to=self.reply_topic, correlation_id=uuid.uuid4().hex,
@@ -220,7 +220,7 @@ class InferenceClient:
         self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
         timeout: float = 30.0, **fields: Any,
     ) -> Result:
-        request = self.request(model, inputs, version=version, timeout=timeout, **fields)
+        request = self.request(model, version=version, timeout=timeout, **fields)
         return await self.wait(request, await self.send(request, inputs))
 
     async def outputs(self, result: Result) -> dict[str, np.ndarray]:

@@ -216,7 +216,7 @@ class Bridge:
         """Send a request event for `inputs` and wait for its result: the reply and its outputs."""
         check_inputs(info, inputs)  # refuse at the edge what the worker would refuse
         event = self.client.request(
-            info.name, {}, version=request.match_info.get("version"),
+            info.name, version=request.match_info.get("version"),
             timeout=timeout_s(request, self.settings.bridge_timeout_s), credentials=credentials(request),
         )
         if request_id:

@@ -396,7 +396,7 @@ class KafkaTarget:
         from streams.client import ReplyTimeout, UpstreamUnavailable
 
         inputs = self._inputs[index % len(self._inputs)]
-        request = self.client.request(self.model, inputs, version=self.version, timeout=self.timeout,
+        request = self.client.request(self.model, version=self.version, timeout=self.timeout,
                                       credentials=self.credentials)
         try:
             result = await self.client.wait(request, await self.client.send(request, inputs))

@@ -93,7 +93,7 @@ async def steady_stream(client: InferenceClient, at: dict[float, Chaos]) -> Stre
             if outcome is not None:
                 stream.chaos.append(asyncio.ensure_future(outcome))
         rows = LARGE_ROWS[i // LARGE_EVERY % 2] if i % LARGE_EVERY == 0 else 1
-        request = client.request("tiny", {}, timeout=REQUEST_TIMEOUT_S)
+        request = client.request("tiny", timeout=REQUEST_TIMEOUT_S)
         stream.requests.append(request)
         stream.sent_at.append(loop.time())
         send = asyncio.create_task(client.send(request, tiny_input(rows=rows, seed=i)))

@@ -35,7 +35,7 @@ async def test_a_chunk_of_100_with_one_poison_event_answers_99_and_dead_letters_
     monkeypatch.setenv("PYTHONPATH", str(FAULTS))
     monkeypatch.setenv("INFERSTREAM_FAULT_BUG_MARKER", marker)
     async with InferenceClient(settings) as client:
-        requests = [client.request("tiny", {}, timeout=120) for _ in range(100)]
+        requests = [client.request("tiny", timeout=120) for _ in range(100)]
         requests[37].request_id = f"{marker}-{requests[37].request_id}"
         waiters = [await client.send(r, tiny_input(seed=i), delivered=True) for i, r in enumerate(requests)]
         start_worker()
@@ -56,7 +56,7 @@ async def test_worker_killed_mid_chunk_under_10000_requests_loses_and_duplicates
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-        requests = [client.request("tiny", {}, timeout=600) for _ in range(total)]
+        requests = [client.request("tiny", timeout=600) for _ in range(total)]
         waiters: list[asyncio.Future] = []
 
         async def stream() -> None:
@@ -139,7 +139,7 @@ async def test_a_model_served_by_another_worker_group_goes_through_its_topic(sta
     topic = Topics(settings.topic_prefix).model(name)
     async with InferenceClient(settings) as client:
         await wait_ready(client, front)
-        requests = [client.request(name, {}, timeout=180) for _ in range(50)]
+        requests = [client.request(name, timeout=180) for _ in range(50)]
         waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests)]
         assert await read_records(settings, topic, len(requests)) == len(requests)
         assert not any(w.done() for w in waiters), "answered before a worker serving the model started"

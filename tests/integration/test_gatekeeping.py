@@ -20,63 +20,15 @@ from streams.storage.objects import ObjectStore
 from topics.events import Credentials
 
 pytestmark = pytest.mark.integration
-SECRET = "test-hs256-secret-of-enough-length-0123456789"
-AUTH = {"auth_required": True, "jwt_hs_secret": SECRET, "jwt_issuer": "inferstream-tests",
-        "jwt_audience": "inferstream", "jwt_algorithms": ["HS256"]}
-
-
-def token(**claims) -> str:
-    now = int(time.time())
-    body = {"iss": "inferstream-tests", "aud": "inferstream", "tenant": "acme", "scope": "infer",
-            "sub": "alice", "iat": now, "exp": now + 300, **claims}
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, SECRET, algorithm="HS256")
-
-
-class Stores:
-    """The test's own PostgreSQL pool and Redis client, for keys and registry records."""
-
-    def __init__(self, settings) -> None:
-        self.settings = settings
-
-    async def __aenter__(self) -> Stores:
-        self.pool = await asyncpg.create_pool(self.settings.postgres_dsn, min_size=1, max_size=2)
-        self.redis = aioredis.from_url(self.settings.redis_url)
-        self.keys = ApiKeyStore(self.pool, self.redis, self.settings.api_key_pepper,
-                                key_prefix=self.settings.topic_prefix)
-        self.registry = RegistryStore(self.settings, self.pool, self.redis)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.redis.aclose()
-        await self.pool.close()
-
-
-async def call(client: InferenceClient, credentials: Credentials | None, seed: int = 0, **fields):
-    request = client.request("tiny", {}, timeout=30, credentials=credentials, **fields)
-    return await client.wait(request, await client.send(request, tiny_input(seed=seed)))
 
 
 async def call_many(client: InferenceClient, count: int, credentials: Credentials | None = None):
     """Send `count` requests one after another, then wait for all replies."""
     pending = []
     for i in range(count):
-        request = client.request("tiny", {}, timeout=60, credentials=credentials)
+        request = client.request("tiny", timeout=60, credentials=credentials)
         pending.append((request, await client.send(request, tiny_input(seed=i))))
     return await asyncio.gather(*(client.wait(r, w) for r, w in pending))
-
-
-async def ready_with(client, worker, credentials) -> None:
-    """Until the worker answers (its consumers have joined their groups)."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        worker.check_running()
-        request = client.request("tiny", {}, timeout=3, credentials=credentials)
-        try:
-            await client.wait(request, await client.send(request, tiny_input()))
-            return
-        except TimeoutError:
-            continue
-    raise TimeoutError(worker.log()[-3000:])
 
 
 async def test_jwt_and_api_keys_accepted_bad_credentials_rejected(start_worker, settings):

@@ -176,7 +176,7 @@ async def test_trace_id_travels_to_the_reply_and_every_stage_log(start_worker, s
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
         # Kafka ingress: a producer that sets the W3C header.
-        request = client.request("tiny", {}, timeout=30)
+        request = client.request("tiny", timeout=30)
         waiter = await client.send(request, tiny_input(), headers=[("traceparent", traceparent(kafka_trace).encode())])
         result = await client.wait(request, waiter)
         assert result.header.error is None

@@ -143,7 +143,7 @@ async def test_large_input_travels_by_reference(start_worker, settings):
     inputs = tiny_input(rows=1000, seed=4)  # 64 KB of input over a 16 KB claim-check limit
     async with InferenceClient(settings.model_copy(update={"claim_check_bytes": 16384})) as client:
         await wait_ready(client, worker)
-        request = client.request("tiny", inputs)
+        request = client.request("tiny")
         waiter = await client.send(request, inputs)
         result = await asyncio.wait_for(waiter, 30)
         outputs = await client.outputs(result)
@@ -179,9 +179,9 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_the_pipeline_goes_on(s
         try:
             garbage = b"\x89PNG not an event"
             await producer.send_and_wait(topics.requests, garbage)
-            wrong_shape = client.request("tiny", {})
+            wrong_shape = client.request("tiny")
             bad_shape_waiter = await client.send(wrong_shape, {"x": np.zeros((1, 5), np.float32)})
-            unknown = client.request("no-such-model", {})
+            unknown = client.request("no-such-model")
             unknown_waiter = await client.send(unknown, tiny_input())
         finally:
             await producer.stop()
@@ -214,7 +214,7 @@ async def test_expired_deadline_is_rejected(start_worker, settings):
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-        request = client.request("tiny", {})
+        request = client.request("tiny")
         request.deadline_ms = events.now_ms() - 1000
         result = await asyncio.wait_for(await client.send(request, tiny_input()), 30)
     assert result.header.error.code == "DEADLINE_EXCEEDED"

@@ -33,7 +33,7 @@ async def test_a_crashed_agent_acknowledges_nothing_it_took(start_worker, settin
         await wait_ready(client, worker)
         pending = []
         for i in range(30):
-            request = client.request("tiny", {}, timeout=120)
+            request = client.request("tiny", timeout=120)
             if i == 10:
                 request.request_id = f"{marker}-{request.request_id}"
             pending.append((request, await client.send(request, tiny_input(seed=i), delivered=True)))
@@ -63,17 +63,17 @@ async def test_poison_events_are_rejected_alone_at_once(start_worker, settings):
         await wait_ready(client, worker)
         poisoned, pending = [], []
         for i, headers in enumerate(poison_headers):
-            request = client.request("tiny", {}, timeout=60)
+            request = client.request("tiny", timeout=60)
             request.request_id = f"headers-{i}-{request.request_id}"
             pending.append((request, await client.send(request, tiny_input(seed=i), headers=headers)))
-        deep = client.request("tiny", {}, timeout=60)
+        deep = client.request("tiny", timeout=60)
         body = orjson.loads(events.encode_request(deep, tiny_input(), binary=False))
         body["inputs"][0]["shape"] = [1] * 65
         body["inputs"][0]["data"] = [[0.0]]
         await client.produce(client.topics.requests, b"same-key", orjson.dumps(body))
         poisoned.append(deep.request_id)
         for i in range(50):
-            request = client.request("tiny", {}, timeout=60)
+            request = client.request("tiny", timeout=60)
             pending.append((request, await client.send(request, tiny_input(seed=100 + i))))
         results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
         deadline = time.monotonic() + 30
@@ -116,7 +116,7 @@ async def test_a_bug_answers_the_caller_internal_error_and_tells_details_only_to
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-        request = client.request("tiny", {}, timeout=60)
+        request = client.request("tiny", timeout=60)
         request.request_id = f"{marker}-{request.request_id}"
         result = await client.wait(request, await client.send(request, tiny_input()))
         deadline = time.monotonic() + 30

@@ -32,7 +32,7 @@ async def answered(client: InferenceClient, count: int, seed: int) -> list[str]:
     """Send `count` tiny requests, wait for every reply; their request ids."""
     pending = []
     for i in range(count):
-        request = client.request("tiny", {}, timeout=60)
+        request = client.request("tiny", timeout=60)
         pending.append((request, await client.send(request, tiny_input(seed=seed + i))))
     results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
     assert all(r.header.status == "ok" for r in results), [r.header.error for r in results][:3]
@@ -248,7 +248,7 @@ async def test_redriven_dead_letter_is_answered_after_its_cause_is_fixed(start_w
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-        request = client.request("tiny", {}, version="5", timeout=120)
+        request = client.request("tiny", version="5", timeout=120)
         result = await client.wait(request, await client.send(request, tiny_input(seed=5)))
     assert result.header.status == "error" and result.header.error.code == ErrorCode.UNKNOWN_VERSION
 

@@ -66,7 +66,7 @@ async def test_workers_join_and_die_mid_stream_and_every_request_is_answered_onc
     async with InferenceClient(settings) as client:
         await wait_ready(client, first)
         await wait_ready(client, second)
-        requests = [client.request("tiny", {}, timeout=400) for _ in range(total)]
+        requests = [client.request("tiny", timeout=400) for _ in range(total)]
         # A third worker joins a fifth of the way in; the first is SIGKILLed past half-way.
         waiters = await send_paced(client, requests, rate=250,
                                    at={total // 5: start_worker, total * 11 // 20: first.kill})
@@ -90,7 +90,7 @@ async def test_sigterm_mid_stream_drains_and_exits_cleanly(start_worker, setting
     async with InferenceClient(settings) as client:
         await wait_ready(client, leaving)
         await wait_ready(client, staying)
-        requests = [client.request("tiny", {}, timeout=240) for _ in range(total)]
+        requests = [client.request("tiny", timeout=240) for _ in range(total)]
         waiters = await send_paced(client, requests, rate=200, at={total // 3: stop_leaving})
         seconds = await stopped[0]
         results, timed_out = await asyncio.wait_for(outcomes(client, requests, waiters), 240)
@@ -119,7 +119,7 @@ async def slow_sink(self, messages, outbox):
 
 pipeline.Pipeline.sink = slow_sink
 sys.argv = ["inferstream", "worker"]
-from streams.cli.main import main
+from streams.cli.app import main
 
 main()
 """
@@ -137,7 +137,7 @@ async def test_sigterm_inside_a_step_finishes_it_before_committing(start_worker,
                                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         async with InferenceClient(settings) as client:
-            requests = [client.request("tiny", {}, timeout=120) for _ in range(total)]
+            requests = [client.request("tiny", timeout=120) for _ in range(total)]
             waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests)]
             await asyncio.wait_for(asyncio.gather(*waiters), 120)
         deadline = time.monotonic() + 30
@@ -188,7 +188,7 @@ async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start
         worker.stop()  # commits on the way out
         before = await lag_by_topic(settings)
         for i in range(backlog):
-            await client.send(client.request("tiny", {}, timeout=300), tiny_input(seed=i), delivered=True)
+            await client.send(client.request("tiny", timeout=300), tiny_input(seed=i), delivered=True)
         after = await lag_by_topic(settings)
         assert after[topics.requests] - before[topics.requests] == backlog
         assert after[topics.model("tiny")] == before[topics.model("tiny")] == 0

@@ -96,10 +96,10 @@ async def test_events_written_straight_to_internal_topics_are_never_served(start
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-        answered = client.request("tiny", {}, timeout=30)
+        answered = client.request("tiny", timeout=30)
         await client.wait(answered, await client.send(answered, tiny_input()))
         # A request produced straight to the model topic, skipping the intake's auth and limits.
-        bypass = client.request("tiny", {}, timeout=30)
+        bypass = client.request("tiny", timeout=30)
         value = events.encode_request(bypass, tiny_input())
         await produce(settings, topics.model("tiny"), value, bypass.request_id.encode())
         # A sealed event under another secret is no better.
@@ -131,7 +131,7 @@ async def test_internal_headers_from_a_caller_are_dropped(start_worker, settings
     good = Credentials(authorization=f"Bearer {token()}")  # tenant acme
     async with InferenceClient(settings) as client:
         await ready_with(client, worker, good)
-        request = client.request("tiny", {}, timeout=30, credentials=good, tenant="victim")
+        request = client.request("tiny", timeout=30, credentials=good, tenant="victim")
         forged = [("inferstream-tenant", b"victim"), ("inferstream-version", b"999"),
                   ("Inferstream-Tenant", b"victim")]
         result = await client.wait(request, await client.send(request, tiny_input(), headers=forged))
@@ -154,7 +154,7 @@ async def test_a_request_is_admitted_without_credentials_only_under_the_products
 
     async with InferenceClient(settings) as client:
         await ready_with(client, worker, Credentials(authorization=f"Bearer {token()}"))
-        genuine, forged, reused = (client.request("tiny", {}, timeout=30) for _ in range(3))
+        genuine, forged, reused = (client.request("tiny", timeout=30) for _ in range(3))
         genuine_seal = sealed(genuine, settings.cluster_secret)
         sends = [(genuine, genuine_seal), (forged, sealed(forged, "not-the-cluster-secret")),
                  (reused, genuine_seal)]  # the genuine seal on another request
@@ -182,7 +182,7 @@ async def test_forwarded_events_carry_no_credentials(start_worker, settings, tmp
     credentials = Credentials(authorization=f"Bearer {secret}")
     async with InferenceClient(settings) as client:
         await ready_with(client, worker, credentials)
-        request = client.request(pooled, {}, timeout=30, credentials=credentials)
+        request = client.request(pooled, timeout=30, credentials=credentials)
         await client.send(request, tiny_input(), delivered=True)
         topic = Topics(settings.topic_prefix).model(pooled)
         values: list[bytes] = []
@@ -205,7 +205,7 @@ async def test_reply_to_must_be_an_existing_topic_outside_the_internal_namespace
         before = {t: len(await topic_values(settings, t)) for t in (topics.results, topics.batches)}
         sent = []
         for reply_to in [*internal, missing, "bad name!", "x" * 300]:
-            request = client.request("tiny", {}, timeout=30)
+            request = client.request("tiny", timeout=30)
             request.reply_to = reply_to
             # The error comes back on the default replies topic, which this client reads.
             sent.append((reply_to, request, await client.send(request, tiny_input())))
@@ -246,7 +246,7 @@ async def test_inputs_ref_outside_the_callers_buckets_is_forbidden(start_worker,
         answers = {}
         for uri in (secret_uri, internal_uri, f"s3://{settings.s3_bucket}/requests/../results/tiny/someone-else.bin",
                     allowed_uri):
-            request = client.request("tiny", {}, timeout=30, inputs_ref=uri)
+            request = client.request("tiny", timeout=30, inputs_ref=uri)
             answers[uri] = await client.wait(request, await client.send(request, {}))
     assert answers.pop(allowed_uri).header.status == Status.OK
     for uri, result in answers.items():
@@ -261,14 +261,14 @@ async def test_a_request_id_is_admitted_once(start_worker, settings):
     good = Credentials(authorization=f"Bearer {token(tenant='idem')}")
     async with InferenceClient(settings) as client:
         await ready_with(client, worker, Credentials(authorization=f"Bearer {token(tenant='warmup')}"))
-        first = client.request("tiny", {}, timeout=30, credentials=good)
+        first = client.request("tiny", timeout=30, credentials=good)
         x = tiny_input(seed=11)
         answer = await client.wait(first, await client.send(first, x))  # admission 1 of 3
         assert answer.header.status == Status.OK
         row = await stored_when(settings, first.request_id, lambda r: r["status"] == "ok")
 
         async def again(inputs, reply_to: str | None = None) -> InferenceResult:
-            copy = client.request("tiny", {}, timeout=30, credentials=good)
+            copy = client.request("tiny", timeout=30, credentials=good)
             copy.request_id = first.request_id
             copy.reply_to = reply_to or copy.reply_to
             return (await client.wait(copy, await client.send(copy, inputs))).header
@@ -293,7 +293,7 @@ async def test_the_stored_answer_of_a_repeat_has_the_callers_correlation_id(star
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
-        request = client.request("tiny", {}, timeout=30)
+        request = client.request("tiny", timeout=30)
         first = await client.wait(request, await client.send(request, tiny_input(seed=5)))
         await stored_when(settings, request.request_id, lambda r: r["status"] == "ok")
         repeat = InferenceRequest(**{**request.model_dump(), "correlation_id": "second-caller"})
