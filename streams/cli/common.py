@@ -151,7 +151,7 @@ def command_line(help: str, groups: list[CommandGroup]) -> CommandGroup:
         debug: Annotated[bool, typer.Option("--debug", envvar="INFERSTREAM_DEBUG",
                                             help="show the full traceback of an unexpected error")] = False,
     ) -> None:
-        pass
+        """Nothing to do here: a failing command reads `--debug` from its root context."""
 
     for group in groups:
         root.add_typer(group)
