@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from test_gatekeeping import AUTH, Stores, call, ready_with, token
+from support.gate import AUTH, Stores, call, ready_with, token
 
 from streams.client import InferenceClient
 from streams.gate.auth import new_api_key, parse_api_key

@@ -9,6 +9,11 @@ import aiohttp
 import numpy as np
 import pytest
 import skimage.data
+from support.batch_files import put_jsonl, read_output
+from support.bridge import infer_json, oip_inputs, poll_json, until_answering
+from support.metrics import scrape, value
+from support.tiny import tiny_reference
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input
 
@@ -16,11 +21,8 @@ pytestmark = pytest.mark.integration
 CHELSEA = Path(skimage.data.__file__).parent / "chelsea.png"
 
 
-async def test_tritonclient_infers_through_the_bridge(start_worker, start_bridge, settings):
+async def test_tritonclient_infers_through_the_bridge(start_worker, start_bridge):
     import tritonclient.http.aio as triton
-
-    from streams.registry.records import ModelRegistry
-    from streams.serving.backends.onnx import OnnxModel
 
     start_worker()
     bridge = await start_bridge()
@@ -46,39 +48,16 @@ async def test_tritonclient_infers_through_the_bridge(start_worker, start_bridge
                     if "DEADLINE" not in str(exc) and "deadline" not in str(exc):
                         raise
             assert result is not None
-            direct = OnnxModel(ModelRegistry.load(settings.model_repository).resolve("tiny")).run({"x": x})
-            np.testing.assert_array_equal(result.as_numpy("y"), direct["y"])
+            np.testing.assert_allclose(result.as_numpy("y"), tiny_reference(x), rtol=1e-5, atol=1e-6)
     finally:
         await client.close()
-
-
-async def infer_json(session: aiohttp.ClientSession, url: str, x: np.ndarray, **headers) -> tuple[int, dict]:
-    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    async with session.post(f"{url}/v2/models/tiny/infer", json=body, headers=headers) as response:
-        return response.status, await response.json()
-
-
-async def warm_up(session: aiohttp.ClientSession, url: str) -> None:
-    """Until the worker answers through the bridge (its consumers have joined their groups)."""
-    for _ in range(60):
-        status, _ = await infer_json(session, url, tiny_input()["x"], **{"X-Inferstream-Timeout": "3"})
-        if status == 200:
-            return
-    raise TimeoutError("no answer through the bridge")
-
-
-def tiny_reference(settings, x: np.ndarray) -> np.ndarray:
-    from streams.registry.records import ModelRegistry
-    from streams.serving.backends.onnx import OnnxModel
-
-    return OnnxModel(ModelRegistry.load(settings.model_repository).resolve("tiny")).run({"x": x})["y"]
 
 
 async def test_classify_labels_the_chelsea_photo_a_cat(start_worker, start_bridge):
     start_worker()
     bridge = await start_bridge()
     async with aiohttp.ClientSession() as session:
-        await warm_up(session, bridge.url)
+        await until_answering(session, bridge.url)
         async with session.post(f"{bridge.url}/v1/models/efficientnet-lite0/classify?top_k=3",
                                 data=CHELSEA.read_bytes(), headers={"Content-Type": "image/png"}) as r:
             assert r.status == 200, await r.text()
@@ -96,14 +75,14 @@ async def test_classify_labels_the_chelsea_photo_a_cat(start_worker, start_bridg
         assert "cat" in answer["predictions"][0]["label"]
 
 
-async def test_two_hundred_concurrent_requests_all_answered_correctly(start_worker, start_bridge, settings):
+async def test_two_hundred_concurrent_requests_all_answered_correctly(start_worker, start_bridge):
     start_worker()
     bridge = await start_bridge()
     inputs = [tiny_input(rows=1, seed=i)["x"] for i in range(200)]
     async with aiohttp.ClientSession() as session:
-        await warm_up(session, bridge.url)
+        await until_answering(session, bridge.url)
         answers = await asyncio.gather(*(infer_json(session, bridge.url, x) for x in inputs))
-    expected = tiny_reference(settings, np.concatenate(inputs))
+    expected = tiny_reference(np.concatenate(inputs))
     for i, (status, body) in enumerate(answers):
         assert status == 200, body
         (output,) = body["outputs"]
@@ -115,10 +94,11 @@ async def test_deadline_gives_504_and_no_waiter_leaks(start_worker, start_bridge
     start_worker(max_batch_size=1000, max_batch_delay_ms=4000)
     bridge = await start_bridge()
     async with aiohttp.ClientSession() as session:
-        for _ in range(60):  # until the worker is up: the slow reply arrives within 30 s
-            status, body = await infer_json(session, bridge.url, tiny_input()["x"], **{"X-Inferstream-Timeout": "30"})
-            if status == 200:
-                break
+        async def answered() -> bool:  # the slow reply arrives within 30 s once the worker is up
+            status, _ = await infer_json(session, bridge.url, tiny_input()["x"], **{"X-Inferstream-Timeout": "30"})
+            return status == 200
+
+        await wait_for(answered, timeout=180, interval=0, what="a first answer through the bridge")
         statuses = await asyncio.gather(*(
             infer_json(session, bridge.url, tiny_input(seed=i)["x"], **{"X-Inferstream-Timeout": "1"})
             for i in range(5)
@@ -126,35 +106,33 @@ async def test_deadline_gives_504_and_no_waiter_leaks(start_worker, start_bridge
         for status, body in statuses:
             assert status == 504, body
             assert body["code"] == "DEADLINE_EXCEEDED" and "deadline" in body["error"]
-        await asyncio.sleep(5)  # the late replies arrive and are dropped
-        async with session.get(f"{bridge.url}/metrics") as r:
-            metrics = await r.text()
-    assert "inferstream_bridge_pending_replies 0.0" in metrics
-    late = next(line for line in metrics.splitlines() if line.startswith("inferstream_bridge_late_replies_total"))
-    assert float(late.split()[-1]) >= 1
+        # The late replies arrive and are dropped: no waiter is left behind.
+        await wait_for(lambda: scrape(f"{bridge.url}/metrics"), timeout=30, interval=0.2,
+                       until=lambda samples: value(samples, "inferstream_bridge_late_replies_total") >= 1
+                       and value(samples, "inferstream_bridge_pending_replies") == 0,
+                       what="late replies dropped and none pending")
 
 
 async def test_two_bridges_get_only_their_own_replies(start_worker, start_bridge, settings):
     start_worker()
     first, second = await start_bridge(), await start_bridge()
     async with aiohttp.ClientSession() as session:
-        await warm_up(session, first.url)
-        await warm_up(session, second.url)
+        await until_answering(session, first.url)
+        await until_answering(session, second.url)
         xs = [tiny_input(seed=100 + i)["x"] for i in range(100)]
         answers = await asyncio.gather(*(
             infer_json(session, (first if i % 2 else second).url, x) for i, x in enumerate(xs)
         ))
-        expected = tiny_reference(settings, np.concatenate(xs))
+        expected = tiny_reference(np.concatenate(xs))
         for i, (status, body) in enumerate(answers):
             assert status == 200, body
             output = np.array(body["outputs"][0]["data"], np.float32)
             np.testing.assert_allclose(output, expected[i], rtol=1e-5, atol=1e-6)
         for bridge in (first, second):
-            async with session.get(f"{bridge.url}/metrics") as r:
-                text = await r.text()
-            unmatched = next(line for line in text.splitlines()
-                             if line.startswith("inferstream_bridge_unmatched_replies_total"))
-            assert float(unmatched.split()[-1]) == 0, "a bridge saw a reply that was not its own"
+            samples = await scrape(f"{bridge.url}/metrics")
+            assert ("inferstream_bridge_unmatched_replies_total", frozenset()) in samples
+            assert value(samples, "inferstream_bridge_unmatched_replies_total") == 0, \
+                "a bridge saw a reply that was not its own"
     assert first.settings.bridge_port != second.settings.bridge_port
 
 
@@ -185,65 +163,32 @@ async def test_limits_and_errors_are_json_with_a_code(start_worker, start_bridge
     assert routes <= set(doc["paths"])
 
 
-async def poll(session: aiohttp.ClientSession, url: str, done, timeout: float = 180.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with session.get(url) as r:
-            assert r.status == 200, await r.text()
-            body = await r.json()
-        if done(body) or asyncio.get_running_loop().time() > deadline:
-            return body
-        await asyncio.sleep(0.5)
-
-
-async def test_job_completes_with_its_result_in_postgres_and_s3(start_worker, start_bridge, settings):
+async def test_job_completes_with_its_result_in_postgres_and_s3(start_worker, start_bridge):
     start_worker(claim_check_bytes=4096)
     bridge = await start_bridge()
     small, large = tiny_input(rows=2, seed=5)["x"], tiny_input(rows=200, seed=6)["x"]
     async with aiohttp.ClientSession() as session:
-        await warm_up(session, bridge.url)
+        await until_answering(session, bridge.url)
         ids = []
         for x in (small, large):
-            job = {"model": "tiny", "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                                "data": x.ravel().tolist()}]}
+            job = {"model": "tiny", "inputs": oip_inputs(x)}
             async with session.post(f"{bridge.url}/v1/jobs", json=job) as r:
                 assert r.status == 202, await r.text()
                 ids.append((await r.json())["job_id"])
         finished = lambda body: body["status"] != "pending"  # noqa: E731
-        small_job = await poll(session, f"{bridge.url}/v1/jobs/{ids[0]}", finished)
-        large_job = await poll(session, f"{bridge.url}/v1/jobs/{ids[1]}", finished)
+        small_job = await poll_json(session, f"{bridge.url}/v1/jobs/{ids[0]}", finished)
+        large_job = await poll_json(session, f"{bridge.url}/v1/jobs/{ids[1]}", finished)
         async with session.get(large_job["outputs_url"]) as r:  # presigned S3 URL
             assert r.status == 200
             bundle = await r.read()
     assert small_job["status"] == "completed", small_job
     np.testing.assert_allclose(np.array(small_job["outputs"][0]["data"], np.float32).reshape(2, 16),
-                               tiny_reference(settings, small), rtol=1e-5, atol=1e-6)
+                               tiny_reference(small), rtol=1e-5, atol=1e-6)
     assert large_job["status"] == "completed" and large_job["outputs_ref"].startswith("s3://")
     from topics.events import decode_bundle
 
     _, tensors = decode_bundle(bundle)
-    np.testing.assert_allclose(tensors["y"], tiny_reference(settings, large), rtol=1e-5, atol=1e-6)
-
-
-def put_jsonl(settings, key: str, xs: list[np.ndarray], bad_lines: int = 0) -> str:
-    import orjson
-
-    from streams.storage.objects import ObjectStore
-
-    lines = [orjson.dumps({"id": f"item-{i}", "inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
-                                                          "data": x.ravel().tolist()}]}) for i, x in enumerate(xs)]
-    lines += [b'{"id": "broken", "inputs": [{"name": "x"}]}'] * bad_lines
-    store = ObjectStore(settings)
-    store.ensure_bucket()
-    return store.put(key, b"\n".join(lines) + b"\n")
-
-
-def read_output(settings, uri: str) -> list[dict]:
-    import orjson
-
-    from streams.storage.objects import ObjectStore
-
-    return [orjson.loads(line) for line in ObjectStore(settings).get(uri).splitlines()]
+    np.testing.assert_allclose(tensors["y"], tiny_reference(large), rtol=1e-5, atol=1e-6)
 
 
 async def test_batch_of_500_completes_with_output_in_s3(start_worker, start_bridge, settings):
@@ -252,15 +197,15 @@ async def test_batch_of_500_completes_with_output_in_s3(start_worker, start_brid
     xs = [tiny_input(seed=1000 + i)["x"] for i in range(500)]
     uri = put_jsonl(settings, f"inputs/{settings.app_id}/batch.jsonl", xs, bad_lines=1)
     async with aiohttp.ClientSession() as session:
-        await warm_up(session, bridge.url)
+        await until_answering(session, bridge.url)
         async with session.post(f"{bridge.url}/v1/batches", json={"model": "tiny", "input": uri, "rate": 1000}) as r:
             assert r.status == 202, await r.text()
             batch_id = (await r.json())["batch_id"]
-        batch = await poll(session, f"{bridge.url}/v1/batches/{batch_id}", lambda b: b["status"] == "completed")
+        batch = await poll_json(session, f"{bridge.url}/v1/batches/{batch_id}", lambda b: b["status"] == "completed")
     assert (batch["total"], batch["done"], batch["failed"]) == (501, 500, 1), batch
     lines = read_output(settings, batch["output"])
     assert [line["index"] for line in lines] == list(range(501))
-    expected = tiny_reference(settings, np.concatenate(xs))
+    expected = tiny_reference(np.concatenate(xs))
     for line in lines[:500]:
         assert line["status"] == "ok" and line["id"] == f"item-{line['index']}"
         np.testing.assert_allclose(np.array(line["outputs"][0]["data"], np.float32), expected[line["index"]],
@@ -274,15 +219,15 @@ async def test_batch_finishes_after_its_worker_is_killed_midway(start_worker, st
     xs = [tiny_input(seed=2000 + i)["x"] for i in range(500)]
     uri = put_jsonl(settings, f"inputs/{settings.app_id}/killed.jsonl", xs)
     async with aiohttp.ClientSession() as session:
-        await warm_up(session, bridge.url)
+        await until_answering(session, bridge.url)
         async with session.post(f"{bridge.url}/v1/batches", json={"model": "tiny", "input": uri, "rate": 100}) as r:
             batch_id = (await r.json())["batch_id"]
         url = f"{bridge.url}/v1/batches/{batch_id}"
-        midway = await poll(session, url, lambda b: b["published"] >= 100, timeout=60)
+        midway = await poll_json(session, url, lambda b: b["published"] >= 100, timeout=60)
         worker.kill()
         assert midway["status"] == "running" and midway["published"] < 500, midway
         start_worker()
-        batch = await poll(session, url, lambda b: b["status"] == "completed")
+        batch = await poll_json(session, url, lambda b: b["status"] == "completed")
     assert (batch["total"], batch["done"], batch["failed"]) == (500, 500, 0), batch
     lines = read_output(settings, batch["output"])
     assert sorted(line["index"] for line in lines) == list(range(500))  # every item exactly once

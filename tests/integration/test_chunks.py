@@ -5,8 +5,6 @@ goes through its topic."""
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -15,6 +13,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from support.deadletters import dead_letters_of
+from support.model_repositories import pooled_repository
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
@@ -40,11 +41,8 @@ async def test_a_chunk_of_100_with_one_poison_event_answers_99_and_dead_letters_
         waiters = [await client.send(r, tiny_input(seed=i), delivered=True) for i, r in enumerate(requests)]
         start_worker()
         results = await asyncio.wait_for(asyncio.gather(*waiters), 120)
-        letters: list[Letter] = []
-        deadline = time.monotonic() + 30
-        while not letters and time.monotonic() < deadline:
-            letters = [x for x in await read_letters(settings) if isinstance(x, Letter)]
-            await asyncio.sleep(0.3)
+        await dead_letters_of(settings, {requests[37].request_id})
+        letters = [x for x in await read_letters(settings) if isinstance(x, Letter)]
     outcomes = Counter(r.header.error.code if r.header.error else r.header.status for r in results)
     assert outcomes == {Status.OK: 99, ErrorCode.INTERNAL: 1}, outcomes
     assert results[37].header.status == Status.ERROR
@@ -67,10 +65,8 @@ async def test_worker_killed_mid_chunk_under_10000_requests_loses_and_duplicates
 
         sending = asyncio.create_task(stream())
         # SIGKILL (nothing finishes cleanly) while the stream flows and chunks are in flight.
-        for _ in range(1200):
-            if sum(w.done() for w in waiters) >= total // 10:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: sum(w.done() for w in waiters) >= total // 10, timeout=60,
+                       what=f"{total // 10} answers")
         answered_before_kill = sum(w.done() for w in waiters)
         worker.kill()
         start_worker()
@@ -93,19 +89,6 @@ async def test_worker_killed_mid_chunk_under_10000_requests_loses_and_duplicates
     finally:
         await conn.close()
     assert (rows, distinct, claims) == (total, total, total)
-
-
-def pooled_repository(source: Path, target: Path, name: str) -> Path:
-    """A model repository holding the tiny model under another name: a model that only another
-    worker group serves."""
-    shutil.copytree(source / "tiny", target / name)
-    spec_file = target / name / "inferstream.json"
-    spec = json.loads(spec_file.read_text())
-    spec["name"] = name
-    spec_file.write_text(json.dumps(spec))
-    config = target / name / "config.pbtxt"
-    config.write_text(config.read_text().replace('name: "tiny"', f'name: "{name}"'))
-    return target
 
 
 async def read_records(settings, topic: str, expect: int, timeout: float = 60.0) -> int:

@@ -3,21 +3,19 @@ dead-letter tooling unshaken by whatever else lies on its topic."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
 import time
 
 import jwt
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from support.cli_process import run_cli
+from support.deadletters import dead_letters_of
 
-from infra.local import ROOT
-from infra.local.harness import settings_env, tiny_input, wait_ready
+from infra.local.harness import tiny_input, wait_ready
 from infra.local.stack import free_port
 from streams.client import InferenceClient
-from streams.ops.dlq import Letter, StoreUnreachable, Unreadable, describe, read_letters, redrive
+from streams.ops.dlq import StoreUnreachable, Unreadable, describe, read_letters, redrive
 from streams.storage.objects import ObjectStore
 from streams.worker.deadletters import object_key
 from topics import events
@@ -33,17 +31,6 @@ API_KEY = "isk_0123456789_thisisasecretapikey"
 def bearer() -> str:
     claims = {"tenant": "acme", "scope": "infer", "sub": "alice", "exp": int(time.time()) + 600}
     return "Bearer " + jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-async def letters_of(settings, request_ids: set[str], timeout: float = 60.0) -> dict[str, Letter]:
-    """The dead letters of these requests, by request id, polled until all are there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {r.letter.request_id: r for r in await read_letters(settings)
-                 if isinstance(r, Letter) and r.letter.request_id in request_ids}
-        if set(found) == request_ids or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.5)
 
 
 async def test_an_oversized_original_goes_to_s3_and_the_partition_goes_on(start_worker, settings):
@@ -91,7 +78,7 @@ async def test_an_oversized_original_goes_to_s3_and_the_partition_goes_on(start_
     assert sorted(answered) == sorted([*good, "big"]), f"{len(answered)} answered:\n{worker.log()[-3000:]}"
     assert all(answered[g].status == Status.OK for g in good)
     assert answered["big"].error is not None and answered["big"].error.code == ErrorCode.UNKNOWN_MODEL
-    letter = (await letters_of(settings, {big.request_id}))[big.request_id].letter
+    letter = (await dead_letters_of(settings, {big.request_id}))[big.request_id].letter
     assert letter.reason == ErrorCode.UNKNOWN_MODEL and letter.redacted
     assert letter.original_b64 is None
     assert letter.original_ref == f"s3://{settings.s3_bucket}/deadletters/{topics.requests}/{sent.partition}/{sent.offset}.bin"
@@ -125,7 +112,7 @@ async def test_a_dead_letter_carries_no_credentials(start_worker, settings):
                                                   ("kept", b"yes")])
     finally:
         await producer.stop()
-    found = await letters_of(settings, set(expired))
+    found = await dead_letters_of(settings, set(expired))
     assert set(found) == set(expired)
 
     consumer = AIOKafkaConsumer(topics.deadletter, bootstrap_servers=settings.kafka_bootstrap,
@@ -199,21 +186,16 @@ async def test_the_tooling_reads_and_skips_whatever_lies_on_the_dead_letter_topi
     assert "not where originals are stored" in why[offsets["forged"]]
     assert await redriven_original(settings, request.request_id) == original
 
-    env = {**os.environ, **settings_env(settings), "COLUMNS": "300"}
-    cli = str(ROOT / ".venv" / "bin" / "inferstream")
+    async def dlq(*args: str) -> str:
+        return (await run_cli("dlq", *args, settings=settings, env={"COLUMNS": "300"})).output
 
-    def run(*args: str) -> str:
-        done = subprocess.run([cli, "dlq", *args], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    listed = run("list")
+    listed = await dlq("list")
     assert listed.count("UNREADABLE") == len(foreign)
     assert f"0:{offsets['genuine']}" in listed
-    shown_garbage = run("show", f"0:{offsets['garbage']}")
+    shown_garbage = await dlq("show", f"0:{offsets['garbage']}")
     assert "unreadable" in shown_garbage and "PNG" in shown_garbage
-    run("show", f"0:{offsets['tombstone']}")
-    redriven = run("redrive", "--all")
+    await dlq("show", f"0:{offsets['tombstone']}")
+    redriven = await dlq("redrive", "--all")
     assert "redriven 0, skipped 5" in redriven  # the genuine one was redriven above
     assert f"skipped 0:{offsets['garbage']}: unreadable" in redriven
 

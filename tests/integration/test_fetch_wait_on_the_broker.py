@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from support.waiting import wait_for
 
 from streams.kafka.fetch_wait import FetchWait, IdlePolicy, WakePublisher, follow_wakes, wake_channel
 from streams.telemetry.lag import LagReader
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.integration
 
 IDLE_AFTER_S = 0.3
 IDLE_POLL_MS = 3000
-
-
-async def until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.02)
 
 
 async def new_topic(settings, partitions: int = 2) -> str:
@@ -81,19 +74,19 @@ async def test_an_idle_consumer_polls_once_per_interval_and_a_wake_fetches_at_on
         tasks.append(asyncio.create_task(follow_wakes(settings.redis_url, wake_channel(settings), fetch_wait.wake)))
         redis = aioredis.from_url(settings.redis_url)
         try:
-            await until(lambda: fetch_wait.state == "idle", 10, "the consumer never went idle")
+            await wait_for(lambda: fetch_wait.state == "idle", timeout=10, what="the consumer going idle")
             polls = len(fetches)
-            await until(lambda: len(fetches) >= polls + 2, 3 * IDLE_POLL_MS / 1000, "no idle polls")
+            await wait_for(lambda: len(fetches) >= polls + 2, timeout=3 * IDLE_POLL_MS / 1000, what="two idle polls")
             # Idle polls come one interval apart (a 10 ms fetch each), not every 10 ms.
             assert fetches[-1] - fetches[-2] >= 0.8 * IDLE_POLL_MS / 1000
             assert (await redis.pubsub_numsub(wake_channel(settings)))[0][1] >= 1
             # Right after an idle poll: without a wake the record would wait ~3 s for the next.
             polls = len(fetches)
-            await until(lambda: len(fetches) > polls, 2 * IDLE_POLL_MS / 1000, "no idle poll")
+            await wait_for(lambda: len(fetches) > polls, timeout=2 * IDLE_POLL_MS / 1000, what="an idle poll")
             sent = time.monotonic()
             publisher.sending()
             await producer.send_and_wait(topic, b"woken", partition=1)
-            await until(lambda: b"woken" in received, IDLE_POLL_MS / 1000, "the wake did not fetch")
+            await wait_for(lambda: b"woken" in received, timeout=IDLE_POLL_MS / 1000, what="the woken fetch")
             assert received[b"woken"] - sent < 0.5 * IDLE_POLL_MS / 1000
             assert publisher.published == 1
         finally:
@@ -112,11 +105,11 @@ async def test_the_worker_follows_the_wake_channel(start_worker, settings):
     worker = start_worker()
     redis = aioredis.from_url(settings.redis_url)
     try:
-        deadline = time.monotonic() + 90
-        while (await redis.pubsub_numsub(wake_channel(settings)))[0][1] < 1:
+        async def subscribers() -> int:
             worker.check_running()
-            assert time.monotonic() < deadline, "the worker never subscribed to its wake channel"
-            await asyncio.sleep(0.2)
+            return (await redis.pubsub_numsub(wake_channel(settings)))[0][1]
+
+        await wait_for(subscribers, timeout=90, interval=0.2, what="the worker subscribed to its wake channel")
     finally:
         await redis.aclose()
 

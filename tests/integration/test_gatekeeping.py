@@ -7,15 +7,17 @@ import time
 import uuid
 from collections import Counter
 
-import asyncpg
 import jwt
 import pytest
-import redis.asyncio as aioredis
+from support.batch_files import put_jsonl
+from support.bridge import oip_inputs, poll_json
+from support.gate import AUTH, SECRET, Stores, call, ready_with, token
+from support.presence import wait_until_served
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.gate.auth import ApiKeyStore
-from streams.registry.store import RegistryStore, info_from_artifact
+from streams.registry.store import info_from_artifact
 from streams.storage.objects import ObjectStore
 from topics.events import Credentials
 
@@ -93,7 +95,7 @@ async def test_canary_split_shadow_and_a_live_registry_change(start_worker, sett
         await stores.registry.save(v1.model_copy(update={"weight": 90}))
         await stores.registry.save(v2)
         await stores.registry.save(v3)
-        await asyncio.sleep(3)  # the worker follows the registry topic
+        await wait_until_served(settings, "tiny/2", "tiny/3")  # the records come in order: v1's weight first
 
         results = await call_many(client, 2000)
         versions = Counter(r.header.model_version for r in results)
@@ -112,14 +114,12 @@ async def test_canary_split_shadow_and_a_live_registry_change(start_worker, sett
 
         # A registry change reaches the running worker within seconds, without a restart.
         await stores.registry.save(v1.model_copy(update={"weight": 0}))
-        changed_at = time.monotonic()
-        while time.monotonic() - changed_at < 20:
-            batch = await call_many(client, 50)
-            if {r.header.model_version for r in batch} == {"2"}:
-                break
-            await asyncio.sleep(0.2)
-        assert {r.header.model_version for r in batch} == {"2"}
-        assert time.monotonic() - changed_at < 20
+
+        async def versions_answering() -> set[str]:
+            return {r.header.model_version for r in await call_many(client, 50)}
+
+        await wait_for(versions_answering, timeout=20, interval=0.2, until=lambda versions: versions == {"2"},
+                       what="requests answered by version 2 alone")
 
 
 async def test_registration_is_validated(start_bridge, start_worker, settings, tmp_path):
@@ -282,7 +282,6 @@ async def test_registrations_name_nothing_outside_the_pattern_and_reveal_no_file
 async def test_jobs_and_batches_carry_credentials_and_are_readable_only_by_their_tenant(
         start_worker, start_bridge, settings):
     import aiohttp
-    from test_bridge import put_jsonl
 
     worker = start_worker(**AUTH)
     bridge = await start_bridge(**AUTH)
@@ -290,8 +289,7 @@ async def test_jobs_and_batches_carry_credentials_and_are_readable_only_by_their
     globex = {"Authorization": f"Bearer {token(tenant='globex')}"}
     admin = {"Authorization": f"Bearer {token(tenant='ops', scope='admin')}"}
     x = tiny_input(seed=3)["x"]
-    job = {"model": "tiny", "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                        "data": x.ravel().tolist()}]}
+    job = {"model": "tiny", "inputs": oip_inputs(x)}
     async with InferenceClient(settings) as client, aiohttp.ClientSession() as session:
         await ready_with(client, worker, Credentials(authorization=acme["Authorization"]))
 
@@ -303,14 +301,8 @@ async def test_jobs_and_batches_carry_credentials_and_are_readable_only_by_their
             assert r.status == 202, await r.text()
             href = f"{bridge.url}{(await r.json())['href']}"
 
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:  # the worker authenticated the job with the caller's credentials, and ran it
-            async with session.get(href, headers=acme) as r:
-                assert r.status == 200, await r.text()
-                answer = await r.json()
-            if answer["status"] != "pending" or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.5)
+        # The worker authenticated the job with the caller's credentials, and ran it.
+        answer = await poll_json(session, href, lambda job: job["status"] != "pending", timeout=60, headers=acme)
         assert answer["status"] == "completed", answer
         async with session.get(href, headers=admin) as r:
             assert r.status == 200 and (await r.json())["status"] == "completed"
@@ -328,14 +320,8 @@ async def test_jobs_and_batches_carry_credentials_and_are_readable_only_by_their
             batch = f"{bridge.url}{(await r.json())['href']}"
         async with session.get(batch, headers=globex) as r:
             assert r.status == 404
-        deadline = asyncio.get_running_loop().time() + 90
-        while True:  # the items were admitted as acme's requests, sealed by the worker that published them
-            async with session.get(batch, headers=acme) as r:
-                assert r.status == 200, await r.text()
-                progress = await r.json()
-            if progress["status"] in ("completed", "incomplete", "failed") or \
-                    asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.5)
+        # The items were admitted as acme's requests, sealed by the worker that published them.
+        progress = await poll_json(session, batch, lambda b: b["status"] in ("completed", "incomplete", "failed"),
+                                   timeout=90, headers=acme)
         assert (progress["status"], progress["total"], progress["done"], progress["failed"]) == \
             ("completed", 1, 1, 0), progress

@@ -11,32 +11,16 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from support.bridge import until_answering
 from support.cli_process import run_cli
 
-from infra.local.harness import tiny_input, wait_ready
+from infra.local.harness import wait_ready
 from streams.client import InferenceClient
 from streams.ops import load
 
 pytestmark = pytest.mark.integration
 RATE, SECONDS = 50, 3
 EXPECTED = RATE * SECONDS
-
-
-async def bridge_answering(url: str, timeout: float = 60.0) -> None:
-    """Until the bridge answers a tiny request (its registry follower has the model)."""
-    body = load.oip_body(tiny_input())
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                async with session.post(f"{url}/v2/models/tiny/infer", data=body,
-                                        headers={"X-Inferstream-Timeout": "3"}) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"no answer through the bridge within {timeout} s")
 
 
 async def stored_ok(settings, expect: int, *, since: datetime | None = None, request_ids: list[str] | None = None,
@@ -78,7 +62,8 @@ def assert_all_ok(summary: dict, expected: int) -> None:
 async def test_load_through_the_bridge(start_worker, start_bridge, settings, tmp_path):
     start_worker()
     bridge = await start_bridge()
-    await bridge_answering(bridge.url)
+    async with aiohttp.ClientSession() as session:
+        await until_answering(session, bridge.url)
     since = datetime.now(UTC)
     done = await load.run(load.BridgeTarget(bridge.url, "tiny", timeout=10), rate=RATE, duration=SECONDS,
                           timeout=10, target="bridge", model="tiny")
@@ -103,7 +88,7 @@ async def test_load_through_kafka(start_worker, settings, tmp_path):
     done = await load.run(load.KafkaTarget(settings, "tiny", timeout=10), rate=RATE, duration=SECONDS,
                           timeout=10, target="kafka", model="tiny")
     assert_all_ok(done.summary, EXPECTED)
-    ids = [o.request_id for o in done.outcomes]
+    ids = [o.request_id for o in done.attempts]
     assert len(set(ids)) == EXPECTED and None not in ids
     assert await stored_ok(settings, EXPECTED, request_ids=ids) == EXPECTED
 

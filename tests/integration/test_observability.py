@@ -13,7 +13,9 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from prometheus_client.parser import text_string_to_metric_families
+from support.bridge import oip_inputs
+from support.metrics import Samples, scrape, summed, value
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
 from infra.local.stack import free_port
@@ -25,36 +27,24 @@ pytestmark = pytest.mark.integration
 INFER = "/v2/models/{model}/infer"
 
 
-async def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of a /metrics page: (name, labels) -> value."""
-    async with aiohttp.ClientSession() as session, session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
-        assert r.status == 200
-        text = await r.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def requests_at(samples: dict, stage: str, outcome: str = "ok") -> float:
+def requests_at(samples: Samples, stage: str, outcome: str = "ok") -> float:
     return value(samples, "inferstream_requests_total", stage=stage, outcome=outcome)
 
 
-async def settled(url: str, timeout: float = 30.0) -> dict:
+async def settled(url: str, timeout: float = 30.0) -> Samples:
     """Metrics once nothing is in flight: no stage's count moved for a second (a readiness probe
     that timed out may still be answered, or rejected as late, after the one that got through)."""
-    deadline = time.monotonic() + timeout
-    previous = None
-    while True:
+    previous: tuple[float, ...] | None = None
+
+    async def unchanged() -> Samples | None:
+        nonlocal previous
         samples = await scrape(url)
         counts = tuple(requests_at(samples, stage, outcome) for stage in ("intake", "inference", "sink")
                        for outcome in ("ok", "rejected", "refused"))
-        if counts == previous or time.monotonic() > deadline:
-            return samples
-        previous = counts
-        await asyncio.sleep(1.0)
+        steady, previous = counts == previous, counts
+        return samples if steady else None
+
+    return await wait_for(unchanged, timeout=timeout, interval=1.0, what="the stage counts to settle")
 
 
 def traceparent(trace_id: str) -> str:
@@ -62,8 +52,7 @@ def traceparent(trace_id: str) -> str:
 
 
 async def infer_http(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None):
-    x = tiny_input()["x"]
-    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    body = {"inputs": oip_inputs(tiny_input()["x"])}
     async with session.post(f"{url}/v2/models/tiny/infer", json=body, headers=headers or {}) as response:
         await response.read()
         return response.status, response.headers
@@ -88,12 +77,9 @@ async def test_metrics_count_every_request_at_every_stage(start_worker, start_br
     assert statuses == [200] * sent_http
     sent = sent_kafka + sent_http
 
-    deadline = time.monotonic() + 30
-    while True:
-        after = await scrape(worker_metrics)
-        if requests_at(after, "sink") - requests_at(before, "sink") >= sent or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.3)
+    after = await wait_for(lambda: scrape(worker_metrics), timeout=30, interval=0.3,
+                           until=lambda samples: requests_at(samples, "sink") - requests_at(before, "sink") >= sent,
+                           what=f"{sent} requests through the sink")
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -121,13 +107,10 @@ async def test_metrics_count_every_request_at_every_stage(start_worker, start_br
     assert ("inferstream_rate_limit_store_unavailable_total", frozenset()) in after
 
     # The consumer lag gauge covers the requests topic (refreshed every few seconds).
-    deadline = time.monotonic() + 30
-    while not any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings.topic_prefix).requests
-                  for name, labels in after) and time.monotonic() < deadline:
-        await asyncio.sleep(1)
-        after = await scrape(worker_metrics)
-    assert any(name == "inferstream_consumer_lag" and dict(labels)["topic"] == Topics(settings.topic_prefix).requests
-               for name, labels in after)
+    requests_topic = Topics(settings.topic_prefix).requests
+    await wait_for(lambda: scrape(worker_metrics), timeout=30, interval=0.5,
+                   until=lambda samples: requests_topic in summed(samples, "inferstream_consumer_lag", by="topic"),
+                   what="the consumer lag gauge of the requests topic")
 
     # The bridge counts its own requests.
     bridge_samples = await scrape(f"{bridge.url}/metrics")
@@ -190,12 +173,9 @@ async def test_trace_id_travels_to_the_reply_and_every_stage_log(start_worker, s
     assert status == 200
     assert headers["traceparent"].split("-")[1] == http_trace
 
-    deadline = time.monotonic() + 30
     want = {"intake", "inference", "sink"}
-    while time.monotonic() < deadline and not (
-        want <= stages_of(worker.log(), kafka_trace) and want <= stages_of(worker.log(), http_trace)
-    ):
-        await asyncio.sleep(0.3)
+    await wait_for(lambda: want <= stages_of(worker.log(), kafka_trace) and want <= stages_of(worker.log(), http_trace),
+                   timeout=30, interval=0.3, what="both traces logged at every stage")
     assert stages_of(worker.log(), kafka_trace) == want, worker.log()[-3000:]
     assert stages_of(worker.log(), http_trace) == want, worker.log()[-3000:]
     assert stages_of(bridge.log(), http_trace) == {"bridge"}
@@ -220,12 +200,9 @@ async def test_logs_hold_no_credentials(start_worker, start_bridge, settings):
         assert status == 401
         status, _ = await infer_http(session, bridge.url, {"X-API-Key": api_key})
         assert status == 401
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and sum(
-        r.get("message") == "refused" for r in log_records(worker.log())
-    ) < 3:
-        await asyncio.sleep(0.3)
-    assert sum(r.get("message") == "refused" for r in log_records(worker.log())) == 3
+    refusals = await wait_for(lambda: sum(r.get("message") == "refused" for r in log_records(worker.log())),
+                              timeout=20, interval=0.3, until=lambda count: count >= 3, what="three refusals logged")
+    assert refusals == 3
     for text in (worker.log(), bridge.log()):
         assert api_key not in text and token not in text
         assert api_key.split("_")[2] not in text and token.split(".")[1] not in text
@@ -279,10 +256,8 @@ async def test_spans_are_exported_over_otlp(start_worker, start_bridge, settings
                     found[span.name].append((service, span))
             return found
 
-        deadline = time.monotonic() + 30
-        while len(ours()) < 4 and time.monotonic() < deadline:
-            await asyncio.sleep(0.3)
-        spans = ours()
+        spans = await wait_for(ours, timeout=30, interval=0.3, until=lambda found: len(found) >= 4,
+                               what="four spans of the trace exported")
         assert set(spans) == {f"POST {INFER}", "intake", "inference", "sink"}, list(spans)
         (bridge_service, http_span), = spans[f"POST {INFER}"]
         (_, intake), (_, inference), (_, sink) = spans["intake"][0], spans["inference"][0], spans["sink"][0]

@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from support.cli_process import run_cli
+from support.tiny import tiny_reference
 
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
@@ -23,15 +24,6 @@ pytestmark = pytest.mark.integration
 CHELSEA = Path(skimage.data.__file__).parent / "chelsea.png"
 
 
-def tiny_expected(x: np.ndarray) -> np.ndarray:
-    from models.build import tiny_parameters
-
-    w, b = tiny_parameters()
-    logits = x @ w + b
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 async def test_tiny_request_gets_the_models_answer(start_worker, settings):
     worker = start_worker()
     async with InferenceClient(settings) as client:
@@ -41,7 +33,7 @@ async def test_tiny_request_gets_the_models_answer(start_worker, settings):
     assert result.header.status == "ok", result.header.error
     assert result.header.model_version == "1"
     assert {"queue", "inference", "total"} <= set(result.header.timings_ms)
-    np.testing.assert_allclose(result.tensors["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.tensors["y"], tiny_reference(inputs["x"]), rtol=1e-5, atol=1e-6)
 
 
 async def rows_for(settings, request_ids: list[str]) -> list:
@@ -131,7 +123,7 @@ async def test_large_output_goes_to_s3_by_reference(start_worker, settings):
         assert result.header.outputs_ref.startswith(f"s3://{settings.s3_bucket}/results/tiny/")
         assert result.tensors == {}
         outputs = await client.outputs(result)
-    np.testing.assert_allclose(outputs["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["y"], tiny_reference(inputs["x"]), rtol=1e-5, atol=1e-6)
     (row,) = await rows_for(settings, [result.header.request_id])
     assert row["outputs_ref"] == result.header.outputs_ref and row["outputs"] is None
     _, stored = events.decode_bundle(ObjectStore(settings).get(row["outputs_ref"]))
@@ -149,7 +141,7 @@ async def test_large_input_travels_by_reference(start_worker, settings):
         outputs = await client.outputs(result)
     assert request.inputs_ref and request.inputs_ref.startswith("s3://")
     assert result.header.status == "ok", result.header.error
-    np.testing.assert_allclose(outputs["y"], tiny_expected(inputs["x"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["y"], tiny_reference(inputs["x"]), rtol=1e-5, atol=1e-6)
 
 
 async def read_dead_letters(settings, request_ids: set, timeout: float = 30.0) -> list[events.DeadLetter]:

@@ -5,16 +5,16 @@ restarted one reads those events again)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from pathlib import Path
 
 import orjson
 import pytest
+from support.deadletters import dead_letters_of
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
-from streams.ops.dlq import Letter, read_letters
 from topics import events
 from topics.errors import ErrorCode
 from topics.events import Status
@@ -38,11 +38,9 @@ async def test_a_crashed_agent_acknowledges_nothing_it_took(start_worker, settin
                 request.request_id = f"{marker}-{request.request_id}"
             pending.append((request, await client.send(request, tiny_input(seed=i), delivered=True)))
         # The worker stops by itself once its agent crashed.
-        deadline = time.monotonic() + 60
-        while worker.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        await wait_for(lambda: worker.proc.poll() is not None, timeout=60, interval=0.2,
+                       what="the worker stopping after its agent crashed")
         assert (tmp_path / "crashed").exists(), worker.log()[-3000:]
-        assert worker.proc.poll() is not None, "the worker kept running with an agent that crashed"
         monkeypatch.delenv("INFERSTREAM_FAULT_CRASH_MARKER")
         start_worker()  # reads again what the crashed one took but never finished
         results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
@@ -76,15 +74,10 @@ async def test_poison_events_are_rejected_alone_at_once(start_worker, settings):
             request = client.request("tiny", timeout=60)
             pending.append((request, await client.send(request, tiny_input(seed=100 + i))))
         results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            letters = {x.letter.request_id: x.letter for x in await read_letters(settings) if isinstance(x, Letter)}
-            if deep.request_id in letters:
-                break
-            await asyncio.sleep(0.5)
+        letters = await dead_letters_of(settings, {deep.request_id}, timeout=30)
     # Headers a producer may set, however odd, do not make a request poison.
     assert [r.header.status for r in results] == [Status.OK] * len(results)
-    assert letters[deep.request_id].reason in (ErrorCode.INVALID_TENSOR, ErrorCode.INVALID_SCHEMA,
+    assert letters[deep.request_id].letter.reason in (ErrorCode.INVALID_TENSOR, ErrorCode.INVALID_SCHEMA,
                                                ErrorCode.INTERNAL)
     log = worker.log()
     assert "failed on" not in log and "Restarting dead Agent" not in log  # no chunk retried, no crash
@@ -119,13 +112,9 @@ async def test_a_bug_answers_the_caller_internal_error_and_tells_details_only_to
         request = client.request("tiny", timeout=60)
         request.request_id = f"{marker}-{request.request_id}"
         result = await client.wait(request, await client.send(request, tiny_input()))
-        deadline = time.monotonic() + 30
-        letters: dict = {}
-        while request.request_id not in letters and time.monotonic() < deadline:
-            letters = {x.letter.request_id: x.letter for x in await read_letters(settings) if isinstance(x, Letter)}
-            await asyncio.sleep(0.3)
+        letters = await dead_letters_of(settings, {request.request_id}, timeout=30)
     error = result.header.error
     assert error is not None and error.code == ErrorCode.INTERNAL, error
     assert "secret" not in error.message and "RuntimeError" not in error.message, error.message
-    letter = letters[request.request_id]
+    letter = letters[request.request_id].letter
     assert letter.reason == ErrorCode.INTERNAL and "RuntimeError: injected bug" in letter.message

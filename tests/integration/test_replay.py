@@ -12,6 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support.cli_process import run_cli
+from support.presence import wait_until_served
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
@@ -39,6 +41,14 @@ async def answered(client: InferenceClient, count: int, seed: int) -> list[str]:
     return [request.request_id for request, _ in pending]
 
 
+async def next_millisecond() -> int:
+    """A time (ms) later than every event sent so far, waited for: events sent from now on are
+    stamped at or after it (a replay window's edge)."""
+    edge = events.now_ms() + 1
+    await wait_for(lambda: events.now_ms() >= edge, timeout=1, interval=0.001, what="the clock's next millisecond")
+    return edge
+
+
 async def register_tiny(settings, version: str) -> None:
     """Version `version` of tiny with the artifact of version 1 (weight 0: only named requests)."""
     pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
@@ -60,11 +70,9 @@ async def test_time_window_replay_is_stored_beside_originals_and_compares(start_
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
         await answered(client, 5, seed=0)  # before the window
-        await asyncio.sleep(0.3)
-        since = events.now_ms()
+        since = await next_millisecond()
         window = await answered(client, 7, seed=100)
-        await asyncio.sleep(0.3)
-        until = events.now_ms()
+        until = await next_millisecond()
         await answered(client, 4, seed=200)  # after the window
     async with ResultsStore(settings.postgres_dsn) as results:
         before = await results.wait_until_stored(window)
@@ -78,7 +86,7 @@ async def test_time_window_replay_is_stored_beside_originals_and_compares(start_
         assert not set(replays) & set(window)
 
         await register_tiny(settings, "2")
-        await asyncio.sleep(3)  # the worker follows the registry topic
+        await wait_until_served(settings, "tiny/2")
         job = ReplayJob(name="cmp", since_ms=since, until_ms=until, version="2")
         progress = await Replayer(settings, job).run()
         report, uri = await compare(settings, progress.origins, "2", "cmp", timeout=60)
@@ -172,17 +180,16 @@ async def test_stopped_replay_resumes_without_duplicates(topics_ready):
         tps = [TopicPartition(target, p) for p in consumer.partitions_for_topic(target)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        ends = await fixed_ends(consumer, tps)  # the replays have returned: every copy is there
+        await consumer.seek_to_beginning(*tps)
         copies: list[events.InferenceRequest] = []
         deadline = time.monotonic() + 30
-        while len(copies) < 30 and time.monotonic() < deadline:
+        while len(copies) < sum(ends.values()) and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 copies += [events.decode_request_header(r.value)[0] for r in records]
-        await asyncio.sleep(1)
-        for records in (await consumer.getmany(timeout_ms=500)).values():
-            copies += [events.decode_request_header(r.value)[0] for r in records]  # nothing more expected
     finally:
         await consumer.stop()
-    assert len(copies) == 30
+    assert sum(ends.values()) == len(copies) == 30
     assert len({c.request_id for c in copies}) == 30
     assert {c.replay_of.request_id for c in copies} == {f"orig-{i}" for i in range(30)}
     assert all(c.reply_to is None and c.correlation_id is None for c in copies)
@@ -252,14 +259,14 @@ async def test_redriven_dead_letter_is_answered_after_its_cause_is_fixed(start_w
         result = await client.wait(request, await client.send(request, tiny_input(seed=5)))
     assert result.header.status == "error" and result.header.error.code == ErrorCode.UNKNOWN_VERSION
 
-    deadline = time.monotonic() + 30
-    letters = []
-    while not letters and time.monotonic() < deadline:
-        letters = select(await read_letters(settings), reasons={"UNKNOWN_VERSION"})
+    async def unknown_version() -> list:
+        return select(await read_letters(settings), reasons={"UNKNOWN_VERSION"})
+
+    letters = await wait_for(unknown_version, timeout=30, interval=0.3, what="the UNKNOWN_VERSION dead letter")
     assert [x.letter.request_id for x in letters] == [request.request_id]
 
     await register_tiny(settings, "5")
-    await asyncio.sleep(3)  # the worker follows the registry topic
+    await wait_until_served(settings, "tiny/5")
     sent, skipped = await redrive(settings, letters)
     assert (len(sent), skipped) == (1, [])
     again, skipped = await redrive(settings, letters)  # idempotent per dead-letter offset

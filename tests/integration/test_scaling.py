@@ -17,6 +17,8 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support.cli_process import cli_popen, run_cli
+from support.metrics import scrape, summed
+from support.waiting import wait_for
 
 from infra.local import ROOT
 from infra.local.harness import settings_env, tiny_input, wait_ready
@@ -101,23 +103,25 @@ async def test_sigterm_mid_stream_drains_and_exits_cleanly(start_worker, setting
     assert await stored(settings, [r.request_id for r in requests]) == total
 
 
-# A worker whose sink step takes seconds, so that a SIGTERM lands inside one.
+# A worker whose sink step takes seconds (its work: the SIGTERM is sent once it has started, so
+# that it lands inside one).
 SLOW_SINK_WORKER = """
 import asyncio
 import sys
 
-from streams.worker import pipeline
+from streams.worker.sink import Sink
 
-sink = pipeline.Pipeline.sink
+step = Sink.step
 
 
-async def slow_sink(self, messages, outbox):
+async def slow_step(self, messages, outbox):
     print("sink step started", flush=True)
     await asyncio.sleep(4)
-    await sink(self, messages, outbox)
+    await step(self, messages, outbox)
+    print("sink step finished", flush=True)
 
 
-pipeline.Pipeline.sink = slow_sink
+Sink.step = slow_step
 sys.argv = ["inferstream", "worker"]
 from streams.cli.app import main
 
@@ -140,11 +144,11 @@ async def test_sigterm_inside_a_step_finishes_it_before_committing(start_worker,
             requests = [client.request("tiny", timeout=120) for _ in range(total)]
             waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests)]
             await asyncio.wait_for(asyncio.gather(*waiters), 120)
-        deadline = time.monotonic() + 30
-        while "sink step started" not in log_path.read_text() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await wait_for(lambda: "sink step started" in log_path.read_text(), timeout=30, interval=0.1,
+                       what="a sink step started")
         slow.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(slow.wait(), 30) == 0, log_path.read_text()[-3000:]
+        assert "sink step finished" in log_path.read_text()
     finally:
         if slow.returncode is None:
             slow.kill()
@@ -163,18 +167,6 @@ async def lag_by_topic(settings) -> dict[str, int]:
     by_topic: dict[str, int] = {}
     for p in await read_lag(settings):
         by_topic[p.topic] = by_topic.get(p.topic, 0) + p.lag
-    return by_topic
-
-
-async def scrape_lag(port: int) -> dict[str, float]:
-    """The gauge's values summed by topic (empty until the first refresh)."""
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
-        text = await response.text()
-    by_topic: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("inferstream_consumer_lag{"):
-            topic = line.split('topic="', 1)[1].split('"', 1)[0]
-            by_topic[topic] = by_topic.get(topic, 0) + float(line.rsplit(" ", 1)[1])
     return by_topic
 
 
@@ -203,19 +195,20 @@ async def test_lag_of_a_stopped_group_is_its_backlog_and_the_gauge_follows(start
         # A worker serving the gauge drains the backlog, and the gauge shows it.
         port = free_port()
         exporter = start_worker(metrics_port=port)
-        deadline = time.monotonic() + 120
-        seen: list[dict[str, float]] = []
-        while time.monotonic() < deadline:
+        seen: list[dict[str, float]] = []  # the gauge summed by topic, empty until its first refresh
+
+        async def lag_gauge() -> dict[str, float]:
             exporter.check_running()
             try:
-                seen.append(await scrape_lag(port))
-            except aiohttp.ClientError:
-                pass
-            if seen and seen[-1].get(topics.requests) == 0:
-                break
-            await asyncio.sleep(1)
+                seen.append(summed(await scrape(f"http://127.0.0.1:{port}/metrics"), "inferstream_consumer_lag",
+                                   by="topic"))
+            except aiohttp.ClientError:  # not serving its metrics yet
+                return {}
+            return seen[-1]
+
+        await wait_for(lag_gauge, timeout=120, interval=1, until=lambda lags: lags.get(topics.requests) == 0,
+                       what="the gauge showing the backlog drained")
     assert any(s.get(topics.requests, 0) > 0 for s in seen), seen
-    assert seen[-1].get(topics.requests) == 0, seen[-1:]
 
 
 @pytest.mark.timeout(120)
@@ -300,13 +293,9 @@ async def test_workers_option_runs_a_group_restarts_a_dead_worker_and_stops_on_s
 
 async def _two_children(proc: subprocess.Popen, other_than: tuple[int, ...] = ()) -> list[int]:
     """The supervisor's two worker pids once it has two, none of them in `other_than`."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        children = _children(proc.pid)
-        if len(children) == 2 and not set(children) & set(other_than):
-            return children
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"supervisor {proc.pid} has children {_children(proc.pid)}, not two new ones")
+    return await wait_for(lambda: _children(proc.pid), timeout=30, interval=0.2,
+                          until=lambda children: len(children) == 2 and not set(children) & set(other_than),
+                          what=f"supervisor {proc.pid} with two new children")
 
 
 def _kill(proc: subprocess.Popen, children: list[int]) -> None:

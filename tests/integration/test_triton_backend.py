@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.waiting import wait_for
 
 from infra.local.harness import wait_ready
 from infra.local.triton_server import TritonServer, triton_available
@@ -19,7 +20,8 @@ from streams.client import InferenceClient
 from streams.registry.records import BackendSpec, ModelInfo, ModelRegistry, TensorSignature
 from streams.registry.store import save_record
 from streams.serving.backends.onnx import OnnxModel
-from streams.serving.backends.triton import TritonModel, TritonUnavailable, check_triton_backend
+from streams.serving.backends.triton import TritonModel, TritonUnavailable
+from streams.settings import Settings
 from topics.errors import ErrorCode, EventError
 
 pytestmark = [
@@ -30,6 +32,7 @@ pytestmark = [
 SERVER_MAX_BATCH = 64  # infra/triton/serve.py's default cap on each model's max_batch_size
 BREAKER_COOLDOWN_S = 2.0
 FAST_FAILURE_S = 5.0  # an outage must be reported well before the request's 30 s deadline
+CHECKS = Settings(_env_file=None, triton_hosts=["127.0.0.1"], triton_timeout_s=10.0)  # a registration's checks
 
 
 def load_info(repository: Path, name: str) -> ModelInfo:
@@ -97,7 +100,7 @@ async def started(info: ModelInfo, spec: BackendSpec, timeout_s: float = 10.0):
     try:
         yield model
     finally:
-        await model.stop()
+        await model.close()
 
 
 # -- TritonModel directly ----------------------------------------------------------------------
@@ -128,9 +131,9 @@ async def test_groups_follow_shapes_and_the_servers_batch_limit(triton, model_re
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-async def test_check_metadata_accepts_the_served_signature(triton, model_repository, protocol):
+async def test_the_check_accepts_the_served_signature(triton, model_repository, protocol):
     for name in ("tiny", "resnet18"):
-        await check_triton_backend(load_info(model_repository, name), backend(triton, protocol), 10.0)
+        await TritonModel.check(load_info(model_repository, name), backend(triton, protocol), CHECKS)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -142,10 +145,10 @@ async def test_check_metadata_accepts_the_served_signature(triton, model_reposit
     ([TensorSignature(name="x", dtype="float32", shape=[-1, 8])],
      r"input 'x': shape \[-1, 16\] on the server, \[-1, 8\] in the signature"),
 ])
-async def test_check_metadata_names_the_difference(triton, model_repository, protocol, inputs, error):
+async def test_the_check_names_the_difference(triton, model_repository, protocol, inputs, error):
     wrong = load_info(model_repository, "tiny").model_copy(update={"inputs": inputs})
     with pytest.raises(ValueError, match=error):
-        await check_triton_backend(wrong, backend(triton, protocol), 10.0)
+        await TritonModel.check(wrong, backend(triton, protocol), CHECKS)
 
 
 # -- a version on two Triton servers, through the pipeline -------------------------------------
@@ -165,13 +168,8 @@ def assert_served(results: list, inputs: list, expected_backends: set[str], onnx
 async def first_success(client: InferenceClient, x: dict, timeout: float):
     """The first OK result for version 7, asking every half second (the breaker's probe needs
     its cooldown to pass)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await client.infer("tiny", x, version="7", timeout=10)
-        if result.header.status == "ok":
-            return result
-        await asyncio.sleep(0.5)
-    raise TimeoutError(f"version 7 did not recover in {timeout} s; last error: {result.header.error}")
+    return await wait_for(lambda: client.infer("tiny", x, version="7", timeout=10), timeout=timeout, interval=0.5,
+                          until=lambda result: result.header.status == "ok", what="version 7 recovering")
 
 
 async def test_a_version_fails_over_between_triton_servers_and_recovers(

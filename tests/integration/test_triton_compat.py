@@ -4,12 +4,13 @@ the repository index, and every call of `tritonclient.http` either served or ref
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import aiohttp
 import numpy as np
 import pytest
+from support.bridge import oip_inputs
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input
 
@@ -20,14 +21,6 @@ BEAT = {"heartbeat_interval_s": 0.5}  # heartbeats expire after 1.5 s
 async def status_of(session: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
     async with session.get(url) as response:
         return response.status, await response.json()
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout} s")
-        await asyncio.sleep(0.2)
 
 
 async def test_ready_only_while_a_worker_serves(start_worker, start_bridge):
@@ -45,7 +38,7 @@ async def test_ready_only_while_a_worker_serves(start_worker, start_bridge):
             worker.check_running()
             return (await status_of(session, url + "/v2/health/ready"))[0] == 200
 
-        await until(ready, 90, "server ready")
+        await wait_for(ready, timeout=90, interval=0.2, what="server ready")
         for path in ("/v2/models/tiny/ready", "/v2/models/tiny/versions/1/ready"):
             status, body = await status_of(session, url + path)
             assert status == 200 and body["ready"] is True, (path, body)
@@ -54,7 +47,7 @@ async def test_ready_only_while_a_worker_serves(start_worker, start_bridge):
         assert status == 503 and "no live worker serves efficientnet-lite0/1" in body["error"], body
         # Ready means answered: a request sent now is.
         x = tiny_input()["x"]
-        request = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        request = {"inputs": oip_inputs(x)}
         async with session.post(f"{url}/v2/models/tiny/infer", json=request,
                                 headers={"X-Inferstream-Timeout": "10"}) as r:
             assert r.status == 200, await r.text()
@@ -64,7 +57,7 @@ async def test_ready_only_while_a_worker_serves(start_worker, start_bridge):
         async def unready() -> bool:
             return (await status_of(session, url + "/v2/health/ready"))[0] == 503
 
-        await until(unready, 10, "server unready after the worker stopped")
+        await wait_for(unready, timeout=10, interval=0.2, what="server unready after the worker stopped")
         assert (await status_of(session, url + "/v2/models/tiny/ready"))[0] == 503
 
 
@@ -77,7 +70,7 @@ async def test_a_killed_worker_stops_counting_when_its_heartbeat_expires(start_w
         async def unready() -> bool:
             return (await status_of(session, bridge.url + "/v2/health/ready"))[0] == 503
 
-        await until(unready, 5, "server unready after the worker was killed")
+        await wait_for(unready, timeout=5, interval=0.2, what="server unready after the worker was killed")
         status, body = await status_of(session, bridge.url + "/v2/models/tiny/versions/1/ready")
     assert status == 503 and "no live worker serves tiny/1" in body["error"], body
 
@@ -94,7 +87,7 @@ async def test_statistics_count_the_workers_inferences(start_worker, start_bridg
         assert entry["inference_count"] == 0 and entry["inference_stats"]["success"]["count"] == 0
         for i in range(5):
             x = tiny_input(rows=3, seed=i)["x"]
-            body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+            body = {"inputs": oip_inputs(x)}
             async with session.post(f"{url}/v2/models/tiny/infer", json=body,
                                     headers={"X-Inferstream-Timeout": "10"}) as r:
                 assert r.status == 200, await r.text()
@@ -104,7 +97,7 @@ async def test_statistics_count_the_workers_inferences(start_worker, start_bridg
             stats = (await status_of(session, f"{url}/v2/models/tiny/stats"))[1]["model_stats"]
             return stats[0]["inference_stats"]["success"]["count"] >= 5
 
-        await until(counted, 10, "statistics written")
+        await wait_for(counted, timeout=10, interval=0.2, what="statistics written")
         status, every = await status_of(session, f"{url}/v2/models/stats")
     assert status == 200
     (entry,) = [e for e in every["model_stats"] if e["name"] == "tiny" and e["version"] == "1"]

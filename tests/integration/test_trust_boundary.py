@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from test_chunks import pooled_repository
-from test_gatekeeping import AUTH, Stores, call, ready_with, token
+from support.deadletters import dead_letters_of
+from support.gate import AUTH, Stores, call, ready_with, token
+from support.model_repositories import pooled_repository
+from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
 from streams.client import InferenceClient
@@ -38,17 +40,6 @@ async def produce(settings, topic: str, value: bytes, key: bytes | None = None,
         await producer.send_and_wait(topic, value, key=key, headers=headers or [])
     finally:
         await producer.stop()
-
-
-async def letters_for(settings, request_ids: set[str], timeout: float = 60.0) -> dict[str, Letter]:
-    """Dead letters of these request ids, polled until each has one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {r.letter.request_id: r for r in await read_letters(settings)
-                 if isinstance(r, Letter) and r.letter.request_id in request_ids}
-        if set(found) >= request_ids or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.5)
 
 
 async def stored(settings, request_id: str) -> asyncpg.Record | None:
@@ -111,7 +102,7 @@ async def test_events_written_straight_to_internal_topics_are_never_served(start
         await produce(settings, topics.results, events.encode_result(fake), answered.request_id.encode())
         # A forged batch command.
         await produce(settings, topics.batches, b'{"batch_id": "b-forged"}', b"b-forged")
-        letters = await letters_for(settings, {bypass.request_id})
+        letters = await dead_letters_of(settings, {bypass.request_id})
         # A later request through the door proves the forged ones were consumed, then nothing.
         later = await client.infer("tiny", tiny_input(seed=3), timeout=30)
     assert later.header.status == Status.OK
@@ -185,10 +176,8 @@ async def test_forwarded_events_carry_no_credentials(start_worker, settings, tmp
         request = client.request(pooled, timeout=30, credentials=credentials)
         await client.send(request, tiny_input(), delivered=True)
         topic = Topics(settings.topic_prefix).model(pooled)
-        values: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while not values and time.monotonic() < deadline:
-            values = await topic_values(settings, topic)
+        values = await wait_for(lambda: topic_values(settings, topic), timeout=30, interval=0,
+                                what="the forwarded request on the model's topic")
     assert len(values) == 1, "the model topic holds the forwarded request"
     assert request.request_id.encode() in values[0]
     assert secret.encode() not in values[0] and b"credentials" not in values[0]
@@ -213,7 +202,7 @@ async def test_reply_to_must_be_an_existing_topic_outside_the_internal_namespace
     for reply_to, result in errors.items():
         assert result.header.status == Status.ERROR, reply_to
         assert result.header.error.code == ErrorCode.INVALID_REPLY_TO, (reply_to, result.header.error)
-    letters = await letters_for(settings, {request.request_id for _, request, _ in sent})
+    letters = await dead_letters_of(settings, {request.request_id for _, request, _ in sent})
     assert {x.letter.reason for x in letters.values()} == {ErrorCode.INVALID_REPLY_TO}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 
 import pytest
+from support.waiting import assert_stays, wait_for
 
 from streams.settings import Settings
 from streams.storage.redis import redis_client
@@ -48,8 +49,9 @@ async def test_a_heartbeat_names_what_the_worker_serves_until_withdrawn_or_expir
     await first.beat()
     assert [b.worker for b in await live_workers(redis, *group)] == ["b"]
 
-    await asyncio.sleep(0.2 * 3 + 0.3)  # b stopped beating: expired after three intervals
-    assert await live_workers(redis, *group) == []
+    # b stopped beating: its heartbeat expires after three intervals (0.6 s).
+    await wait_for(lambda: live_workers(redis, *group), timeout=5, until=lambda beats: beats == [],
+                   what="b's heartbeat expired")
     assert await redis.scard(index_key(*group)) == 0  # the reader pruned the index
     await first.close()
     await second.close()
@@ -91,23 +93,26 @@ async def test_the_heartbeat_follows_what_the_worker_serves_within_a_tick(redis,
     group = slow.topic_prefix, slow.app_id
     task = asyncio.create_task(heartbeat.run())
 
-    async def listed(expected: set[str] | None) -> None:
-        for _ in range(10):  # 1 s: a few ticks
-            beats = await live_workers(redis, *group)
-            if (served(beats) if beats else None) == expected:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"heartbeat not {expected} within 1 s: {beats}")
+    async def listed() -> set[str] | None:
+        beats = await live_workers(redis, *group)
+        return served(beats) if beats else None
+
+    async def follows(expected: set[str] | None) -> None:
+        # Well under the 10 s interval: the change is published within a tick or two.
+        await wait_for(listed, timeout=5, interval=0.1, until=lambda now: now == expected,
+                       what=f"heartbeat listing {expected}")
 
     try:
-        await asyncio.sleep(0.5)
-        await listed(None)
+        async def unlisted() -> bool:
+            return await listed() is None
+
+        await assert_stays(unlisted, for_s=0.3, what="nothing listed while nothing is served")  # the first beats
         serving = ["tiny/1"]
-        await listed({"tiny/1"})
+        await follows({"tiny/1"})
         serving = ["tiny/1", "tiny/2"]
-        await listed({"tiny/1", "tiny/2"})
+        await follows({"tiny/1", "tiny/2"})
         serving = None
-        await listed(None)
+        await follows(None)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -19,17 +19,19 @@ async def _check(condition: Condition[T]) -> T:
     return await value if inspect.isawaitable(value) else value
 
 
-async def wait_for(condition: Condition[T], *, timeout: float, interval: float = 0.05, what: str) -> T:
-    """Call `condition` (a function, plain or async) every `interval` seconds until it answers
-    something truthy, and return that. Past `timeout` seconds, raise TimeoutError naming `what`
-    and the last answer. An exception from `condition` propagates at once."""
+async def wait_for(condition: Condition[T], *, timeout: float, interval: float = 0.05, what: str,
+                   until: Callable[[T], object] = bool) -> T:
+    """Call `condition` (a function, plain or async) every `interval` seconds until what it
+    answers passes `until` (is truthy, by default), and return that answer. Past `timeout`
+    seconds, raise TimeoutError naming `what` and the last answer. An exception from `condition`
+    propagates at once."""
     deadline = time.monotonic() + timeout
     while True:
         value = await _check(condition)
-        if value:
+        if until(value):
             return value
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s (last: {value!r})")
+            raise TimeoutError(f"{what}: not within {timeout} s (last: {value!r:.2000})")
         await asyncio.sleep(interval)
 
 
@@ -39,7 +41,7 @@ async def assert_stays(condition: Condition[object], *, for_s: float, interval: 
     deadline = time.monotonic() + for_s
     while True:
         value = await _check(condition)
-        assert value, f"{what}: no longer so (got {value!r})"
+        assert value, f"{what}: no longer so (got {value!r:.2000})"
         if time.monotonic() >= deadline:
             return
         await asyncio.sleep(interval)
