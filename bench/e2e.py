@@ -55,7 +55,8 @@ from models.build import build_models
 from streams.client import InferenceClient
 from streams.kafka.admin import ensure_topics
 from streams.registry.records import ModelInfo, ModelRegistry
-from streams.serving.backends.onnx import OnnxModel, concat_rows
+from streams.serving.backends.grouping import concat_rows
+from streams.serving.backends.onnx import OnnxModel
 from streams.serving.images import decode_rows, encoded_tensor, image_to_tensor, load_image
 from streams.settings import Settings
 from topics import events

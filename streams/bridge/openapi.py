@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from aiohttp import web
 
-from streams.registry.records import NAME_PATTERN
+from streams.registry.records import NAME_PATTERN, VersionStatus
+from streams.serving.backends import BACKENDS
 from topics.errors import HTTP_STATUS, ErrorCode
 
 if TYPE_CHECKING:
@@ -78,10 +79,10 @@ _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "propert
 _SIGNATURE = {"type": "object", "required": ["name", "dtype", "shape"], "properties": {
     "name": {"type": "string"}, "dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}}}
 _BACKEND = {"type": "object", "properties": {
-    "kind": {"enum": ["onnxruntime", "triton"]}, "url": {"type": "string", "description": "triton: host:port"},
+    "kind": {"enum": list(BACKENDS)}, "url": {"type": "string", "description": "triton: host:port"},
     "protocol": {"enum": ["grpc", "http"]}, "model_name": {"type": "string"}}}
 _CHANGES = {
-    "status": {"enum": ["active", "draft", "retired"]}, "weight": {"type": "integer", "minimum": 0},
+    "status": {"enum": list(get_args(VersionStatus))}, "weight": {"type": "integer", "minimum": 0},
     "shadow": {"type": "boolean"}, "max_batch_delay_ms": {"type": ["number", "null"], "minimum": 0},
     "backends": {"type": "array", "items": {"$ref": "#/components/schemas/Backend"}},
     "description": {"type": "string"},

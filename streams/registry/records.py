@@ -18,7 +18,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from streams.serving import balancer as weighted
+from streams.registry.weights import choose, version_order
+from streams.serving.backends import BACKENDS, BackendKind
 from streams.serving.images import (
     MAX_PIXELS,
     NORMALIZERS,
@@ -30,7 +31,7 @@ from streams.serving.images import (
 )
 from topics.errors import ErrorCode, EventError
 
-Status = Literal["active", "draft", "retired"]
+VersionStatus = Literal["active", "draft", "retired"]
 # Model names and versions name topics, S3 keys and directories: one safe pattern everywhere.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
@@ -77,16 +78,17 @@ class ImageInput(BaseModel):
 
 
 class BackendSpec(BaseModel):
-    """Where a version runs: in the worker (onnxruntime) or on a Triton server."""
+    """Where a version runs: a kind of `streams.serving.backends.BACKENDS` (in the worker,
+    onnxruntime; on a server, triton) and, for a server, where it is."""
 
-    kind: Literal["onnxruntime", "triton"] = "onnxruntime"
+    kind: BackendKind = "onnxruntime"
     url: str | None = None  # triton: host:port
     protocol: Literal["grpc", "http"] = "grpc"
     model_name: str | None = None  # the model's name on the Triton server, when it differs
 
     @property
     def label(self) -> str:
-        return "onnxruntime" if self.kind == "onnxruntime" else f"triton-{self.protocol}://{self.url}"
+        return self.kind if self.url is None else f"{self.kind}-{self.protocol}://{self.url}"
 
 
 class ModelInfo(BaseModel):
@@ -103,7 +105,7 @@ class ModelInfo(BaseModel):
     path: Path  # the version's model.onnx (downloaded here when the artifact is in S3)
     artifact: str | None = None  # where the model came from: a local path or s3://bucket/key
     backends: list[BackendSpec] = Field(default_factory=lambda: [BackendSpec()])
-    status: Status = "active"
+    status: VersionStatus = "active"
     weight: int = Field(100, ge=0)  # share of unversioned requests among active versions
     shadow: bool = False  # mirror unversioned requests here; results stored, never returned
     max_batch_delay_ms: float | None = None  # batching override for this version
@@ -137,9 +139,9 @@ class ModelInfo(BaseModel):
 
     @property
     def image_forms(self) -> ImageInput | None:
-        """The image input's other forms, where every backend of the version takes them: the
-        onnxruntime backend prepares them in the worker; a Triton server takes the float32 tensor."""
-        if self.image_input is None or any(b.kind != "onnxruntime" for b in self.backends):
+        """The image input's other forms, where every backend of the version takes them (the
+        onnxruntime backend prepares them in the worker; a Triton server takes the float32 tensor)."""
+        if self.image_input is None or any(not BACKENDS[b.kind].prepares_images for b in self.backends):
             return None
         return self.image_input
 
@@ -219,7 +221,7 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[str]:
         """Versions that can serve (active or draft), in numeric order."""
-        return sorted(self._live(self._models.get(name, {})), key=_version_order)
+        return sorted(self._live(self._models.get(name, {})), key=version_order)
 
     @staticmethod
     def _live(versions: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
@@ -247,8 +249,8 @@ class ModelRegistry:
         if not weights:
             raise EventError(ErrorCode.UNKNOWN_VERSION, f"model {name!r} has no active version with weight")
         if key is None or len(weights) == 1:
-            return active[max(weights, key=_version_order)]
-        return active[weighted.choose(weights, key)]
+            return active[max(weights, key=version_order)]
+        return active[choose(weights, key)]
 
     def routable(self, name: str) -> list[ModelInfo]:
         """The versions a request without a version may reach: active, not shadow, with weight."""
@@ -258,6 +260,3 @@ class ModelRegistry:
     def shadows(self, name: str) -> list[ModelInfo]:
         return [i for i in self._live(self._models.get(name, {})).values() if i.shadow and i.status == "active"]
 
-
-def _version_order(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (1 << 62, version)

@@ -14,16 +14,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
-import onnxruntime as ort
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from minio.error import S3Error
 from pydantic import TypeAdapter
 
-from streams.registry.records import ModelInfo, ModelRegistry, TensorSignature, load_repository
+from streams.registry.records import ModelInfo, ModelRegistry, load_repository
+from streams.serving.backends import backend_class
 from streams.settings import Settings
 from streams.storage.cache import ReadThroughCache
 from streams.storage.objects import MISSING, ObjectStore, parse_uri
@@ -37,48 +36,6 @@ class RegistryError(ValueError):
     """A registration refused, with the reason."""
 
 
-def check_artifact(info: ModelInfo) -> None:
-    """The artifact must load and match the declared signature (onnxruntime backends)."""
-    if not any(b.kind == "onnxruntime" for b in info.backends):
-        return
-    session = _load(info.path, info.key)
-    _compare("input", info.inputs, session.get_inputs())
-    _compare("output", info.outputs, session.get_outputs())
-
-
-def _load(path: Path, key: str) -> ort.InferenceSession:
-    """The artifact as an onnxruntime session. Any failure, a missing file included, is one
-    refusal: the message must not tell a caller what exists on this machine."""
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any load failure is a refusal
-        log.info("%s: %s does not load: %r", key, path, exc)
-        raise RegistryError(UNLOADABLE.format(key=key)) from None
-
-
-# One message whatever the cause: a missing file or object, or one that is no model.
-UNLOADABLE = "{key}: the artifact does not load as an ONNX model"
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
-
-
-def _compare(kind: str, declared, actual) -> None:
-    graph = {a.name: a for a in actual}
-    if set(graph) != {d.name for d in declared}:
-        raise RegistryError(f"{kind}s {sorted(graph)} of the artifact differ from the signature "
-                            f"{sorted(d.name for d in declared)}")
-    for spec in declared:
-        node = graph[spec.name]
-        dtype = _ORT_TYPES.get(node.type, node.type)
-        shape = [d if isinstance(d, int) else -1 for d in node.shape]
-        if dtype != spec.dtype or len(shape) != len(spec.shape) or any(
-            a != -1 and s != -1 and a != s for a, s in zip(shape, spec.shape)
-        ):
-            raise RegistryError(f"{kind} {spec.name!r}: the artifact has {dtype}{shape}, "
-                                f"the signature says {spec.dtype}{spec.shape}")
-
-
 def fetch_artifact(info: ModelInfo, store: ObjectStore, cache_dir: Path) -> ModelInfo:
     """A version whose artifact is in S3, with `path` pointing at a local copy."""
     if not info.artifact or not info.artifact.startswith("s3://"):
@@ -90,20 +47,6 @@ def fetch_artifact(info: ModelInfo, store: ObjectStore, cache_dir: Path) -> Mode
         store.client.fget_object(bucket, key, str(local) + ".part")
         Path(str(local) + ".part").replace(local)
     return info.model_copy(update={"path": local})
-
-
-def triton_host_allowed(url: str | None, hosts: list[str]) -> bool:
-    """Whether `url` is `host:port` with the host among `hosts`: the bridge and the workers
-    connect where a registration points, so only to Triton servers the settings name."""
-    if not url:
-        return False
-    try:
-        parts = urlsplit(f"//{url}")
-        port = parts.port
-    except ValueError:
-        return False
-    return (port is not None and parts.hostname is not None and parts.hostname in hosts
-            and f"//{url}" == f"//{parts.netloc}" and not parts.username and not parts.password)
 
 
 _VERSIONS = TypeAdapter(list[ModelInfo])
@@ -136,8 +79,7 @@ class RegistryStore:
         """Validate, store with the next revision, refresh the cache, publish."""
         if validate:
             local = await asyncio.to_thread(fetch_artifact, info, self.store, self.settings.state_dir / "artifacts")
-            await asyncio.to_thread(check_artifact, local)
-            await self._check_triton_backends(info)
+            await self._check_backends(local)
         async with self.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchval(
                 "SELECT revision FROM model_versions WHERE name = $1 AND version = $2 FOR UPDATE",
@@ -154,22 +96,13 @@ class RegistryStore:
         await self.publish([info])
         return info
 
-    async def _check_triton_backends(self, info: ModelInfo) -> None:
-        from streams.serving.backends.triton import check_triton_backend
-
+    async def _check_backends(self, info: ModelInfo) -> None:
+        """Each backend of the version must be able to run it (its check says why not)."""
         for spec in info.backends:
-            if spec.kind != "triton":
-                continue
-            if not triton_host_allowed(spec.url, self.settings.triton_hosts):
-                raise RegistryError(f"{info.key}: Triton backend {spec.url!r} is not host:port on a host of"
-                                    " INFERSTREAM_TRITON_HOSTS")
             try:
-                await check_triton_backend(info, spec, self.settings.triton_timeout_s)
-            except ValueError as exc:  # our comparison of the served model with the signature
-                raise RegistryError(f"{info.key}: Triton backend {spec.label}: {exc}") from None
-            except Exception:  # noqa: BLE001 - never echo what a remote answered: refused, alike
-                raise RegistryError(f"{info.key}: Triton backend {spec.label} did not answer as a Triton"
-                                    " server serving this model") from None
+                await backend_class(spec.kind).check(info, spec, self.settings)
+            except ValueError as exc:
+                raise RegistryError(str(exc)) from None
 
     async def publish(self, infos: builtins.list[ModelInfo]) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
@@ -282,6 +215,8 @@ class RegistryFollower:
 def info_from_artifact(name: str, version: str, artifact: str, store: ObjectStore, cache_dir: Path,
                        **fields) -> ModelInfo:
     """A version record whose signature is read from its ONNX artifact (unless given)."""
+    from streams.serving.backends.onnx import UNLOADABLE, read_signature  # onnxruntime, only when called
+
     fields = {"max_batch_size": 64, "inputs": [], "outputs": [], **fields}
     if artifact.startswith("s3://"):
         store.check_artifact_uri(artifact)
@@ -294,11 +229,8 @@ def info_from_artifact(name: str, version: str, artifact: str, store: ObjectStor
         raise RegistryError(UNLOADABLE.format(key=draft.key)) from None
     if draft.inputs and draft.outputs:
         return local
-    session = _load(local.path, local.key)
-
-    def signature(nodes) -> list[TensorSignature]:
-        return [TensorSignature(name=n.name, dtype=_ORT_TYPES.get(n.type, n.type),
-                                shape=[d if isinstance(d, int) else -1 for d in n.shape]) for n in nodes]
-
-    return local.model_copy(update={"inputs": signature(session.get_inputs()),
-                                    "outputs": signature(session.get_outputs())})
+    try:
+        inputs, outputs = read_signature(local.path, local.key)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+    return local.model_copy(update={"inputs": inputs, "outputs": outputs})

@@ -1,21 +1,19 @@
-"""Serving one model version on its backends: in-process onnxruntime and/or Triton servers,
-each behind its own micro-batcher, picked by least outstanding requests, each with a circuit
-breaker. A backend failure retries the request on another backend; with every breaker open the
-request fails at once (UNAVAILABLE) instead of queueing until its deadline."""
+"""Serving one model version on its backends (those its record names, built from the table in
+`streams.serving.backends`), each behind its own micro-batcher, picked by least outstanding
+requests, each with a circuit breaker. A backend failure retries the request on another backend;
+with every breaker open the request fails at once (UNAVAILABLE) instead of queueing until its
+deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
-
-import numpy as np
+from typing import cast
 
 from streams.registry.records import BackendSpec, ModelInfo
-from streams.serving.backends.onnx import OnnxModel
+from streams.serving.backends import Backend, Tensors, backend_class
 from streams.serving.balancer import Balancer
 from streams.serving.batcher import AdaptiveBatcher, BatcherStopped
 from streams.serving.breaker import CircuitBreaker
@@ -25,8 +23,6 @@ from streams.telemetry.model_stats import STATS
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
-
-Tensors = dict[str, np.ndarray]
 
 
 class ServerStopped(Exception):
@@ -45,10 +41,12 @@ class Outcome:
 
 
 @dataclass
-class Backend:
+class ServedBackend:
+    """One backend of the version, behind its own micro-batcher."""
+
     spec: BackendSpec
+    model: Backend  # the version's model there
     batcher: AdaptiveBatcher
-    close: Callable[[], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -77,23 +75,10 @@ def _timed(run_batch, label: str):
     return run
 
 
-async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) -> Backend:
-    run_batch: Callable[[list], Any]
-    close: Callable[[], Awaitable[None]] | None = None
-    if spec.kind == "onnxruntime":
-        onnx = await asyncio.to_thread(OnnxModel, info, settings.onnx_intra_op_threads)
-        run_batch = onnx.run_batch
-    else:
-        from streams.serving.backends.triton import TritonModel
-
-        triton = TritonModel(info, spec, timeout_s=settings.triton_timeout_s)
-        try:
-            await triton.start()
-        except Exception as exc:  # noqa: BLE001 - served by the other backends meanwhile
-            log.warning("%s: %s not reachable yet (%r); it connects on its first call", info.key, spec.label, exc)
-        run_batch, close = triton.run_batch, triton.stop
+async def _serve_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) -> ServedBackend:
+    model = await backend_class(spec.kind).load(info, spec, settings)
     batcher: AdaptiveBatcher[Tensors, Outcome] = AdaptiveBatcher(
-        _timed(run_batch, spec.label),
+        _timed(model.run_batch, spec.label),
         max_batch_size=min(settings.max_batch_size, info.max_batch_size),
         max_delay=(settings.max_batch_delay_ms if info.max_batch_delay_ms is None else info.max_batch_delay_ms) / 1000,
         max_pending=settings.max_inflight,
@@ -101,7 +86,7 @@ async def _make_backend(info: ModelInfo, spec: BackendSpec, settings: Settings) 
         observe=_batch_metrics(info, spec.label),
     )
     await batcher.start()
-    return Backend(spec, batcher, close)
+    return ServedBackend(spec, model, batcher)
 
 
 def _batch_metrics(info: ModelInfo, backend: str):
@@ -123,10 +108,10 @@ def _batch_metrics(info: ModelInfo, backend: str):
 
 
 class VersionServer:
-    def __init__(self, info: ModelInfo, backends: list[Backend], settings: Settings) -> None:
+    def __init__(self, info: ModelInfo, backends: list[ServedBackend], settings: Settings) -> None:
         self.info = info
         self.backends = backends
-        self.balancer: Balancer[Backend] = Balancer(
+        self.balancer: Balancer[ServedBackend] = Balancer(
             {b.name: b for b in backends},
             lambda: CircuitBreaker(failure_threshold=settings.breaker_failures,
                                    cooldown_s=settings.breaker_cooldown_s),
@@ -134,14 +119,13 @@ class VersionServer:
 
     @classmethod
     async def create(cls, info: ModelInfo, settings: Settings) -> VersionServer:
-        backends = [await _make_backend(info, spec, settings) for spec in info.backends]
+        backends = [await _serve_backend(info, spec, settings) for spec in info.backends]
         return cls(info, backends, settings)
 
     async def stop(self) -> None:
         for backend in self.backends:
             await backend.batcher.stop()
-            if backend.close is not None:
-                await backend.close()
+            await backend.model.close()
 
     async def submit(self, requests: list[Tensors]) -> list[Outcome | BaseException]:
         """Run a chunk's requests: each gets its outcome or its own error (an EventError for the
@@ -150,12 +134,12 @@ class VersionServer:
         are queued, then awaited, with no task per request. A request a backend failed is tried
         again on another it has not tried."""
         results: list[Outcome | BaseException | None] = [None] * len(requests)
-        tried: list[list[Backend]] = [[] for _ in requests]
+        tried: list[list[ServedBackend]] = [[] for _ in requests]
         todo = list(range(len(requests)))
         last_error: BaseException | None = None
         while todo:
             placed: dict[str, list[int]] = {}  # by backend name, in the order picked
-            backends: dict[str, Backend] = {}
+            backends: dict[str, ServedBackend] = {}
             unplaced = []
             for i in todo:
                 backend = self.balancer.pick(exclude=tried[i])
@@ -181,7 +165,8 @@ class VersionServer:
             todo = [i for i, _ in failed]
         return cast(list[Outcome | BaseException], results)
 
-    async def _run_placed(self, requests: list[Tensors], placed: dict[str, list[int]], backends: dict[str, Backend],
+    async def _run_placed(self, requests: list[Tensors], placed: dict[str, list[int]],
+                          backends: dict[str, ServedBackend],
                           results: list[Outcome | BaseException | None]) -> list[tuple[int, BaseException]]:
         """Queue each backend's share (its last item marked), await every future, and record each
         outcome; the requests that failed for a backend fault, with their errors. Every `begin`

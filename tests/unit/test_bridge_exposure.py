@@ -44,6 +44,6 @@ def test_registry_changes_need_the_admin_scope_or_an_anonymous_caller_on_loopbac
     ("127.0.0.1.example:80", False),
 ])
 def test_triton_backends_only_on_allowed_hosts(url, allowed):
-    from streams.registry.store import triton_host_allowed
+    from streams.serving.backends.triton import triton_host_allowed
 
     assert triton_host_allowed(url, ["127.0.0.1", "localhost"]) is allowed

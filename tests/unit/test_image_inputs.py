@@ -16,7 +16,8 @@ from PIL import Image
 
 from streams.registry.records import ImageInput, ModelInfo, TensorSignature
 from streams.registry.routing import check_inputs
-from streams.serving.backends.onnx import OnnxModel, group_requests
+from streams.serving.backends.grouping import group_requests
+from streams.serving.backends.onnx import OnnxModel
 from streams.serving.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -9,23 +9,24 @@ normalised to the model's float32 input in one vectorised pass before its sessio
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import time
-from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from streams.registry.records import ModelInfo
+from streams.registry.records import BackendSpec, ModelInfo, TensorSignature
+from streams.serving.backends import Backend, Tensors
+from streams.serving.backends.grouping import concat_rows, group_failed, group_requests, scatter, split_rows
 from streams.serving.images import ImageError, decode_rows, normalize_pixels
 from streams.settings import Settings, get_settings
 from topics.errors import ErrorCode, EventError
 
 log = logging.getLogger(__name__)
-
-Tensors = dict[str, np.ndarray]
 
 
 def providers() -> list[str]:
@@ -33,59 +34,6 @@ def providers() -> list[str]:
     available = ort.get_available_providers()
     preferred = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return preferred or available
-
-
-def group_requests(batch: list[Tensors], max_rows: int) -> list[list[int]]:
-    """Indexes of requests whose non-batch dims agree, in chunks of at most `max_rows` rows (a
-    larger request goes alone)."""
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for i, tensors in enumerate(batch):
-        by_shape[tuple((n, t.dtype.str, t.shape[1:]) for n, t in sorted(tensors.items()))].append(i)
-    groups: list[list[int]] = []
-    for indexes in by_shape.values():
-        chunk: list[int] = []
-        rows = 0
-        for i in indexes:
-            n = next(iter(batch[i].values())).shape[0]
-            if chunk and rows + n > max_rows:
-                groups.append(chunk)
-                chunk, rows = [], 0
-            chunk.append(i)
-            rows += n
-        groups.append(chunk)
-    return groups
-
-
-def concat_rows(members: list[Tensors]) -> Tensors:
-    """One group's requests as one input, concatenated along the batch axis."""
-    if len(members) == 1:
-        return members[0]
-    return {n: np.concatenate([m[n] for m in members]) for n in members[0]}
-
-
-def split_rows(outputs: Tensors, members: list[Tensors]) -> list[Tensors]:
-    """A group's outputs split back into one set per request, by each request's rows."""
-    if len(members) == 1:
-        return [outputs]
-    first = next(iter(members[0]))
-    bounds = np.cumsum([m[first].shape[0] for m in members])[:-1]
-    split = {n: np.split(a, bounds) for n, a in outputs.items()}
-    return [{n: split[n][k] for n in split} for k in range(len(members))]
-
-
-def scatter(groups: list[list[int]], outcomes: list[list]) -> list:
-    """Per-request results in request order, from each group's list of results."""
-    results: list = [None] * sum(len(g) for g in groups)
-    for indexes, group_outcomes in zip(groups, outcomes):
-        for i, outcome in zip(indexes, group_outcomes):
-            results[i] = outcome
-    return results
-
-
-def group_failed(model: str, count: int, exc: BaseException) -> list[EventError]:
-    """The same INFERENCE_FAILED error for each of a failed group's `count` requests."""
-    log.warning("%s: inference failed for %d requests: %s", model, count, exc)
-    return [EventError(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}")] * count
 
 
 def session_options(intra_op_threads: int, cpu_mem_arena: bool, allow_spinning: bool) -> ort.SessionOptions:
@@ -110,6 +58,46 @@ def release_free_memory() -> None:
     size), and without the memory arena a batch's activations, freed, stay with malloc."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+# One refusal whatever the cause: a missing file or object, or one that is no model; the message
+# must not tell a caller what exists on this machine.
+UNLOADABLE = "{key}: the artifact does not load as an ONNX model"
+ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
+             "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def read_signature(path: Path, key: str) -> tuple[list[TensorSignature], list[TensorSignature]]:
+    """An artifact's inputs and outputs, as a version record declares them; ValueError
+    (UNLOADABLE) when it does not load."""
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure is a refusal
+        log.info("%s: %s does not load: %r", key, path, exc)
+        raise ValueError(UNLOADABLE.format(key=key)) from None
+
+    def signature(nodes) -> list[TensorSignature]:
+        return [TensorSignature(name=n.name, dtype=ORT_TYPES.get(n.type, n.type),
+                                shape=[d if isinstance(d, int) else -1 for d in n.shape]) for n in nodes]
+
+    return signature(session.get_inputs()), signature(session.get_outputs())
+
+
+def check_signature(kind: str, declared: list[TensorSignature], actual: list[TensorSignature]) -> None:
+    """ValueError unless the artifact's inputs (or outputs) are the declared ones: names, dtypes,
+    and sizes wherever neither side is dynamic."""
+    graph = {a.name: a for a in actual}
+    if set(graph) != {d.name for d in declared}:
+        raise ValueError(f"{kind}s {sorted(graph)} of the artifact differ from the signature "
+                         f"{sorted(d.name for d in declared)}")
+    for spec in declared:
+        node = graph[spec.name]
+        if node.dtype != spec.dtype or len(node.shape) != len(spec.shape) or any(
+            a != -1 and s != -1 and a != s for a, s in zip(node.shape, spec.shape)
+        ):
+            raise ValueError(f"{kind} {spec.name!r}: the artifact has {node.dtype}{node.shape}, "
+                             f"the signature says {spec.dtype}{spec.shape}")
 
 
 class ImageInputs:
@@ -177,6 +165,20 @@ class OnnxModel:
         return cls(info, settings.onnx_intra_op_threads, cpu_mem_arena=settings.onnx_cpu_mem_arena,
                    allow_spinning=settings.onnx_allow_spinning, cpu_max_rows=settings.onnx_cpu_max_rows)
 
+    @classmethod
+    async def check(cls, info: ModelInfo, spec: BackendSpec, settings: Settings) -> None:
+        """The artifact must load and match the declared signature."""
+        inputs, outputs = await asyncio.to_thread(read_signature, info.path, info.key)
+        check_signature("input", info.inputs, inputs)
+        check_signature("output", info.outputs, outputs)
+
+    @classmethod
+    async def load(cls, info: ModelInfo, spec: BackendSpec, settings: Settings) -> OnnxModel:
+        return await asyncio.to_thread(cls.from_settings, info, settings)
+
+    async def close(self) -> None:
+        """Nothing to release: the session goes with the model."""
+
     def _check_signature(self) -> None:
         graph_inputs = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in self.info.inputs}
@@ -210,3 +212,7 @@ class OnnxModel:
             return split_rows(self.run(self.images.float_inputs(concat_rows(members))), members)
         except Exception as exc:  # noqa: BLE001 - reported per request, the worker goes on
             return group_failed(self.info.name, len(members), exc)
+
+
+# The class BACKENDS["onnxruntime"] stands for; typed, so that mypy checks it follows Backend.
+BACKEND: type[Backend] = OnnxModel

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit
 
 import numpy as np
 import tritonclient.grpc as grpc_types
@@ -22,18 +23,12 @@ import tritonclient.http.aio as http_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from streams.registry.records import BackendSpec, ModelInfo, TensorSignature
-from streams.serving.backends.onnx import (
-    concat_rows,
-    group_failed,
-    group_requests,
-    scatter,
-    split_rows,
-)
+from streams.serving.backends import Backend, Tensors
+from streams.serving.backends.grouping import concat_rows, group_failed, group_requests, scatter, split_rows
+from streams.settings import Settings
 from topics.errors import EventError
 
 log = logging.getLogger(__name__)
-
-Tensors = dict[str, np.ndarray]
 
 # Statuses (gRPC, HTTP) that blame the request or the model's run, not the server's health.
 REQUEST_FAULTS = {"StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL", "400", "500"}
@@ -106,6 +101,20 @@ class _HttpClient:
         await self._client.close()
 
 
+def triton_host_allowed(url: str | None, hosts: list[str]) -> bool:
+    """Whether `url` is `host:port` with the host among `hosts`: the bridge and the workers
+    connect where a registration points, so only to Triton servers the settings name."""
+    if not url:
+        return False
+    try:
+        parts = urlsplit(f"//{url}")
+        port = parts.port
+    except ValueError:
+        return False
+    return (port is not None and parts.hostname is not None and parts.hostname in hosts
+            and f"//{url}" == f"//{parts.netloc}" and not parts.username and not parts.password)
+
+
 def signature_differences(kind: str, declared: list[TensorSignature],
                           served: list[dict]) -> list[str]:
     """How the server's tensors (its metadata's `inputs` or `outputs`) differ from the declared
@@ -155,6 +164,31 @@ class TritonModel:
         self.max_rows = info.max_batch_size
         self._client: _GrpcClient | _HttpClient | None = None
 
+    @classmethod
+    async def check(cls, info: ModelInfo, spec: BackendSpec, settings: Settings) -> None:
+        """The server must be one the settings name, and serve a model of the version's signature."""
+        if not triton_host_allowed(spec.url, settings.triton_hosts):
+            raise ValueError(f"{info.key}: Triton backend {spec.url!r} is not host:port on a host of"
+                             " INFERSTREAM_TRITON_HOSTS")
+        model = cls(info, spec, settings.triton_timeout_s)
+        try:
+            await model.start()
+        except ValueError as exc:  # our comparison of the served model with the signature
+            raise ValueError(f"{info.key}: Triton backend {spec.label}: {exc}") from None
+        except Exception:  # noqa: BLE001 - never echo what a remote answered: refused, alike
+            raise ValueError(f"{info.key}: Triton backend {spec.label} did not answer as a Triton"
+                             " server serving this model") from None
+        await model.close()
+
+    @classmethod
+    async def load(cls, info: ModelInfo, spec: BackendSpec, settings: Settings) -> TritonModel:
+        model = cls(info, spec, settings.triton_timeout_s)
+        try:
+            await model.start()
+        except Exception as exc:  # noqa: BLE001 - served by the other backends meanwhile
+            log.warning("%s: %s not reachable yet (%r); it connects on its first call", info.key, spec.label, exc)
+        return model
+
     @property
     def client(self) -> _GrpcClient | _HttpClient:
         if self._client is None:
@@ -169,14 +203,14 @@ class TritonModel:
             await self.check_metadata()
             served_max = await self.client.max_batch_size(self.model_name)
         except BaseException:
-            await self.stop()
+            await self.close()
             raise
         # The server refuses (INVALID_ARGUMENT) a group over its own max_batch_size.
         self.max_rows = min(self.max_rows, served_max or self.max_rows)
         log.info("%s: %s as %r (groups of up to %d rows)", self.info.key, self.spec.label,
                  self.model_name, self.max_rows)
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -215,9 +249,6 @@ class TritonModel:
         return split_rows({name: result.as_numpy(name) for name in self.output_names}, members)
 
 
-async def check_triton_backend(info: ModelInfo, spec: BackendSpec, timeout_s: float) -> None:
-    """Raise ValueError when the model on the Triton server does not match the version's
-    signature (for a registration); a server that cannot be reached raises its client's error."""
-    model = TritonModel(info, spec, timeout_s)
-    await model.start()
-    await model.stop()
+
+# The class BACKENDS["triton"] stands for; typed, so that mypy checks it follows Backend.
+BACKEND: type[Backend] = TritonModel
