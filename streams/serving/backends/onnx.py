@@ -5,6 +5,9 @@ An image model's requests may carry their image as uint8 pixels or encoded files
 (`ModelInfo.image_input`): each request's images are decoded to uint8 pixels on their own (an
 image that does not decode fails its request alone, INVALID_IMAGE), and each group's pixels are
 normalised to the model's float32 input in one vectorised pass before its session call.
+
+A registration's check: the artifact loads and its graph has the declared signature
+(`read_signature` also gives a registration that declares none its signature).
 """
 
 from __future__ import annotations

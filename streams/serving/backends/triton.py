@@ -7,6 +7,9 @@ TritonUnavailable out of `run_batch`: every request of the batch fails, the bala
 backend failure and the requests are retried on another backend. The server refusing or failing
 one group's inputs (INVALID_ARGUMENT, INTERNAL) fails only that group's requests, with
 INFERENCE_FAILED.
+
+A registration's check: the server is on a host the settings name (`INFERSTREAM_TRITON_HOSTS`),
+answers, and serves a model of the version's signature.
 """
 
 from __future__ import annotations
