@@ -37,6 +37,12 @@ def models_list() -> None:
     console.print(table)
 
 
+def _backend_fields(option: str) -> dict[str, str]:
+    """`--backend KIND[=HOST:PORT]` as BackendSpec fields (the kind is checked by BackendSpec)."""
+    kind, _, url = option.partition("=")
+    return {"kind": kind, "url": url} if url else {"kind": kind}
+
+
 @app.command("register")
 def models_register(
     name: Annotated[str, typer.Argument(help="model name")],
@@ -45,8 +51,9 @@ def models_register(
     status: Annotated[str, typer.Option(help="active, draft or retired")] = "draft",
     weight: Annotated[int, typer.Option(help="share of unversioned requests")] = 0,
     shadow: Annotated[bool, typer.Option(help="mirror requests here; results stored, never returned")] = False,
-    triton: Annotated[Optional[list[str]], typer.Option(help="a Triton backend host:port (grpc), repeatable")] = None,
-    onnxruntime: Annotated[bool, typer.Option(help="also serve in the workers' onnxruntime")] = True,
+    backend: Annotated[Optional[list[str]], typer.Option(
+        help="where it runs: KIND, or KIND=HOST:PORT for a server (e.g. onnxruntime, triton=10.0.0.5:8001),"
+             " repeatable; default: onnxruntime in the workers")] = None,
     max_batch_size: Annotated[int, typer.Option(help="the largest batch the model takes")] = 64,
 ) -> None:
     """Register a model version; the artifact must load and match its signature."""
@@ -58,10 +65,8 @@ def models_register(
     from topics.events import problems
 
     settings = get_settings()
-    backends = ([BackendSpec()] if onnxruntime else []) + [BackendSpec(kind="triton", url=u) for u in triton or []]
-    if not backends:
-        fail("a version needs a backend: onnxruntime and/or --triton")
     try:
+        backends = [BackendSpec.model_validate(_backend_fields(b)) for b in backend or ["onnxruntime"]]
         info = info_from_artifact(name, version, artifact, ObjectStore(settings), settings.state_dir / "artifacts",
                                   status=status, weight=weight, shadow=shadow, backends=backends,
                                   max_batch_size=max_batch_size)

@@ -84,6 +84,7 @@ def test_the_dev_commands_are_not_in_the_runtime_command_line():
     (["load", "--target", "nowhere"], "--target is bridge or kafka"),
     (["keys", "create", "--tenant", "a b"], "tenant 'a b' is not valid"),
     (["limits", "set", "a b", "10"], "is not valid"),
+    (["models", "register", "m", "1", "--artifact", "m.onnx", "--backend", "cuda"], "'onnxruntime' or 'triton'"),
 ])
 def test_a_user_error_is_one_line_and_exit_status_2(args, message):
     result = CliRunner().invoke(cli.app, args)
