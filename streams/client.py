@@ -66,6 +66,8 @@ class InferenceClient:
         self.foreign_replies = 0  # replies for no request of this client
 
     async def start(self) -> None:
+        if self._reader is not None:
+            return
         await self._producer.start()
         await self._consumer.start()
         # Short waits while replies are expected, a longer one to catch up on a burst of them,
@@ -86,10 +88,11 @@ class InferenceClient:
         self._reader = asyncio.create_task(self._read_replies())
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await reader
         await self._producer.stop()
         await self._consumer.stop()
         await self._wakes.close()

@@ -43,6 +43,8 @@ class Gatekeeper:
         self.tenant_limits: TenantLimits | None = None
 
     async def start(self, pool: asyncpg.Pool) -> None:
+        if self._authenticator is not None:
+            return
         keys = ApiKeyStore(pool, self.redis, self.settings.api_key_pepper,
                            self.settings.api_key_cache_ttl_s, key_prefix=self.settings.topic_prefix)
         self._authenticator = Authenticator(jwt_verifier(self.settings), keys, self.settings.auth_required)
@@ -50,6 +52,7 @@ class Gatekeeper:
                                           key_prefix=self.settings.topic_prefix)
 
     async def stop(self) -> None:
+        self._authenticator = self.tenant_limits = None
         await self.redis.aclose()
 
     async def authenticate_many(

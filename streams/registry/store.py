@@ -149,6 +149,8 @@ class RegistryFollower:
 
     async def start(self) -> None:
         """Replay the topic up to its current end, then follow it in the background."""
+        if self._consumer is not None:
+            return
         # Off the latency path: a long wait, ~1 fetch a second while nothing changes (on the local
         # broker a change is then seen within half the wait; Apache Kafka answers at once).
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,

@@ -65,6 +65,8 @@ class ResultsStore:
         self._pool: asyncpg.Pool | None = None
 
     async def start(self) -> None:
+        if self._pool is not None:
+            return
         self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4)
 
     async def stop(self) -> None:

@@ -63,6 +63,8 @@ class LagReader:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
+        if self._consumer is not None:
+            return
         # Created here: aiokafka binds a consumer to the running loop.
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap, group_id=self.group,
@@ -71,8 +73,16 @@ class LagReader:
         await self._consumer.start()
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def __aenter__(self) -> LagReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def read(self) -> list[PartitionLag]:
         consumer = self._consumer
@@ -97,12 +107,8 @@ class LagReader:
 
 
 async def read_lag(settings: Settings, group: str | None = None) -> list[PartitionLag]:
-    reader = LagReader(settings, group)
-    await reader.start()
-    try:
+    async with LagReader(settings, group) as reader:
         return await reader.read()
-    finally:
-        await reader.stop()
 
 
 def suggested_workers(lags: list[PartitionLag], lag_per_worker: int) -> int:
