@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streams.kafka.fetch_wait import FetchWait, IdlePolicy, WakePublisher
+from streams.lifecycle import Service
 from streams.settings import Settings
 from streams.storage.objects import ObjectStore
 from topics import events
@@ -42,7 +43,7 @@ class ReplyTimeout(TimeoutError):
     """No reply before the request's deadline."""
 
 
-class InferenceClient:
+class InferenceClient(Service):
     def __init__(self, settings: Settings, reply_topic: str | None = None) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
@@ -99,13 +100,6 @@ class InferenceClient:
         for waiter in self._waiters.values():
             waiter.cancel()
         self._waiters.clear()
-
-    async def __aenter__(self) -> InferenceClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def pending(self) -> int:

@@ -40,6 +40,7 @@ from streams.client import InferenceClient, ReplyTimeout, UpstreamUnavailable
 from streams.gate.auth import ApiKeyStore, Authenticator, Principal
 from streams.gate.gatekeeper import jwt_verifier
 from streams.kafka.admin import ensure_topics
+from streams.lifecycle import Service
 from streams.registry.records import ModelInfo, ModelRegistry
 from streams.registry.routing import check_inputs
 from streams.registry.store import RegistryFollower, RegistryStore
@@ -71,7 +72,7 @@ class Stores:
     authenticator: Authenticator
 
 
-class Bridge:
+class Bridge(Service):
     """The services every route shares: the registry (followed from its topic), the Kafka client
     on this instance's reply topic, PostgreSQL, Redis, the authenticator, the metrics."""
 

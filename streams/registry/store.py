@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from minio.error import S3Error
 from pydantic import TypeAdapter
 
+from streams.lifecycle import Service
 from streams.registry.records import ModelInfo, ModelRegistry, load_repository
 from streams.serving.backends import backend_class
 from streams.settings import Settings
@@ -134,7 +135,7 @@ async def save_record(settings: Settings, info: ModelInfo) -> ModelInfo:
         await pool.close()
 
 
-class RegistryFollower:
+class RegistryFollower(Service):
     """Keeps a `ModelRegistry` current from the registry topic."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry,

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
+from streams.lifecycle import Service
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -42,7 +44,7 @@ class Queued(Generic[T, R]):
     last: bool  # the last item its submitter queued
 
 
-class AdaptiveBatcher(Generic[T, R]):
+class AdaptiveBatcher(Service, Generic[T, R]):
     def __init__(
         self,
         run_batch: RunBatch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
@@ -24,25 +25,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass
 class ReadThroughCache(Generic[T]):
     """Values under `<namespace>:<name>`, each kept for `ttl_s` (or `ttl_of(value)`) seconds.
     `decode` gets bytes or str, as the Redis client decodes."""
 
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        namespace: str,
-        ttl_s: float,
-        encode: Callable[[T], bytes],
-        decode: Callable[[bytes | str], T],
-        ttl_of: Callable[[T], float] | None = None,
-    ) -> None:
-        self.redis = redis
-        self.namespace = namespace
-        self._ttl_s = ttl_s
-        self._encode = encode
-        self._decode = decode
-        self._ttl_of = ttl_of
+    redis: aioredis.Redis
+    namespace: str
+    ttl_s: float
+    encode: Callable[[T], bytes]
+    decode: Callable[[bytes | str], T]
+    ttl_of: Callable[[T], float] | None = None
 
     def key(self, name: str) -> str:
         return f"{self.namespace}:{name}"
@@ -55,21 +48,21 @@ class ReadThroughCache(Generic[T]):
             log.warning("cache %s unavailable, reading PostgreSQL: %s", self.namespace, exc)
             return await load()
         if cached is not None:
-            return self._decode(cached)
+            return self.decode(cached)
         value = await load()
         try:
-            await self.redis.set(key, self._encode(value), px=self._ttl_ms(value), nx=True)
+            await self.redis.set(key, self.encode(value), px=self._ttl_ms(value), nx=True)
         except RedisError as exc:
             log.warning("cache %s unavailable: %s", self.namespace, exc)
         return value
 
     async def put(self, name: str, value: T) -> None:
         """Replace the entry with a changed value; raises RedisError when Redis cannot take it."""
-        await self.redis.set(self.key(name), self._encode(value), px=self._ttl_ms(value))
+        await self.redis.set(self.key(name), self.encode(value), px=self._ttl_ms(value))
 
     async def invalidate(self, name: str) -> None:
         """Drop the entry after a change; raises RedisError when Redis cannot take it."""
         await self.redis.delete(self.key(name))
 
     def _ttl_ms(self, value: T) -> int:
-        return int((self._ttl_s if self._ttl_of is None else self._ttl_of(value)) * 1000)
+        return int((self.ttl_s if self.ttl_of is None else self.ttl_of(value)) * 1000)

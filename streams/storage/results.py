@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from streams.lifecycle import Service
 from topics.events import InferenceResult
 
 _UPSERT = """
@@ -56,7 +57,7 @@ def _row(item: StoredResult) -> tuple[Any, ...]:
     )
 
 
-class ResultsStore:
+class ResultsStore(Service):
     """The results table (made by `streams.storage.schema.migrate`), over a pool of its own that
     the other stores of a process share."""
 
@@ -73,13 +74,6 @@ class ResultsStore:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
-
-    async def __aenter__(self) -> ResultsStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     @property
     def pool(self) -> asyncpg.Pool:

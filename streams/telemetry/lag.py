@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.core import GaugeMetricFamily
 
 from streams.kafka.offsets import fixed_ends
+from streams.lifecycle import Service
 from streams.settings import Settings
 from streams.telemetry import metrics
 from topics.names import Topics
@@ -51,7 +52,7 @@ def lag_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
     return [topics.requests, *models, topics.results]
 
 
-class LagReader:
+class LagReader(Service):
     """Reads a group's committed offsets through a consumer that carries the group's id but never
     subscribes: it does not join the group, so the live members are not rebalanced, and with
     auto-commit off it commits nothing. Between reads its partitions are paused: it fetches
@@ -76,13 +77,6 @@ class LagReader:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
-
-    async def __aenter__(self) -> LagReader:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     async def read(self) -> list[PartitionLag]:
         consumer = self._consumer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -31,17 +32,16 @@ log = logging.getLogger(__name__)
 INTERNAL_REPLY = "internal error: the request was dead-lettered for the operators"
 
 
+@dataclass
 class Answers:
     """What every stage sends: results (to the caller's reply topic and, sealed, to the results
     topic), refusals, dead letters, and sealed events on internal topics."""
 
-    def __init__(self, settings: Settings, topics: Topics, store: ObjectStore, sealer: Sealer,
-                 reply_topics: ReplyTopics) -> None:
-        self.settings = settings
-        self.topics = topics
-        self.store = store
-        self.sealer = sealer
-        self.reply_topics = reply_topics
+    settings: Settings
+    topics: Topics
+    store: ObjectStore
+    sealer: Sealer
+    reply_topics: ReplyTopics
 
     async def put_sealed(self, outbox: Outbox, topic: str, key: bytes | None, value: bytes, span: Span,
                           claims: dict[str, str | None], headers: Headers | None = None) -> None:

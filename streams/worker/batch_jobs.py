@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -141,16 +142,15 @@ def _output_line(batch_id: str, row) -> dict:
     return line
 
 
+@dataclass
 class BatchJobs:
     """The batch stage: batch job commands, which only the product writes."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: ObjectStore, results: ResultsStore,
-                 answers: Answers) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.store = store
-        self.results = results
-        self.answers = answers
+    settings: Settings
+    registry: ModelRegistry
+    store: ObjectStore
+    results: ResultsStore
+    answers: Answers
 
     def batch_command(self, msg: Message) -> tuple[str, dict[str, Any] | None]:
         """The batch id of a batch job command, which only the product writes, and the claims of

@@ -14,6 +14,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.gate.gatekeeper import Gatekeeper
+from streams.lifecycle import Service
 from streams.registry.records import ModelRegistry
 from streams.registry.store import RegistryFollower
 from streams.settings import Settings
@@ -31,7 +32,7 @@ from topics.seal import Sealer
 log = logging.getLogger(__name__)
 
 
-class Pipeline:
+class Pipeline(Service):
     """A worker's stages (intake, inference, sink, batch jobs: each a `step` its agent runs on a
     chunk) and the services they share, started and stopped together."""
 

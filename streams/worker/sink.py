@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from opentelemetry.trace import Span
 
@@ -23,12 +24,12 @@ from topics.seal import SealError
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Sink:
     """The results sink: the results topic into PostgreSQL."""
 
-    def __init__(self, results: ResultsStore, answers: Answers) -> None:
-        self.results = results
-        self.answers = answers
+    results: ResultsStore
+    answers: Answers
 
     async def step(self, messages: Sequence[Message], outbox: Outbox) -> None:
         """Upsert a batch of results into PostgreSQL."""

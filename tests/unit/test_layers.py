@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the building-block layer only, from the other packages of its layer.
 LAYERS: list[list[str]] = [
     ["topics", "streams"],  # `streams` alone: its empty __init__
-    ["streams.settings"],
+    ["streams.settings", "streams.lifecycle"],
     ["streams.kafka", "streams.storage", "streams.serving", "streams.registry", "streams.gate", "streams.telemetry"],
     ["streams.client"],
     ["streams.worker", "streams.bridge"],

@@ -1,0 +1,21 @@
+"""The lifecycle every long-lived object of a process follows: `start()` and `stop()`, both
+idempotent, and `async with` for a caller that owns the object."""
+
+from __future__ import annotations
+
+from typing import Self
+
+
+class Service:
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
