@@ -12,9 +12,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from support.deadletters import dead_letters_of
 from support.model_repositories import pooled_repository
+from support.topics import topic_records
 from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
@@ -91,25 +91,6 @@ async def test_worker_killed_mid_chunk_under_10000_requests_loses_and_duplicates
     assert (rows, distinct, claims) == (total, total, total)
 
 
-async def read_records(settings, topic: str, expect: int, timeout: float = 60.0) -> int:
-    """How many records the topic holds, read from its start until `expect` or the timeout (the
-    local broker's end offsets are not exact when a record batch holds several records)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()  # the metadata of every topic
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        count, deadline = 0, time.monotonic() + timeout
-        while count < expect and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=500)
-            count += sum(len(records) for records in batches.values())
-        return count
-    finally:
-        await consumer.stop()
-
-
 async def test_a_model_served_by_another_worker_group_goes_through_its_topic(start_worker, settings, tmp_path):
     """A worker that serves only `tiny` routes requests for a model it does not serve to that
     model's topic; a worker of the pool that serves it answers them from there."""
@@ -124,7 +105,10 @@ async def test_a_model_served_by_another_worker_group_goes_through_its_topic(sta
         await wait_ready(client, front)
         requests = [client.request(name, timeout=180) for _ in range(50)]
         waiters = [await client.send(r, tiny_input(seed=i)) for i, r in enumerate(requests)]
-        assert await read_records(settings, topic, len(requests)) == len(requests)
+        on_topic = await wait_for(lambda: topic_records(settings, topic), timeout=60, interval=0.2,
+                                  until=lambda records: len(records) >= len(requests),
+                                  what="the requests forwarded to the model's topic")
+        assert len(on_topic) == len(requests)
         assert not any(w.done() for w in waiters), "answered before a worker serving the model started"
         start_worker(models=[name], model_repository=pool_settings.model_repository)
         results = await asyncio.wait_for(asyncio.gather(*waiters), 150)

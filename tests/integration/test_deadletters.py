@@ -11,6 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support.cli_process import run_cli
 from support.deadletters import dead_letters_of
+from support.topics import topic_records
 
 from infra.local.harness import tiny_input, wait_ready
 from infra.local.stack import free_port
@@ -115,17 +116,8 @@ async def test_a_dead_letter_carries_no_credentials(start_worker, settings):
     found = await dead_letters_of(settings, set(expired))
     assert set(found) == set(expired)
 
-    consumer = AIOKafkaConsumer(topics.deadletter, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        records = []
-        deadline = time.monotonic() + 30
-        while len(records) < len(expired) and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records += [r for r in batch if any(rid.encode() in r.value for rid in expired)]
-    finally:
-        await consumer.stop()
+    records = [r for r in await topic_records(settings, topics.deadletter)
+               if any(rid.encode() in r.value for rid in expired)]
     assert len(records) == len(expired)
     for record in records:
         raw_record = record.value + b"".join(k.encode() + v for k, v in record.headers)
@@ -184,7 +176,9 @@ async def test_the_tooling_reads_and_skips_whatever_lies_on_the_dead_letter_topi
     assert set(why) == {offsets[name] for name in [*foreign, "forged"]}
     assert all(why[offsets[name]].startswith("unreadable") for name in foreign)
     assert "not where originals are stored" in why[offsets["forged"]]
-    assert await redriven_original(settings, request.request_id) == original
+    redriven = [r.value for r in await topic_records(settings, topics.requests)
+                if r.value and request.request_id.encode() in r.value]
+    assert redriven == [original]
 
     async def dlq(*args: str) -> str:
         return (await run_cli("dlq", *args, settings=settings, env={"COLUMNS": "300"})).output
@@ -198,20 +192,3 @@ async def test_the_tooling_reads_and_skips_whatever_lies_on_the_dead_letter_topi
     redriven = await dlq("redrive", "--all")
     assert "redriven 0, skipped 5" in redriven  # the genuine one was redriven above
     assert f"skipped 0:{offsets['garbage']}: unreadable" in redriven
-
-
-async def redriven_original(settings, request_id: str, timeout: float = 30.0) -> bytes | None:
-    """The event with this request id on the requests topic."""
-    consumer = AIOKafkaConsumer(Topics(settings.topic_prefix).requests, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    if request_id.encode() in record.value:
-                        return record.value
-        return None
-    finally:
-        await consumer.stop()

@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from hostile import HostileEvent, HostileEvents, Probe, Probes, forged_tenant
+from support.topics import topic_records
 
 from infra.local.harness import wait_ready
 from streams.client import InferenceClient
@@ -107,25 +108,6 @@ async def follow(settings: Settings, topic: str, on_record: Callable[[Any], None
                     on_record(record)
     finally:
         await consumer.stop()
-
-
-async def read_until_idle(settings: Settings, topic: str, idle_s: float = 3.0, limit_s: float = 60.0) -> list:
-    """Every record of a topic: read until nothing new came for `idle_s` (end offsets cannot be
-    trusted on the local broker)."""
-    records: list = []
-    stop = asyncio.Event()
-    task = asyncio.create_task(follow(settings, topic, records.append, stop))
-    deadline = time.monotonic() + limit_s
-    last, quiet_since = -1, time.monotonic()
-    while time.monotonic() < deadline and not task.done():
-        if len(records) != last:
-            last, quiet_since = len(records), time.monotonic()
-        elif time.monotonic() - quiet_since > idle_s:
-            break
-        await asyncio.sleep(0.2)
-    stop.set()
-    await task
-    return records
 
 
 def on_dead_letter(seen: Seen) -> Callable[[Any], None]:
@@ -382,7 +364,7 @@ async def leaked_replies(settings: Settings, topics: Topics) -> list[dict[str, A
     (`c-...`), which only a reply carries."""
     internal = [topics.requests, topics.results, topics.deadletter, topics.batches, topics.registry,
                 topics.model("tiny"), topics.model("resnet18")]
-    read = await asyncio.gather(*(read_until_idle(settings, topic) for topic in internal))
+    read = await asyncio.gather(*(topic_records(settings, topic) for topic in internal))
     return [{"topic": topic, "partition": record.partition, "offset": record.offset,
              "key": record.key[:80].decode(errors="replace")}
             for topic, records in zip(internal, read) for record in records

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 from collections import defaultdict
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from support.bridge import oip_inputs
 from support.metrics import Samples, scrape, summed, value
+from support.topics import topic_records
 from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
@@ -133,25 +132,6 @@ def stages_of(text: str, trace_id: str) -> set[str]:
     return {r["stage"] for r in log_records(text) if r.get("trace_id") == trace_id and "stage" in r}
 
 
-async def reply_record(settings, topic: str, key: bytes, timeout: float = 20.0):
-    """The record with `key` on a reply topic, read from the beginning."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    if record.key == key:
-                        return record
-        raise TimeoutError(f"no reply keyed {key!r} on {topic}")
-    finally:
-        await consumer.stop()
-
-
 async def test_trace_id_travels_to_the_reply_and_every_stage_log(start_worker, start_bridge, settings):
     worker = start_worker(log_requests=1)  # every trace logged: these two are not picked by chance
     bridge = await start_bridge(log_requests=1)
@@ -163,7 +143,8 @@ async def test_trace_id_travels_to_the_reply_and_every_stage_log(start_worker, s
         waiter = await client.send(request, tiny_input(), headers=[("traceparent", traceparent(kafka_trace).encode())])
         result = await client.wait(request, waiter)
         assert result.header.error is None
-        reply = await reply_record(settings, client.reply_topic, request.correlation_id.encode())
+        key = request.correlation_id.encode()
+        (reply,) = [r for r in await topic_records(settings, client.reply_topic) if r.key == key]  # answered
         header = dict(reply.headers)["traceparent"].decode()
         assert header.split("-")[1] == kafka_trace
 

@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from support.cli_process import run_cli
+from support.deadletters import dead_letters_of
 from support.tiny import tiny_reference
 
 from infra.local.harness import tiny_input, wait_ready
@@ -144,23 +145,6 @@ async def test_large_input_travels_by_reference(start_worker, settings):
     np.testing.assert_allclose(outputs["y"], tiny_reference(inputs["x"]), rtol=1e-5, atol=1e-6)
 
 
-async def read_dead_letters(settings, request_ids: set, timeout: float = 30.0) -> list[events.DeadLetter]:
-    """Dead letters of these requests (None: an event without a readable request id)."""
-    consumer = AIOKafkaConsumer(Topics(settings.topic_prefix).deadletter, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", group_id=f"{settings.app_id}-dlq")
-    await consumer.start()
-    letters: list[events.DeadLetter] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(letters) < len(request_ids) and asyncio.get_running_loop().time() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                decoded = (events.decode_dead_letter(r.value) for r in records)
-                letters.extend(x for x in decoded if x.request_id in request_ids)
-    finally:
-        await consumer.stop()
-    return letters
-
-
 async def test_bad_events_go_to_the_dead_letter_topic_and_the_pipeline_goes_on(start_worker, settings):
     topics = Topics(settings.topic_prefix)
     worker = start_worker()
@@ -188,7 +172,8 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_the_pipeline_goes_on(s
     assert good.header.status == "ok"
 
     # Only this test's events: warm-up requests sent before the worker joined may expire too.
-    letters = await read_dead_letters(settings, {None, wrong_shape.request_id, unknown.request_id})
+    letters = [x.letter for x in (await dead_letters_of(
+        settings, {None, wrong_shape.request_id, unknown.request_id}, timeout=30)).values()]
     by_reason = {letter.reason: letter for letter in letters}
     assert set(by_reason) == {"UNDECODABLE", "INVALID_TENSOR", "UNKNOWN_MODEL"}, letters
     assert by_reason["UNDECODABLE"].original == garbage

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support.cli_process import run_cli
 from support.presence import wait_until_served
+from support.topics import topic_records
 from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
@@ -174,22 +175,8 @@ async def test_stopped_replay_resumes_without_duplicates(topics_ready):
     second = await Replayer(settings, ReplayJob(name="stop", target=target, resume=True)).run()
     assert second.published == 18
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(target, p) for p in consumer.partitions_for_topic(target)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await fixed_ends(consumer, tps)  # the replays have returned: every copy is there
-        await consumer.seek_to_beginning(*tps)
-        copies: list[events.InferenceRequest] = []
-        deadline = time.monotonic() + 30
-        while len(copies) < sum(ends.values()) and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                copies += [events.decode_request_header(r.value)[0] for r in records]
-    finally:
-        await consumer.stop()
-    assert sum(ends.values()) == len(copies) == 30
+    copies = [events.decode_request_header(r.value)[0] for r in await topic_records(settings, target)]
+    assert len(copies) == 30
     assert len({c.request_id for c in copies}) == 30
     assert {c.replay_of.request_id for c in copies} == {f"orig-{i}" for i in range(30)}
     assert all(c.reply_to is None and c.correlation_id is None for c in copies)
@@ -231,24 +218,12 @@ async def test_batched_pipelined_replay_stops_and_resumes_with_each_copy_once(to
     assert (first.published, second.published) == (130, 170)
     assert sum(batches) == 300 and len(batches) < 300 / 4 and max(batches) > 1
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(target, p) for p in sorted(consumer.partitions_for_topic(target))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await fixed_ends(consumer, tps)
-        await consumer.seek_to_beginning(*tps)
-        copies: list[tuple[int, bytes, events.InferenceRequest]] = []
-        deadline = time.monotonic() + 30
-        while sum(ends.values()) > len(copies) and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                copies += [(r.partition, r.key, events.decode_request_header(r.value)[0]) for r in records]
-    finally:
-        await consumer.stop()
+    copies = [(r.partition, r.key, events.decode_request_header(r.value)[0])
+              for r in await topic_records(settings, target)]
     assert sorted(c.replay_of.request_id for _, _, c in copies) == sorted(f"orig-{i}" for i in range(300))
     assert all(key == c.request_id.encode() and c.reply_to is None for _, key, c in copies)
-    assert all(partition == (murmur2(key) & 0x7FFFFFFF) % len(tps) for partition, key, _ in copies)
+    partitions = settings.model_partitions  # of every model topic
+    assert all(partition == (murmur2(key) & 0x7FFFFFFF) % partitions for partition, key, _ in copies)
 
 
 async def test_redriven_dead_letter_is_answered_after_its_cause_is_fixed(start_worker, settings):

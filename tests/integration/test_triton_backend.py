@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.metrics import scrape, value
 from support.waiting import wait_for
 
 from infra.local.harness import wait_ready
+from infra.local.stack import free_port
 from infra.local.triton_server import TritonServer, triton_available
 from streams.client import InferenceClient
 from streams.registry.records import BackendSpec, ModelInfo, ModelRegistry, TensorSignature
@@ -183,7 +185,9 @@ async def test_a_version_fails_over_between_triton_servers_and_recovers(
     await save_record(settings, tiny.model_copy(update={"version": "7", "weight": 0,
                                                      "backends": [spec_a, spec_b]}))
     onnx = OnnxModel(tiny)
-    worker = start_worker(breaker_failures=2, breaker_cooldown_s=BREAKER_COOLDOWN_S, models=["tiny"])
+    metrics_port = free_port()
+    worker = start_worker(breaker_failures=2, breaker_cooldown_s=BREAKER_COOLDOWN_S, models=["tiny"],
+                          metrics_port=metrics_port)
     inputs = requests_for(tiny, [1, 2, 3, 4] * 6, seed=3)
 
     async with (
@@ -204,7 +208,11 @@ async def test_a_version_fails_over_between_triton_servers_and_recovers(
             await direct_http.run_batch(inputs[:2])
         for _ in range(2):
             assert_served(await infer_many(client, inputs), inputs, {spec_b.label}, onnx)
-        await asyncio.sleep(BREAKER_COOLDOWN_S + 0.5)  # A half-open: its failed probe is retried on B
+        # A half-open once its cooldown is over: its failed probe is retried on B.
+        await wait_for(lambda: scrape(f"http://127.0.0.1:{metrics_port}/metrics"), timeout=BREAKER_COOLDOWN_S + 10,
+                       interval=0.1, what=f"{spec_a.label}'s breaker half-open",
+                       until=lambda samples: value(samples, "inferstream_breaker_state", model="tiny", version="7",
+                                                   backend=spec_a.label) == 1)
         assert_served(await infer_many(client, inputs), inputs, {spec_b.label}, onnx)
 
         # B stops too: every breaker opens, requests fail fast instead of waiting for their deadline.

@@ -10,11 +10,12 @@ import time
 import asyncpg
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from support.deadletters import dead_letters_of
 from support.gate import AUTH, Stores, call, ready_with, token
 from support.model_repositories import pooled_repository
+from support.topics import topic_records
 from support.waiting import wait_for
 
 from infra.local.harness import tiny_input, wait_ready
@@ -61,24 +62,7 @@ async def stored_when(settings, request_id: str, done, timeout: float = 60.0) ->
 
 async def topic_values(settings, topic: str) -> list[bytes]:
     """Every value in a topic now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        values: list[bytes] = []
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            got = await consumer.getmany(timeout_ms=500)
-            if not got:
-                break
-            values += [r.value or b"" for records in got.values() for r in records]
-        return values
-    finally:
-        await consumer.stop()
+    return [r.value or b"" for r in await topic_records(settings, topic)]
 
 
 async def test_events_written_straight_to_internal_topics_are_never_served(start_worker, settings):
@@ -213,8 +197,13 @@ async def test_reply_to_must_be_an_existing_topic_outside_the_internal_namespace
     # Nothing but the error results themselves reached the results topic; the batches topic got nothing.
     assert len(await topic_values(settings, topics.batches)) == before[topics.batches]
     ids = {request.request_id for _, request, _ in sent}
-    results = [events.decode_result(v).header for v in await topic_values(settings, topics.results)]
-    mine = [r for r in results if r.request_id in ids]
+
+    async def error_results() -> list[InferenceResult]:
+        results = [events.decode_result(v).header for v in await topic_values(settings, topics.results)]
+        return [r for r in results if r.request_id in ids]
+
+    mine = await wait_for(error_results, timeout=30, interval=0.3, until=lambda found: len(found) >= len(ids),
+                          what="the error results on the results topic")
     assert len(mine) == len(ids) and all(r.error and r.error.code == ErrorCode.INVALID_REPLY_TO for r in mine)
     assert len([r for r in await read_letters(settings) if not isinstance(r, Letter)]) == 0
 
