@@ -5,7 +5,6 @@ goes through its topic."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -77,15 +76,12 @@ async def test_worker_killed_mid_chunk_under_10000_requests_loses_and_duplicates
     assert {r.header.request_id for r in results} == {r.request_id for r in requests}
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            rows, distinct, claims = await conn.fetchrow(
+        rows, distinct, claims = await wait_for(
+            lambda: conn.fetchrow(
                 "SELECT count(*), count(DISTINCT request_id),"
                 " (SELECT count(*) FROM request_claims WHERE request_id = ANY($1::text[]))"
-                " FROM inference_results WHERE request_id = ANY($1::text[])", [r.request_id for r in requests])
-            if rows >= total or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
+                " FROM inference_results WHERE request_id = ANY($1::text[])", [r.request_id for r in requests]),
+            timeout=120, interval=0.5, until=lambda counts: counts[0] >= total, what=f"{total} rows stored")
     finally:
         await conn.close()
     assert (rows, distinct, claims) == (total, total, total)

@@ -11,12 +11,12 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from support.cli_process import DEV_CLI, RUNTIME_CLI, cli_popen, run_cli
+from support.waiting import wait_for_sync
 
 from infra.local.harness import drop_database, isolated_settings
 from infra.local.stack import LocalStack, free_port, weed_ports
@@ -54,14 +54,12 @@ async def test_up_with_the_bridge_port_taken_starts_nothing_and_says_which_port(
 
 
 def _wait_for(proc: subprocess.Popen, console: Path, text: str, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def printed() -> str | None:
         out = console.read_text(errors="replace")
-        if text in out:
-            return out
-        assert proc.poll() is None, f"up exited with {proc.returncode}:\n{out}"
-        time.sleep(0.2)
-    raise TimeoutError(f"no {text!r} after {timeout} s:\n{console.read_text(errors='replace')}")
+        assert text in out or proc.poll() is None, f"up exited with {proc.returncode}:\n{out}"
+        return out if text in out else None
+
+    return wait_for_sync(printed, timeout=timeout, interval=0.2, what=f"{text!r} printed by up")
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -86,10 +84,8 @@ def test_up_prints_a_summary_keeps_json_logs_in_files_and_stops_on_sigint(up_set
                          f"logs: {up_settings.state_dir / 'logs'}"):
             assert expected in text, text
         logs = up_settings.state_dir / "logs"
-        deadline = time.monotonic() + 60
-        while not (_json_lines(logs / "worker.log") and _json_lines(logs / "bridge.log")):
-            assert time.monotonic() < deadline, "no JSON log lines in the worker's and bridge's log files"
-            time.sleep(0.2)
+        wait_for_sync(lambda: _json_lines(logs / "worker.log") and _json_lines(logs / "bridge.log"), timeout=60,
+                      interval=0.2, what="JSON log lines in the worker's and bridge's log files")
         assert {r["service"] for r in _json_lines(logs / "bridge.log")} == {"bridge"}
     finally:
         if proc.poll() is None:

@@ -29,6 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from hostile import HostileEvent, HostileEvents, Probe, Probes, forged_tenant
 from support.topics import topic_records
+from support.waiting import wait_for
 
 from infra.local.harness import wait_ready
 from streams.client import InferenceClient
@@ -235,20 +236,27 @@ async def test_hostile_events_never_crash_a_worker_and_each_is_answered_or_dead_
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
         deadline = time.monotonic() + SETTLE_S
-        open_before, last_progress = -1, time.monotonic()
-        while True:
+        progress = {"open": -1, "at": time.monotonic()}
+
+        async def open_items() -> tuple[list, list, dict]:
+            """What is not accounted for yet (events, good requests), and the stored rows."""
             rows = await fetch_rows(conn, ids)
             unaccounted = [(item, where) for item, where in produced
                            if not accounted(item, where, carried[id(item)], seen, rows)]
             lost_good = [rid for rid in good if rid not in lost_sends and not good_answered(rid, seen, rows)]
-            if len(unaccounted) + len(lost_good) != open_before:
-                open_before, last_progress = len(unaccounted) + len(lost_good), time.monotonic()
+            if len(unaccounted) + len(lost_good) != progress["open"]:
+                progress["open"], progress["at"] = len(unaccounted) + len(lost_good), time.monotonic()
+            return unaccounted, lost_good, rows
+
+        def settled(state: tuple[list, list, dict]) -> bool:
+            """All accounted for, or no progress for STALL_S, past the deadline, or the worker gone:
+            the checks below then say what is missing."""
             now = time.monotonic()
-            if (not unaccounted and not lost_good) or now > deadline or now - last_progress > STALL_S:
-                break
-            if worker.proc.poll() is not None:
-                break
-            await asyncio.sleep(1.0)
+            return ((not state[0] and not state[1]) or now > deadline or now - progress["at"] > STALL_S
+                    or worker.proc.poll() is not None)
+
+        unaccounted, lost_good, rows = await wait_for(open_items, timeout=SETTLE_S + 60, interval=1.0, until=settled,
+                                                      what="hostile events accounted for")
         settle_s = time.monotonic() - started - produce_s
         total_rows, distinct_rows = await conn.fetchrow(
             "SELECT count(*), count(DISTINCT request_id) FROM inference_results")
@@ -278,7 +286,7 @@ async def test_hostile_events_never_crash_a_worker_and_each_is_answered_or_dead_
         "replied_not_stored": len(replied_not_stored), "reply_contradicts_row": len(contradicted),
         "replies": sum(map(len, seen.replies.values())), "rows": total_rows,
         "produce_s": round(produce_s, 1), "settle_s": round(settle_s, 1),
-        "last_progress_s": round(last_progress - started, 1),
+        "last_progress_s": round(progress["at"] - started, 1),
     }
     details: dict[str, Any] = {
         "figures": figures,

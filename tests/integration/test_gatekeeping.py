@@ -103,13 +103,10 @@ async def test_canary_split_shadow_and_a_live_registry_change(start_worker, sett
         assert abs(versions["2"] / 2000 - 0.10) < 0.03, versions
         assert versions["3"] == 0 and client.foreign_replies == 0  # shadow results never come back
 
-        shadow_rows = 0
-        for _ in range(60):
-            shadow_rows = await stores.pool.fetchval(
-                "SELECT count(*) FROM inference_results WHERE shadow_of IS NOT NULL AND model_version = '3'")
-            if shadow_rows >= 2000:
-                break
-            await asyncio.sleep(1)
+        shadow_rows = await wait_for(
+            lambda: stores.pool.fetchval(
+                "SELECT count(*) FROM inference_results WHERE shadow_of IS NOT NULL AND model_version = '3'"),
+            timeout=60, interval=1.0, until=lambda n: n >= 2000, what="2000 shadow results stored")
         assert shadow_rows == 2000
 
         # A registry change reaches the running worker within seconds, without a restart.

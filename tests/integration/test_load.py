@@ -3,7 +3,6 @@ every request answered and stored; and the command itself, with its JSON figures
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +12,7 @@ import asyncpg
 import pytest
 from support.bridge import until_answering
 from support.cli_process import run_cli
+from support.waiting import assert_stays, wait_for
 
 from infra.local.harness import wait_ready
 from streams.client import InferenceClient
@@ -34,13 +34,14 @@ async def stored_ok(settings, expect: int, *, since: datetime | None = None, req
         query, arg = "SELECT count(*) FROM inference_results WHERE status = 'ok' AND created_at >= $1", since
     conn = await asyncpg.connect(settings.postgres_dsn, timeout=10)
     try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while (count := await conn.fetchval(query, arg)) < expect:
-            if asyncio.get_running_loop().time() > deadline:
-                return count
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(1.0)
-        return await conn.fetchval(query, arg)
+        count = await wait_for(lambda: conn.fetchval(query, arg), timeout=timeout, interval=0.5,
+                               until=lambda n: n >= expect, what=f"{expect} ok rows stored")
+
+        async def no_more() -> bool:
+            return await conn.fetchval(query, arg) == count
+
+        await assert_stays(no_more, for_s=1.0, interval=0.25, what=f"no ok rows beyond the {count} stored")
+        return count
     finally:
         await conn.close()
 

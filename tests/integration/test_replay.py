@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import asyncpg
 import orjson
@@ -139,13 +138,12 @@ async def test_cli_replay_dry_run_sends_nothing_and_replay_is_answered_and_store
         assert (checkpoints / "cli.json").exists()
         assert sum((await topic_ends(settings, requests_topic)).values()) == sum(ends.values()) + 4
 
-        deadline = time.monotonic() + 60
-        while True:
-            replays = {r["request_id"]: r for r in await results.pool.fetch(
+        async def replayed() -> dict:
+            return {r["request_id"]: r for r in await results.pool.fetch(
                 "SELECT * FROM inference_results WHERE request_id LIKE 'replay-cli-%'")}
-            if len(replays) >= 4 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
+
+        replays = await wait_for(replayed, timeout=60, interval=0.5, until=lambda rows: len(rows) >= 4,
+                                 what="the 4 replayed requests stored")
         assert len(replays) == 4 and all(r["status"] == "ok" for r in replays.values()), replays
         after = await results.wait_until_stored(window)
         assert {k: dict(v) for k, v in after.items()} == {k: dict(v) for k, v in before.items()}  # untouched
@@ -249,13 +247,10 @@ async def test_redriven_dead_letter_is_answered_after_its_cause_is_fixed(start_w
 
     pool = await asyncpg.create_pool(settings.postgres_dsn, min_size=1, max_size=2)
     try:
-        deadline = time.monotonic() + 60
-        row = None
-        while time.monotonic() < deadline:
-            row = await pool.fetchrow("SELECT * FROM inference_results WHERE request_id = $1", request.request_id)
-            if row is not None and row["status"] == "ok":
-                break
-            await asyncio.sleep(0.5)
+        row = await wait_for(
+            lambda: pool.fetchrow("SELECT * FROM inference_results WHERE request_id = $1", request.request_id),
+            timeout=60, interval=0.5, until=lambda found: found is not None and found["status"] == "ok",
+            what="the redriven request stored ok")
         assert row is not None and row["status"] == "ok" and row["model_version"] == "5", dict(row or {})
     finally:
         await pool.close()

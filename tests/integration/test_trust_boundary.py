@@ -4,7 +4,6 @@ request id is admitted once."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import asyncpg
@@ -51,13 +50,10 @@ async def stored(settings, request_id: str) -> asyncpg.Record | None:
         await conn.close()
 
 
-async def stored_when(settings, request_id: str, done, timeout: float = 60.0) -> asyncpg.Record | None:
-    deadline = time.monotonic() + timeout
-    while True:
-        row = await stored(settings, request_id)
-        if (row is not None and done(row)) or time.monotonic() > deadline:
-            return row
-        await asyncio.sleep(0.3)
+async def stored_when(settings, request_id: str, done, timeout: float = 60.0) -> asyncpg.Record:
+    """The request's stored row, once it is there and `done(row)`."""
+    return await wait_for(lambda: stored(settings, request_id), timeout=timeout, interval=0.3,
+                          until=lambda row: row is not None and done(row), what=f"{request_id} stored")
 
 
 async def topic_values(settings, topic: str) -> list[bytes]:

@@ -35,6 +35,12 @@ async def wait_for(condition: Condition[T], *, timeout: float, interval: float =
         await asyncio.sleep(interval)
 
 
+def wait_for_sync(condition: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str,
+                  until: Callable[[T], object] = bool) -> T:
+    """`wait_for` for tests that run no event loop (subprocesses, files)."""
+    return asyncio.run(wait_for(condition, timeout=timeout, interval=interval, what=what, until=until))
+
+
 async def assert_stays(condition: Condition[object], *, for_s: float, interval: float = 0.05, what: str) -> None:
     """A negative check, bounded by nature: `condition` holds at every check for `for_s` seconds
     (something that must not happen does not happen that soon). Keep `for_s` short."""
