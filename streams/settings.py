@@ -192,6 +192,41 @@ class Settings(BaseSettings):
         return self
 
 
+# Bytes of a secret below which it is taken for a placeholder: a random 32-byte value is the
+# least an HMAC key (JWT HS256, API key pepper) should have.
+MIN_SECRET_BYTES = 32
+# Parts of the values that examples and templates use; compared without case and punctuation.
+PLACEHOLDER_MARKS = ("changeme", "placeholder", "replaceme", "example", "inferstreamdev")
+
+
+def placeholder_reason(value: str) -> str | None:
+    """Why `value` cannot be a real secret (empty, too short, a template's marker), or None."""
+    if not value:
+        return "is empty"
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        return f"is shorter than {MIN_SECRET_BYTES} bytes"
+    folded = "".join(ch for ch in value.lower() if ch.isalnum())
+    mark = next((m for m in PLACEHOLDER_MARKS if m in folded), None)
+    return f"looks like a placeholder ({mark!r})" if mark else None
+
+
+def refuse_placeholder_secrets(settings: Settings) -> None:
+    """With auth required, a known or guessable JWT secret lets anyone forge tokens and a known
+    pepper weakens every stored API key hash: a worker or bridge refuses to start with one. An
+    empty JWT secret passes where a public key verifies the tokens (RS256 only)."""
+    if not settings.auth_required:
+        return
+    problems = []
+    jwt_reason = placeholder_reason(settings.jwt_hs_secret)
+    if settings.jwt_hs_secret or not settings.jwt_public_key:
+        problems += [f"INFERSTREAM_JWT_HS_SECRET {jwt_reason}"] if jwt_reason else []
+    pepper_reason = placeholder_reason(settings.api_key_pepper)
+    problems += [f"INFERSTREAM_API_KEY_PEPPER {pepper_reason}"] if pepper_reason else []
+    if problems:
+        raise ValueError(f"auth is required but {' and '.join(problems)}: set a random value of at least "
+                         f"{MIN_SECRET_BYTES} bytes (e.g. `openssl rand -base64 48`)")
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()

@@ -23,6 +23,8 @@ from models.build import build_models
 from streams.settings import Settings
 from streams.worker.app import bootstrap_registry
 
+TEST_PEPPER = "integration-tests-api-key-pepper-0123456789"
+
 
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
@@ -53,7 +55,9 @@ def settings(stack_settings: Settings) -> Iterator[Settings]:
     dsn = f"{stack_settings.postgres_dsn}_{tag}"
     asyncio.run(create_database(dsn))
     try:
-        yield stack_settings.model_copy(update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "postgres_dsn": dsn})
+        # A pepper that workers and bridges started with auth required accept (not the dev default).
+        yield stack_settings.model_copy(update={"topic_prefix": f"t{tag}", "app_id": f"app-{tag}", "postgres_dsn": dsn,
+                                                "api_key_pepper": TEST_PEPPER})
     finally:
         asyncio.run(drop_database(dsn))
 

@@ -45,7 +45,7 @@ from streams.registry.records import ModelInfo, ModelRegistry
 from streams.registry.routing import check_inputs
 from streams.registry.store import RegistryFollower, RegistryStore
 from streams.serving.oip import Limits, ProtocolError
-from streams.settings import Settings
+from streams.settings import Settings, refuse_placeholder_secrets
 from streams.storage.jobs import JobStore
 from streams.storage.results import ResultsStore
 from streams.storage.schema import migrate
@@ -279,6 +279,7 @@ def check_exposure(settings: Settings) -> None:
 
 def run_bridge(settings: Settings) -> None:
     check_exposure(settings)
+    refuse_placeholder_secrets(settings)
     setup_logging(settings, "bridge")
     tracing.setup_tracing(settings, "inferstream-bridge")
 

@@ -18,7 +18,7 @@ from streams.kafka.fetch_wait import IdlePolicy, wake_channel
 from streams.kafka.transport import broker_url
 from streams.registry.records import ModelRegistry
 from streams.registry.store import RegistryStore
-from streams.settings import Settings
+from streams.settings import Settings, refuse_placeholder_secrets
 from streams.storage.results import ResultsStore
 from streams.storage.schema import migrate
 from streams.telemetry import metrics
@@ -181,6 +181,7 @@ class Presence(mode.Service):
 
 def run_worker(settings: Settings, register_agents: RegisterAgents) -> None:
     """Run a worker in the foreground until SIGINT/SIGTERM."""
+    refuse_placeholder_secrets(settings)
     setup_logging(settings, "worker")
     setup_tracing(settings, "inferstream-worker")
     loop = asyncio.new_event_loop()  # Faust runs on the current loop
