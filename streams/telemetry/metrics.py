@@ -1,4 +1,5 @@
-"""Prometheus metrics of a worker process, served on `/metrics` (INFERSTREAM_METRICS_PORT).
+"""Prometheus metrics of a worker process, served on `/metrics` (INFERSTREAM_METRICS_PORT), and
+its liveness on `/healthz` of the same port.
 
 One registry per process: the agents, the batchers and the gatekeeper record into it; collectors
 read live state (breakers, consumer lag) at scrape time. The bridge has metrics of its own
@@ -7,9 +8,14 @@ read live state (breakers, consumer lag) at scrape time. The bridge has metrics 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 REGISTRY = CollectorRegistry()
@@ -66,6 +72,61 @@ class ValueCounter:
         yield counter
 
 
-def serve(port: int) -> None:
-    """Serve the registry on 0.0.0.0:`port`/metrics from a daemon thread."""
-    start_http_server(port, registry=REGISTRY)
+# The worker's event loop marks itself alive this often; /healthz fails once the mark is older
+# than LOOP_STALE_AFTER_S (a loop blocked that long serves no request, heartbeat or commit).
+LOOP_BEAT_S = 1.0
+LOOP_STALE_AFTER_S = 20.0
+
+
+class LoopLiveness:
+    """When the event loop last turned. The metrics server is a thread of its own that answers
+    while the loop is stuck, so /metrics alone proves nothing; /healthz asks this instead."""
+
+    def __init__(self, stale_after_s: float = LOOP_STALE_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+        self._last_beat: float | None = None
+
+    def beat(self) -> None:
+        """Called from the event loop."""
+        self._last_beat = self._clock()
+
+    def check(self) -> tuple[bool, str]:
+        """(alive, why): alive once the loop has beaten within `stale_after_s`."""
+        if self._last_beat is None:
+            return False, "event loop not started"
+        age = self._clock() - self._last_beat
+        if age > self.stale_after_s:
+            return False, f"event loop stuck: last turn {age:.1f} s ago (limit {self.stale_after_s:g} s)"
+        return True, f"event loop turned {age:.1f} s ago"
+
+
+def metrics_app(liveness: LoopLiveness) -> Callable[..., Any]:
+    """WSGI app: /healthz answers 200 while the loop turns and 503 once it is stuck; every other
+    path serves the registry (as prometheus_client does)."""
+    registry_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return registry_app(environ, start_response)
+        alive, why = liveness.check()
+        start_response("200 OK" if alive else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [why.encode() + b"\n"]
+
+    return app
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scrape never holds the worker's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes come every few seconds: no access line each."""
+
+
+def serve(port: int, liveness: LoopLiveness) -> None:
+    """Serve /metrics and /healthz on 0.0.0.0:`port` from a daemon thread."""
+    server = make_server("0.0.0.0", port, metrics_app(liveness), _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

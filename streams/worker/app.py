@@ -122,7 +122,8 @@ def create_app(settings: Settings, serve: list[str], register_agents: RegisterAg
 
 def serve_metrics(app: faust.App, pipeline: Pipeline, settings: Settings) -> None:
     """The worker's /metrics: what the stages record, plus live breaker states, the rate
-    limiter's store outages and (with `metrics_lag`) the consumer group's lag."""
+    limiter's store outages and (with `metrics_lag`) the consumer group's lag; and /healthz, which
+    fails while the event loop is stuck."""
     metrics.REGISTRY.register(metrics.BreakerCollector(pipeline.inference.breaker_states))
     if pipeline.gatekeeper is not None:
         limiter = pipeline.gatekeeper.limiter
@@ -134,7 +135,14 @@ def serve_metrics(app: faust.App, pipeline: Pipeline, settings: Settings) -> Non
         from streams.telemetry.lag import export_lag
 
         export_lag(app, settings)
-    metrics.serve(settings.metrics_port)
+    liveness = metrics.LoopLiveness()
+
+    # /healthz (the pods' startup and liveness probes) passes only while the loop runs this timer.
+    @app.timer(interval=metrics.LOOP_BEAT_S)
+    async def mark_loop_alive() -> None:
+        liveness.beat()
+
+    metrics.serve(settings.metrics_port, liveness)
 
 
 class PipelineConnections(mode.Service):
