@@ -1,13 +1,14 @@
 """Build the serving models into a Triton-layout model repository.
 
-    repository/<name>/config.pbtxt       Triton config (onnxruntime_onnx, dynamic batching)
+    repository/<name>/config.pbtxt       Triton config (onnxruntime_onnx, dynamic batching with
+                                         preferred sizes, latest version, CPU or GPU instances)
     repository/<name>/1/model.onnx
     repository/<name>/inferstream.json   what inferstream needs to call the model
     repository/<name>/labels.txt         image models only
 
 The outputs are build artifacts (models/repository/ is gitignored), rebuilt on demand:
 
-    python -m models.build [--repository DIR] [--only NAME ...] [--force]
+    python -m models.build [--repository DIR] [--only NAME ...] [--force] [--gpu]
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ OPSET = 17
 # onnxruntime 1.31 rejects newer IR versions (onnx 1.23's helper defaults to 14).
 MAX_IR_VERSION = 10
 TINY_WIDTH = 16
+CONFIG_FILE = "config.pbtxt"
+# Triton's dynamic batcher sends a batch as soon as it holds one of these sizes, else the largest
+# it has after the queue delay: the largest few powers of two up to the model's max_batch_size.
+PREFERRED_BATCH_SIZES = 4
 
 
 @dataclass(frozen=True)
@@ -287,7 +292,17 @@ def _check_graph(model_path: Path, metadata: dict) -> None:
             )
 
 
-def _triton_config(metadata: dict, queue_delay_us: int) -> str:
+def preferred_batch_sizes(max_batch_size: int) -> list[int]:
+    """The largest PREFERRED_BATCH_SIZES powers of two not above max_batch_size, ascending."""
+    sizes = [2**k for k in range(max_batch_size.bit_length()) if 2**k <= max_batch_size]
+    return sizes[-PREFERRED_BATCH_SIZES:]
+
+
+def triton_config(metadata: dict, queue_delay_us: int, gpu: bool = False) -> str:
+    """config.pbtxt of a model. The version policy serves the latest version only: the Triton
+    backend (streams/serving/backends/triton.py) sends no model_version, so the server answers
+    with its latest, and no older version needs to stay loaded."""
+
     def section(kind: str, tensors: list[dict]) -> str:
         entries = ",\n".join(
             f'  {{\n    name: "{t["name"]}"\n    data_type: TYPE_FP32\n'
@@ -296,24 +311,43 @@ def _triton_config(metadata: dict, queue_delay_us: int) -> str:
         )
         return f"{kind} [\n{entries}\n]\n"
 
+    preferred = ", ".join(str(size) for size in preferred_batch_sizes(metadata["max_batch_size"]))
     return (
         f'name: "{metadata["name"]}"\n'
         'platform: "onnxruntime_onnx"\n'
         f"max_batch_size: {metadata['max_batch_size']}\n"
+        "version_policy: { latest { num_versions: 1 } }\n"
         + section("input", metadata["inputs"])
         + section("output", metadata["outputs"])
-        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
-        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+        + "dynamic_batching {\n"
+        f"  preferred_batch_size: [ {preferred} ]\n"
+        f"  max_queue_delay_microseconds: {queue_delay_us}\n"
+        "}\n"
+        # One instance on each GPU the server sees, or one on the CPU.
+        f"instance_group [\n  {{\n    count: 1\n    kind: {'KIND_GPU' if gpu else 'KIND_CPU'}\n  }}\n]\n"
     )
 
 
-def _write_model(spec: ModelSpec, model_dir: Path) -> None:
+def _write_config(spec: ModelSpec, model_dir: Path, gpu: bool) -> bool:
+    """Write the model's config.pbtxt unless it already says the same; whether it was written.
+    Replaced atomically: Triton may be reading the repository."""
+    path = model_dir / CONFIG_FILE
+    text = triton_config(_metadata(spec), spec.queue_delay_us, gpu)
+    if path.is_file() and path.read_text() == text:
+        return False
+    staged = path.with_name(f".{CONFIG_FILE}.new")
+    staged.write_text(text)
+    staged.replace(path)
+    return True
+
+
+def _write_model(spec: ModelSpec, model_dir: Path, gpu: bool) -> None:
     metadata = _metadata(spec)
     model_path = model_dir / VERSION / "model.onnx"
     model_path.parent.mkdir(parents=True)
     spec.export(model_path)
     _check_graph(model_path, metadata)
-    (model_dir / "config.pbtxt").write_text(_triton_config(metadata, spec.queue_delay_us))
+    _write_config(spec, model_dir, gpu)
     if spec.labels:
         shutil.copyfile(IMAGENET_LABELS, model_dir / LABELS_FILE)
     (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -331,7 +365,7 @@ def _metadata_changed(model_dir: Path, spec: ModelSpec) -> bool:
         return True
 
 
-def _build_one(repository: Path, spec: ModelSpec) -> None:
+def _build_one(repository: Path, spec: ModelSpec, gpu: bool) -> None:
     """Build in a staging dir beside the repository, then rename into place.
 
     Readers see the old model, none, or the new one, never a partial one. Staging sits outside
@@ -342,7 +376,7 @@ def _build_one(repository: Path, spec: ModelSpec) -> None:
         tempfile.mkdtemp(prefix=f".{repository.name}-{spec.name}-", dir=repository.parent)
     )
     try:
-        _write_model(spec, staging / spec.name)
+        _write_model(spec, staging / spec.name, gpu)
         if target.exists():
             target.rename(staging / "replaced")
         (staging / spec.name).rename(target)
@@ -351,10 +385,11 @@ def _build_one(repository: Path, spec: ModelSpec) -> None:
 
 
 def build_models(
-    repository: Path, names: list[str] | None = None, force: bool = False
+    repository: Path, names: list[str] | None = None, force: bool = False, gpu: bool = False
 ) -> list[Path]:
     """Build the named models (default: all) unless already built as their specs say now (a
-    model whose metadata changed is rebuilt); return their directories."""
+    model whose metadata changed is rebuilt; a built one whose Triton config differs, e.g. for
+    --gpu, gets the new config alone); return their directories."""
     repository = Path(repository)
     unknown = set(names or []) - MODELS.keys()
     if unknown:
@@ -365,8 +400,10 @@ def build_models(
         model_dir = repository / name
         if force or not is_built(model_dir) or _metadata_changed(model_dir, MODELS[name]):
             started = time.perf_counter()
-            _build_one(repository, MODELS[name])
+            _build_one(repository, MODELS[name], gpu)
             log.info("built %s in %.1f s: %s", name, time.perf_counter() - started, model_dir)
+        elif _write_config(MODELS[name], model_dir, gpu):
+            log.info("reused %s with a new %s: %s", name, CONFIG_FILE, model_dir)
         else:
             log.info("reused %s: %s", name, model_dir)
         model_dirs.append(model_dir)
@@ -386,9 +423,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"models to build (default all: {', '.join(MODELS)})",
     )
     parser.add_argument("--force", action="store_true", help="rebuild models already built")
+    parser.add_argument(
+        "--gpu", action="store_true", help="Triton instance groups on the GPUs (default: CPU)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    build_models(args.repository, args.only, args.force)
+    build_models(args.repository, args.only, args.force, args.gpu)
 
 
 if __name__ == "__main__":
