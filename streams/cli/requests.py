@@ -1,5 +1,5 @@
-"""Requests: one inference and its stored result (`infer`, `result`), a load at a fixed rate
-(`load`) and stored requests published again (`replay`)."""
+"""Requests: one inference and its stored result (`infer`, `result`), a load at a fixed rate or
+in stages, with thresholds (`load`), and stored requests published again (`replay`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from streams.cli.common import CommandGroup, console, fail, get_settings, refusing
+from streams.cli.common import CommandGroup, console, error, fail, get_settings, refusing
 from streams.cli.stores import with_stores
 
 if TYPE_CHECKING:
@@ -115,59 +115,101 @@ def result(request_id: Annotated[str, typer.Argument(help="the request's id")]) 
         console.print(f"{key:>16}: {f'<{len(value)} bytes>' if isinstance(value, bytes) else value}")
 
 
+THRESHOLD_BROKEN = 1  # the exit status of a load run that broke a threshold (2 stays a refused command)
+
+
 @app.command("load")
 def load_command(
-    target: Annotated[str, typer.Option(help="bridge (HTTP, Open Inference Protocol) or kafka (InferenceClient)")]
+    target: Annotated[str, typer.Option(help="bridge (HTTP, Open Inference Protocol), classify (HTTP, an image"
+                                             " to /v1/models/MODEL/classify) or kafka (InferenceClient)")]
     = "bridge",
     url: Annotated[Optional[str], typer.Option(help="bridge base URL (default: the settings' bridge)")] = None,
-    rate: Annotated[float, typer.Option(help="requests per second, started on schedule (open loop)")] = 50.0,
-    duration: Annotated[float, typer.Option(help="seconds measured")] = 10.0,
-    warmup: Annotated[float, typer.Option(help="seconds at the same rate before, not counted")] = 0.0,
+    rate: Annotated[Optional[float], typer.Option(help="requests per second, started on schedule (open loop);"
+                                                       " default 50")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="seconds measured at --rate; default 10")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="instead of --rate/--duration: DURATION:RATE,... linear"
+                                                       " ramps from 0 req/s, e.g. 10s:50,30s:50,10s:0")] = None,
+    warmup: Annotated[float, typer.Option(help="seconds at --rate before, not counted")] = 0.0,
     model: Annotated[str, typer.Option(help="model name")] = "tiny",
-    version: Annotated[Optional[str], typer.Option(help="pin a model version")] = None,
+    version: Annotated[Optional[str], typer.Option(help="pin a model version (bridge, kafka)")] = None,
     shape: Annotated[Optional[list[str]], typer.Option(help="[NAME=]D1,D2,... input shape (repeatable)")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="the image file each request sends (classify)")] = None,
     max_inflight: Annotated[int, typer.Option(min=1, help="requests in flight at most; a due request over it"
                                                           " is dropped")] = 1000,
     timeout: Annotated[float, typer.Option(help="seconds each request may take (its deadline)")] = 10.0,
+    max_error_rate: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="threshold: share (0..1) of requests not answered ok, dropped included")] = None,
+    p95_ms: Annotated[Optional[float], typer.Option(min=0.0, help="threshold: latency p95 of ok requests")] = None,
+    p99_ms: Annotated[Optional[float], typer.Option(min=0.0, help="threshold: latency p99 of ok requests")] = None,
+    min_rate: Annotated[Optional[float], typer.Option(min=0.0, help="threshold: achieved ok replies per second")]
+    = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_API_KEY", help="an API key")] = None,
     token: Annotated[Optional[str], typer.Option(envvar="INFERSTREAM_TOKEN", help="a JWT bearer token")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random inputs")] = 0,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the figures here")] = None,
 ) -> None:
-    """Drive the bridge or the Kafka ingress at a fixed rate (open loop); counts each second, then figures."""
+    """Drive the bridge, its classify route or the Kafka ingress at a fixed rate or in stages (open loop);
+    counts each second, then figures, then the thresholds: exit status 1 when one is broken."""
     import json
+    import mimetypes
+    from dataclasses import asdict
 
     from aiokafka.errors import KafkaError
 
     from streams.ops import load as load_gen
     from topics.errors import EventError
 
-    if target not in ("bridge", "kafka"):
-        fail(f"--target is bridge or kafka, got {target!r}")
+    if target not in ("bridge", "classify", "kafka"):
+        fail(f"--target is bridge, classify or kafka, got {target!r}")
+    if stages is not None and (rate is not None or duration is not None or warmup):
+        fail("--stages replaces --rate, --duration and --warmup (a ramp-up stage warms up)")
+    if target == "classify" and (image is None or version or shape):
+        fail("--target classify sends the --image file (and takes no --version or --shape)")
+    if target != "classify" and image is not None:
+        fail("--image is for --target classify")
+    thresholds = load_gen.Thresholds(max_error_rate=max_error_rate, p95_ms=p95_ms, p99_ms=p99_ms, min_rate=min_rate)
     try:
+        plan = ({"stages": load_gen.parse_stages(stages)} if stages is not None
+                else {"rate": 50.0 if rate is None else rate, "duration": 10.0 if duration is None else duration,
+                      "warmup": warmup})
         shapes = load_gen.parse_shapes(shape or [])
-        driver: load_gen.BridgeTarget | load_gen.KafkaTarget
-        if target == "bridge":
+        driver: load_gen.Target
+        if target == "kafka":
+            driver = load_gen.KafkaTarget(get_settings(), model, version=version, timeout=timeout, shapes=shapes,
+                                          api_key=api_key, token=token, seed=seed)
+        else:
             if url is None:
                 settings = get_settings()
                 url = f"http://{settings.bridge_host}:{settings.bridge_port}"
-            driver = load_gen.BridgeTarget(url, model, version=version, timeout=timeout, shapes=shapes,
-                                           api_key=api_key, token=token, max_connections=max_inflight, seed=seed)
-        else:
-            driver = load_gen.KafkaTarget(get_settings(), model, version=version, timeout=timeout, shapes=shapes,
-                                          api_key=api_key, token=token, seed=seed)
+            if image is None:  # checked above: given exactly for classify
+                driver = load_gen.BridgeTarget(url, model, version=version, timeout=timeout, shapes=shapes,
+                                               api_key=api_key, token=token, max_connections=max_inflight,
+                                               seed=seed)
+            else:
+                content_type = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
+                driver = load_gen.ClassifyTarget(url, model, image.read_bytes(), content_type=content_type,
+                                                 timeout=timeout, api_key=api_key, token=token,
+                                                 max_connections=max_inflight)
         about: dict[str, Any] = {"target": target, "model": model, "version": version,
-                                 "url": url if target == "bridge" else None}
-        done = asyncio.run(load_gen.run(driver, rate=rate, duration=duration, warmup=warmup,
-                                        max_inflight=max_inflight, timeout=timeout,
+                                 "url": url if target != "kafka" else None,
+                                 "image": str(image) if image is not None else None}
+        done = asyncio.run(load_gen.run(driver, **plan, max_inflight=max_inflight, timeout=timeout,
                                         progress=lambda tally: console.print(tally.line(), highlight=False),
                                         **about))
     except (ValueError, RuntimeError, OSError, EventError, KafkaError) as exc:
         fail(getattr(exc, "message", None) or str(exc) or repr(exc))
     console.print(load_gen.summary_table(done.summary))
+    verdicts = load_gen.evaluate(done.summary, thresholds)
+    if verdicts:
+        console.print(load_gen.verdict_table(verdicts))
+        done.summary["thresholds"] = [asdict(v) for v in verdicts]
     if json_path is not None:
         json_path.write_text(json.dumps(done.summary, indent=2) + "\n")
         console.print(f"figures written to {json_path}")
+    broken = [v for v in verdicts if not v.passed]
+    if broken:
+        error("thresholds broken: " + "; ".join(v.line() for v in broken))
+        raise typer.Exit(THRESHOLD_BROKEN)
 
 
 # -- replay ----------------------------------------------------------------------------------------

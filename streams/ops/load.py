@@ -1,21 +1,28 @@
 """`inferstream load`: an open-loop load generator for the HTTP bridge or the Kafka ingress.
 
-Open loop: request i of the measured window is due at `warmup + i / rate` seconds after the
-start and is started at that time whether or not earlier requests have answered. A slow system
+Open loop: request i of the measured window is due when the rate's integral since the start
+reaches i (at a constant rate, `warmup + i / rate` seconds after the start) and is started at that
+time whether or not earlier requests have answered. A slow system
 therefore shows as latency, timeouts and errors, never as a lower offered rate (no coordinated
 omission); latency counts from the due time, so a client that falls behind its schedule shows
 too. `max_inflight` bounds the requests in flight: one that is due while the bound is reached is
 not started and counts as dropped.
 
-The pieces: `schedule` (the send times), `InflightGate` (the bound), `run_load` (the dispatcher,
-given any async `send`), `summarize` / `percentiles` (pure figures from the attempts), the two
-targets (`BridgeTarget`, `KafkaTarget`) and `summary_table` for the CLI.
+The rate is constant (`schedule`) or follows stages (`staged_schedule`): like k6's
+ramping-arrival-rate, each stage goes linearly from the previous stage's target rate (at first
+the start rate) to its own over its duration, so `10s:50,30s:50,10s:0` ramps up, holds, ramps down.
+
+The pieces: the schedules (the send times), `InflightGate` (the bound), `run_load` (the
+dispatcher, given any async `send`), `summarize` / `percentiles` (pure figures from the
+attempts), `evaluate` (the thresholds against the figures), the targets (`BridgeTarget`,
+`ClassifyTarget`, `KafkaTarget`) and `summary_table` / `verdict_table` for the CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +34,7 @@ import orjson
 
 OK, ERROR, TIMEOUT, DROPPED = "ok", "error", "timeout", "dropped"
 DEFAULT_MAX_INFLIGHT = 1000
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 95, 99)
 _START_LEAD_S = 0.05  # time to get going before the first request is due
 _POOL_SIZE = 16  # distinct random payloads, cycled
 
@@ -41,6 +48,63 @@ class Slot:
     counted: bool  # False: a warm-up request
 
 
+@dataclass(frozen=True)
+class Stage:
+    duration: float  # seconds
+    target: float  # requests per second at the stage's end
+
+
+_STAGE = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m|h)?:(\d+(?:\.\d*)?)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_stages(spec: str) -> list[Stage]:
+    """`--stages` value: comma-separated DURATION:TARGET, a duration in ms, s (the default), m or
+    h, a target in requests per second: `10s:50,30s:50,10s:0`."""
+    stages = []
+    for part in spec.split(","):
+        match = _STAGE.fullmatch(part.strip())
+        if match is None:
+            raise ValueError(f"--stages takes DURATION:RATE,... (e.g. 10s:50,30s:50,10s:0), got {part.strip()!r}")
+        seconds, unit, target = match.groups()
+        stages.append(Stage(float(seconds) * _UNIT_S[unit], float(target)))
+    return stages
+
+
+def _due_in_stage(n: float, start_rate: float, stage: Stage) -> float:
+    """Seconds into a stage when `n` requests of it are due: the rate goes linearly from
+    `start_rate` to the stage's target, so n(t) = r0 t + (r1 - r0) t^2 / 2d, solved for t in the
+    form that stays exact when r0 == r1 and when r0 is 0."""
+    if n <= 0:
+        return 0.0
+    r0, r1 = start_rate, stage.target
+    if r0 == r1:
+        return n / r0
+    return 2 * n / (r0 + math.sqrt(max(r0 * r0 + 2 * (r1 - r0) * n / stage.duration, 0.0)))
+
+
+def staged_schedule(stages: Sequence[Stage], start_rate: float = 0.0) -> list[Slot]:
+    """Open-loop send times, all counted, for a rate that follows `stages` from `start_rate`:
+    request i is due when the rate's integral reaches i; as many requests as the integral over
+    all stages (rounded down)."""
+    if not stages:
+        raise ValueError("give at least one stage")
+    if start_rate < 0 or any(s.target < 0 for s in stages):
+        raise ValueError("rates must not be negative")
+    if any(s.duration <= 0 for s in stages):
+        raise ValueError("stage durations must be positive")
+    slots: list[Slot] = []
+    began, before, rate = 0.0, 0.0, start_rate  # the stage's start time, requests due before it, start rate
+    index = 0
+    for stage in stages:
+        after = before + (rate + stage.target) * stage.duration / 2
+        while index < math.floor(after + 1e-9):
+            slots.append(Slot(began + min(_due_in_stage(index - before, rate, stage), stage.duration), True))
+            index += 1
+        began, before, rate = began + stage.duration, after, stage.target
+    return slots
+
+
 def schedule(rate: float, duration: float, warmup: float = 0.0) -> list[Slot]:
     """Open-loop send times: `rate` per second for `warmup` seconds (not counted), then for
     `duration` seconds (counted). Times depend only on the clock, never on replies."""
@@ -49,9 +113,8 @@ def schedule(rate: float, duration: float, warmup: float = 0.0) -> list[Slot]:
     if duration <= 0 or warmup < 0:
         raise ValueError("duration must be positive and warmup not negative")
     warm = math.floor(rate * warmup + 1e-9)
-    counted = math.floor(rate * duration + 1e-9)
     slots = [Slot(i / rate, False) for i in range(warm)]
-    slots += [Slot(warmup + i / rate, True) for i in range(counted)]
+    slots += [Slot(warmup + s.due, True) for s in staged_schedule([Stage(duration, rate)], start_rate=rate)]
     return slots
 
 
@@ -120,8 +183,9 @@ def summarize(attempts: Sequence[Attempt], rate: float, duration: float, **about
     """The run's figures from its counted attempts. `about` (target, model, ...) is copied in.
 
     offered_rate: requests scheduled per second of the measured window; achieved_rate: ok
-    replies per second, over the window or, when replies came in after it, until the last one.
-    Latency percentiles are in ms, of ok requests only.
+    replies per second, over the window or, when replies came in after it, until the last one;
+    error_rate: the share of the scheduled requests not answered ok (errors, timeouts, dropped;
+    None when none was scheduled). Latency percentiles are in ms, of ok requests only.
     """
     ok = [o for o in attempts if o.status == OK]
     errors = Counter(o.code or "UNKNOWN" for o in attempts if o.status == ERROR)
@@ -145,11 +209,55 @@ def summarize(attempts: Sequence[Attempt], rate: float, duration: float, **about
         "dropped": sum(o.status == DROPPED for o in attempts),
         "offered_rate": len(attempts) / duration,
         "achieved_rate": len(ok) / elapsed,
+        "error_rate": (len(attempts) - len(ok)) / len(attempts) if attempts else None,
         "elapsed_s": elapsed,
         "latency_ms": {k: None if v is None else v * 1000 for k, v in
                        percentiles([o.latency_s for o in ok]).items()},
         "max_send_lag_ms": max(lags) * 1000 if lags else None,
     }
+
+
+# -- thresholds --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits a run must meet (None: not checked), as k6's thresholds: the share of requests not
+    answered ok, latency p95 and p99 of the ok ones, and the achieved ok/s."""
+
+    max_error_rate: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    min_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    threshold: str  # what is measured
+    limit: str  # e.g. "<= 0.01"
+    measured: float | None  # None: nothing to measure (no request, no ok reply), which fails
+    passed: bool
+
+    def line(self) -> str:
+        measured = "-" if self.measured is None else f"{self.measured:.4g}"
+        return f"{self.threshold} {measured} (limit {self.limit}): {'PASS' if self.passed else 'FAIL'}"
+
+
+def evaluate(summary: dict[str, Any], thresholds: Thresholds) -> list[Verdict]:
+    """Each set threshold against the run's figures, in a fixed order."""
+    checks: list[tuple[str, float | None, str, float | None]] = [
+        ("error rate", thresholds.max_error_rate, "<=", summary["error_rate"]),
+        ("latency p95 ms", thresholds.p95_ms, "<=", summary["latency_ms"]["p95"]),
+        ("latency p99 ms", thresholds.p99_ms, "<=", summary["latency_ms"]["p99"]),
+        ("achieved ok/s", thresholds.min_rate, ">=", summary["achieved_rate"]),
+    ]
+    verdicts = []
+    for name, limit, op, measured in checks:
+        if limit is None:
+            continue
+        passed = measured is not None and (measured <= limit if op == "<=" else measured >= limit)
+        verdicts.append(Verdict(name, f"{op} {limit:g}", measured, passed))
+    return verdicts
 
 
 @dataclass
@@ -295,72 +403,122 @@ def oip_body(inputs: dict[str, np.ndarray]) -> bytes:
 # -- targets -----------------------------------------------------------------------------------
 
 
-class BridgeTarget:
-    """POST /v2/models/{model}[/versions/{v}]/infer with JSON tensors; the input signature from
-    the bridge's model metadata."""
+class _HttpTarget:
+    """What the bridge's targets share: the client session, the caller's headers, and how a reply
+    reads (200: ok; DEADLINE_EXCEEDED: a timeout; else an error by its code or HTTP status)."""
 
-    def __init__(self, url: str, model: str, *, version: str | None = None, timeout: float = 10.0,
-                 shapes: dict | None = None, api_key: str | None = None, token: str | None = None,
-                 max_connections: int = DEFAULT_MAX_INFLIGHT, seed: int = 0) -> None:
-        base = f"{url.rstrip('/')}/v2/models/{model}" + (f"/versions/{version}" if version else "")
-        self.metadata_url, self.infer_url = base, f"{base}/infer"
-        self.timeout, self.shapes, self.seed = timeout, shapes, seed
-        self.max_connections = max_connections
-        self.headers = {"Content-Type": "application/json", "X-Inferstream-Timeout": f"{timeout:g}"}
+    def __init__(self, *, content_type: str, timeout: float, api_key: str | None, token: str | None,
+                 max_connections: int) -> None:
+        self.timeout, self.max_connections = timeout, max_connections
+        self.auth = {}
         if api_key:
-            self.headers["X-API-Key"] = api_key
+            self.auth["X-API-Key"] = api_key
         if token:
-            self.headers["Authorization"] = f"Bearer {token}"
+            self.auth["Authorization"] = f"Bearer {token}"
+        self.headers = {"Content-Type": content_type, "X-Inferstream-Timeout": f"{timeout:g}", **self.auth}
         self.specs: list[InputSpec] = []
-        self._bodies: list[bytes] = []
 
-    async def __aenter__(self) -> BridgeTarget:
+    async def __aenter__(self) -> Any:
         import aiohttp
-
-        from streams.serving.oip import datatype_to_dtype
 
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout + 0.5),
             connector=aiohttp.TCPConnector(limit=self.max_connections),
         )
-        try:
-            auth = {k: v for k, v in self.headers.items() if k in ("X-API-Key", "Authorization")}
-            async with self._session.get(self.metadata_url, headers=auth,
-                                         timeout=aiohttp.ClientTimeout(total=10)) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"GET {self.metadata_url}: {response.status} {await response.text()}")
-                metadata = await response.json()
-            signature = [(t["name"], datatype_to_dtype(t["datatype"]), t["shape"]) for t in metadata["inputs"]]
-            self.specs = resolve_specs(signature, self.shapes)
-            rng = np.random.default_rng(self.seed)
-            self._bodies = [oip_body(random_inputs(self.specs, rng)) for _ in range(_POOL_SIZE)]
-        except BaseException:
-            await self._session.close()
-            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._session.close()
 
-    async def send(self, index: int) -> Reply:
+    async def post(self, url: str, body: bytes) -> Reply:
         import aiohttp
 
         try:
-            async with self._session.post(self.infer_url, data=self._bodies[index % len(self._bodies)],
-                                          headers=self.headers) as response:
-                body = await response.read()
+            async with self._session.post(url, data=body, headers=self.headers) as response:
+                answer = await response.read()
                 if response.status == 200:
                     return Reply(OK)
                 status = response.status
         except aiohttp.ClientError as exc:
             return Reply(ERROR, type(exc).__name__)
         try:
-            code = orjson.loads(body).get("code")
+            code = orjson.loads(answer).get("code")
         except (orjson.JSONDecodeError, AttributeError):
             code = None
         if code == "DEADLINE_EXCEEDED":
             return Reply(TIMEOUT)
         return Reply(ERROR, code or f"HTTP_{status}")
+
+
+class BridgeTarget(_HttpTarget):
+    """POST /v2/models/{model}[/versions/{v}]/infer with JSON tensors; the input signature from
+    the bridge's model metadata. A bridge that cannot be reached at the start does not stop the
+    run: each request asks for the metadata again first and counts as an error while that fails,
+    so a load on a bridge that is down measures (and fails its thresholds) rather than refuses."""
+
+    def __init__(self, url: str, model: str, *, version: str | None = None, timeout: float = 10.0,
+                 shapes: dict | None = None, api_key: str | None = None, token: str | None = None,
+                 max_connections: int = DEFAULT_MAX_INFLIGHT, seed: int = 0) -> None:
+        super().__init__(content_type="application/json", timeout=timeout, api_key=api_key, token=token,
+                         max_connections=max_connections)
+        base = f"{url.rstrip('/')}/v2/models/{model}" + (f"/versions/{version}" if version else "")
+        self.metadata_url, self.infer_url = base, f"{base}/infer"
+        self.shapes, self.seed = shapes, seed
+        self._bodies: list[bytes] = []
+
+    async def __aenter__(self) -> BridgeTarget:
+        import aiohttp
+
+        await super().__aenter__()
+        try:
+            await self._prepare()
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            pass  # not reachable (yet): `send` tries again
+        except BaseException:
+            await self._session.close()
+            raise
+        return self
+
+    async def _prepare(self) -> None:
+        """The input signature from the model metadata (an answer other than 200 is refused: a
+        wrong model or credentials), and a pool of request bodies."""
+        import aiohttp
+
+        from streams.serving.oip import datatype_to_dtype
+
+        async with self._session.get(self.metadata_url, headers=self.auth,
+                                     timeout=aiohttp.ClientTimeout(total=10)) as response:
+            if response.status != 200:
+                raise RuntimeError(f"GET {self.metadata_url}: {response.status} {await response.text()}")
+            metadata = await response.json()
+        signature = [(t["name"], datatype_to_dtype(t["datatype"]), t["shape"]) for t in metadata["inputs"]]
+        self.specs = resolve_specs(signature, self.shapes)
+        rng = np.random.default_rng(self.seed)
+        self._bodies = [oip_body(random_inputs(self.specs, rng)) for _ in range(_POOL_SIZE)]
+
+    async def send(self, index: int) -> Reply:
+        import aiohttp
+
+        if not self._bodies:
+            try:
+                await self._prepare()
+            except aiohttp.ClientError as exc:
+                return Reply(ERROR, type(exc).__name__)
+        return await self.post(self.infer_url, self._bodies[index % len(self._bodies)])
+
+
+class ClassifyTarget(_HttpTarget):
+    """POST /v1/models/{model}/classify with the bytes of one image file, the same each time."""
+
+    def __init__(self, url: str, model: str, image: bytes, *, content_type: str = "application/octet-stream",
+                 timeout: float = 10.0, api_key: str | None = None, token: str | None = None,
+                 max_connections: int = DEFAULT_MAX_INFLIGHT) -> None:
+        super().__init__(content_type=content_type, timeout=timeout, api_key=api_key, token=token,
+                         max_connections=max_connections)
+        self.classify_url, self.image = f"{url.rstrip('/')}/v1/models/{model}/classify", image
+
+    async def send(self, index: int) -> Reply:
+        return await self.post(self.classify_url, self.image)
 
 
 class KafkaTarget:
@@ -421,13 +579,27 @@ class LoadRun:
     attempts: list[Attempt]  # the counted requests, in schedule order
 
 
-async def run(driver: BridgeTarget | KafkaTarget, /, *, rate: float, duration: float, warmup: float = 0.0,
+Target = BridgeTarget | ClassifyTarget | KafkaTarget
+
+
+async def run(driver: Target, /, *, rate: float | None = None, duration: float | None = None,
+              stages: Sequence[Stage] | None = None, warmup: float = 0.0,
               max_inflight: int | None = DEFAULT_MAX_INFLIGHT, timeout: float = 10.0,
               progress: Callable[[Tally], None] | None = None, every_s: float = 1.0, **about: Any) -> LoadRun:
-    """Set up the target, drive it on the open-loop schedule, and summarize; `about` (target,
-    model, url, ...) is copied into the summary. `progress` is called every `every_s` seconds
-    while the requests run, with the counts so far."""
-    slots = schedule(rate, duration, warmup)
+    """Set up the target, drive it on the open-loop schedule (`rate` for `duration` seconds after
+    `warmup`, or `stages` from 0 req/s), and summarize; `about` (target, model, url, ...) is
+    copied into the summary. `progress` is called every `every_s` seconds while the requests
+    run, with the counts so far."""
+    if stages:
+        if rate is not None or duration is not None or warmup:
+            raise ValueError("give stages, or a rate and a duration (and warm-up), not both")
+        slots = staged_schedule(stages)
+        rate, duration = max(s.target for s in stages), sum(s.duration for s in stages)
+        about["stages"] = [[s.duration, s.target] for s in stages]
+    elif rate is None or duration is None:
+        raise ValueError("give a rate and a duration, or stages")
+    else:
+        slots = schedule(rate, duration, warmup)
     async with driver:
         tally = Tally()
 
@@ -462,15 +634,30 @@ def summary_table(summary: dict[str, Any]):
     rows = [
         ("offered rate", f"{summary['offered_rate']:,.1f} req/s ({summary['scheduled']} over "
                          f"{summary['duration_s']:g} s, warm-up {summary.get('warmup_s', 0):g} s)"),
+        *([("stages", ", ".join(f"{d:g} s to {r:g}/s" for d, r in summary["stages"]))] if summary.get("stages")
+          else []),
         ("achieved throughput", f"{summary['achieved_rate']:,.1f} ok/s (over {summary['elapsed_s']:.2f} s)"),
         ("sent", str(summary["sent"])),
         ("ok", str(summary["ok"])),
         ("errors", errors),
         ("timeouts", str(summary["timeouts"])),
+        ("error rate", "-" if summary["error_rate"] is None
+         else f"{summary['error_rate']:.2%} (not ok, dropped included)"),
         ("dropped", f"{summary['dropped']} (max inflight {summary.get('max_inflight')})"),
         *((f"latency {k} ms", _ms(v)) for k, v in latency.items()),
         ("max send lag ms", _ms(summary["max_send_lag_ms"])),
     ]
     for name, value in rows:
         table.add_row(name, value)
+    return table
+
+
+def verdict_table(verdicts: Sequence[Verdict]):
+    """The thresholds, each with its limit, the measured value and PASS or FAIL, as a rich table."""
+    from rich.table import Table
+
+    table = Table("threshold", "limit", "measured", "result", title="thresholds")
+    for v in verdicts:
+        table.add_row(v.threshold, v.limit, "-" if v.measured is None else f"{v.measured:.4g}",
+                      "[green]PASS[/green]" if v.passed else "[red]FAIL[/red]")
     return table

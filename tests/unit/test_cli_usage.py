@@ -81,7 +81,7 @@ def test_the_dev_commands_are_not_in_the_runtime_command_line():
     (["replay", "--since", "yesterday"], "yesterday"),
     (["dlq", "redrive"], "name the letters"),
     (["dlq", "show", "nowhere"], "nowhere"),
-    (["load", "--target", "nowhere"], "--target is bridge or kafka"),
+    (["load", "--target", "nowhere"], "--target is bridge, classify or kafka"),
     (["keys", "create", "--tenant", "a b"], "tenant 'a b' is not valid"),
     (["limits", "set", "a b", "10"], "is not valid"),
     (["models", "register", "m", "1", "--artifact", "m.onnx", "--backend", "cuda"], "'onnxruntime' or 'triton'"),

@@ -1,5 +1,5 @@
-"""The load generator's pure parts: schedule, in-flight bound, figures; and its dispatcher on
-fake targets (no network)."""
+"""The load generator's pure parts: schedules (constant and staged), in-flight bound, figures;
+and its dispatcher on fake targets (no network)."""
 
 import asyncio
 
@@ -18,13 +18,17 @@ from streams.ops.load import (
     InflightGate,
     InputSpec,
     Reply,
+    Stage,
     oip_body,
     parse_shapes,
+    parse_stages,
     percentiles,
     random_inputs,
     resolve_specs,
+    run,
     run_load,
     schedule,
+    staged_schedule,
     summarize,
     summary_table,
 )
@@ -34,10 +38,11 @@ def test_percentiles_on_known_data():
     figures = percentiles([i / 1000 for i in range(1, 101)])  # 1..100 ms, shuffled order irrelevant
     assert figures["p50"] == pytest.approx(0.0505)
     assert figures["p90"] == pytest.approx(0.0901)
+    assert figures["p95"] == pytest.approx(0.09505)
     assert figures["p99"] == pytest.approx(0.09901)
     assert figures["max"] == pytest.approx(0.1)
-    assert percentiles([0.25]) == {"p50": 0.25, "p90": 0.25, "p99": 0.25, "max": 0.25}
-    assert percentiles([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+    assert percentiles([0.25]) == {"p50": 0.25, "p90": 0.25, "p95": 0.25, "p99": 0.25, "max": 0.25}
+    assert percentiles([]) == {"p50": None, "p90": None, "p95": None, "p99": None, "max": None}
 
 
 def test_summary_counts_and_latency_of_ok_requests_only():
@@ -54,12 +59,14 @@ def test_summary_counts_and_latency_of_ok_requests_only():
     assert (summary["scheduled"], summary["sent"], summary["ok"]) == (105, 104, 100)
     assert summary["errors"] == {"ClientConnectorError": 1, "RATE_LIMITED": 2}
     assert (summary["error_count"], summary["timeouts"], summary["dropped"]) == (3, 1, 1)
+    assert summary["error_rate"] == pytest.approx(5 / 105)  # errors, the timeout and the dropped one
     assert summary["offered_rate"] == pytest.approx(100)
     # The timeout's answer came last, at 9.0 s: throughput counts until then.
     assert summary["elapsed_s"] == pytest.approx(9.0)
     assert summary["achieved_rate"] == pytest.approx(100 / 9.0)
     latency = summary["latency_ms"]  # 1..100 ms: the failures' times are not in it
-    assert (latency["p50"], latency["p90"], latency["p99"], latency["max"]) == pytest.approx((50.5, 90.1, 99.01, 100))
+    assert (latency["p50"], latency["p90"], latency["p95"], latency["p99"], latency["max"]) == pytest.approx(
+        (50.5, 90.1, 95.05, 99.01, 100))
     assert summary["max_send_lag_ms"] == pytest.approx(0)
 
 
@@ -68,7 +75,8 @@ def test_throughput_is_over_the_window_when_replies_keep_up():
     summary = summarize(attempts, rate=10, duration=1.0)
     assert summary["elapsed_s"] == 1.0 and summary["achieved_rate"] == pytest.approx(10)
     empty = summarize([], rate=10, duration=2.0)
-    assert (empty["ok"], empty["achieved_rate"], empty["latency_ms"]["p99"]) == (0, 0, None)
+    assert (empty["ok"], empty["achieved_rate"], empty["latency_ms"]["p99"], empty["error_rate"]) == (0, 0, None, None)
+    assert summary["error_rate"] == 0
 
 
 def test_schedule_is_on_the_clock_with_warmup_first():
@@ -82,6 +90,47 @@ def test_schedule_is_on_the_clock_with_warmup_first():
     for bad in ({"rate": 0, "duration": 1}, {"rate": 1, "duration": 0}, {"rate": 1, "duration": 1, "warmup": -1}):
         with pytest.raises(ValueError):
             schedule(**bad)
+
+
+def test_stages_parse_like_k6():
+    assert parse_stages("10s:50,30s:50,10s:0") == [Stage(10, 50), Stage(30, 50), Stage(10, 0)]
+    assert parse_stages(" 500ms:10, 1m:5.5,2:3,1h:0") == [Stage(0.5, 10), Stage(60, 5.5), Stage(2, 3), Stage(3600, 0)]
+    for bad in ("", "10s", "10s:", "x:1", "10s:-1", "10d:5", "10s:50;30s:50"):
+        with pytest.raises(ValueError, match="--stages"):
+            parse_stages(bad)
+
+
+def test_stages_ramp_up_hold_and_ramp_down():
+    """The rate goes linearly from stage to stage: request i is due when the rate's integral
+    reaches i (0 -> 50/s over 10 s: 2.5 t^2 requests by time t)."""
+    slots = staged_schedule(parse_stages("10s:50,30s:50,10s:0"))
+    due = [s.due for s in slots]
+    assert len(slots) == 250 + 1500 + 250 and all(s.counted for s in slots)
+    assert due == sorted(due) and due[0] == 0 and due[-1] < 50
+    assert due[10] == pytest.approx(2.0) and due[160] == pytest.approx(8.0)  # sqrt(i / 2.5)
+    assert due[250:1750] == pytest.approx([10 + k / 50 for k in range(1500)])  # the hold: every 20 ms
+    # The ramp down mirrors the ramp up: as many requests, ever further apart.
+    assert [50 - d for d in reversed(due[1751:])] == pytest.approx(due[1:250])
+
+    def per_second(times):
+        return [sum(1 for t in times if second <= t < second + 1) for second in range(50)]
+
+    counts = per_second(due)
+    assert counts[:3] == [3, 7, 13] and counts[9] == 47 and set(counts[10:40]) == {50} and counts[-1] == 2
+
+
+def test_stages_from_a_start_rate_pauses_and_refusals():
+    # A constant stage from its own rate is the --rate/--duration shorthand.
+    assert staged_schedule([Stage(2, 4)], start_rate=4) == schedule(rate=4, duration=2)
+    # Ramp down to 0, hold 0 (a pause: nothing due), ramp up again.
+    due = [s.due for s in staged_schedule([Stage(1, 10), Stage(1, 0), Stage(1, 0), Stage(1, 10)])]
+    assert len(due) == 15 and not [t for t in due if 2 <= t < 3]
+    assert sum(1 for t in due if t < 1) == 5 and sum(1 for t in due if t >= 3) == 5
+    for bad in ([], [Stage(0, 5)], [Stage(1, -5)]):
+        with pytest.raises(ValueError):
+            staged_schedule(bad)
+    with pytest.raises(ValueError):
+        staged_schedule([Stage(1, 5)], start_rate=-1)
 
 
 def test_inflight_gate_refuses_over_its_limit():
@@ -113,6 +162,27 @@ def test_open_loop_starts_on_schedule_while_replies_are_slow():
     assert [o.started for o in attempts] == pytest.approx([o.due for o in attempts])
     assert [o.latency_s for o in attempts] == pytest.approx([0.3] * 50)
     assert attempts[-1].done == pytest.approx(0.49 + 0.3)
+
+
+def test_staged_requests_start_on_the_ramps_schedule():
+    async def instant(index: int) -> Reply:
+        return Reply(OK)
+
+    # 0 -> 10/s over 2 s, 10/s for 1 s, 10 -> 0/s over 2 s: 10 + 10 + 10 requests.
+    slots = staged_schedule([Stage(2, 10), Stage(1, 10), Stage(2, 0)])
+    attempts = run_virtual(on_the_loop_clock(instant, slots, max_inflight=None, timeout=5))
+    assert [o.started for o in attempts] == pytest.approx([s.due for s in slots])
+    started = [round(o.started, 9) for o in attempts]  # the loop's clock sums in floats
+    assert [sum(1 for t in started if second <= t < second + 1) for second in range(5)] == [3, 7, 10, 8, 2]
+
+
+def test_run_takes_stages_or_a_rate_not_both():
+    class Unused:
+        specs = ()
+
+    for plan in ({"stages": [Stage(1, 5)], "rate": 5.0}, {"stages": [Stage(1, 5)], "warmup": 1.0}, {"rate": 5.0}):
+        with pytest.raises(ValueError):
+            asyncio.run(run(Unused(), **plan))
 
 
 def test_requests_over_max_inflight_are_dropped():
@@ -176,6 +246,13 @@ def test_summary_table_renders_every_figure():
     console = Console(record=True, width=120)
     console.print(summary_table(summarize(attempts, rate=10, duration=0.3, model="tiny", target="kafka")))
     text = console.export_text()
-    for figure in ("offered rate", "achieved throughput", "RATE_LIMITED 1", "dropped", "latency p99 ms",
-                   "latency max ms", "4.0"):
+    for figure in ("offered rate", "achieved throughput", "RATE_LIMITED 1", "dropped", "latency p95 ms",
+                   "latency p99 ms", "latency max ms", "4.0", "error rate", "66.67%"):
         assert figure in text, text
+
+
+def test_summary_table_shows_the_stages():
+    summary = summarize([Attempt(0.0, 0.0, 0.004, OK)], rate=50, duration=50, stages=[[10, 50], [30, 50], [10, 0]])
+    console = Console(record=True, width=120)
+    console.print(summary_table(summary))
+    assert "10 s to 50/s, 30 s to 50/s, 10 s to 0/s" in console.export_text()
