@@ -22,8 +22,10 @@ bench:  ## the benchmarks, each against its baseline in the same run
 	$(PY) -m bench.bridge
 	$(PY) -m bench.workers
 
-load:  ## 100 req/s for 30 s through the running bridge (`make run` in another terminal)
-	$(VENV)/bin/inferstream load --target bridge --rate 100 --duration 30
+load: BRIDGE ?= 127.0.0.1:8000
+load:  ## the reference load on the bridge (compose's by default, BRIDGE=HOST:PORT); fails on a broken threshold
+	$(VENV)/bin/inferstream load --target bridge --url http://$(BRIDGE) --model tiny --stages 10s:50,30s:50,10s:0 \
+		--max-error-rate 0.01 --p95-ms 500 --p99-ms 1000 --min-rate 35
 
 lint:
 	$(VENV)/bin/ruff check streams agents topics models infra tests bench
