@@ -1,12 +1,12 @@
 """`inferstream load`: an open-loop load generator for the HTTP bridge or the Kafka ingress.
 
 Open loop: request i of the measured window is due when the rate's integral since the start
-reaches i (at a constant rate, `warmup + i / rate` seconds after the start) and is started at that
-time whether or not earlier requests have answered. A slow system
-therefore shows as latency, timeouts and errors, never as a lower offered rate (no coordinated
-omission); latency counts from the due time, so a client that falls behind its schedule shows
-too. `max_inflight` bounds the requests in flight: one that is due while the bound is reached is
-not started and counts as dropped.
+reaches i (at a constant rate, `warmup + i / rate` seconds after the start) and is started at
+that time whether or not earlier requests have answered. A slow system therefore shows as
+latency, timeouts and errors, never as a lower offered rate (no coordinated omission); latency
+counts from the due time, so a client that falls behind its schedule shows too. `max_inflight`
+bounds the requests in flight: one that is due while the bound is reached is not started and
+counts as dropped.
 
 The rate is constant (`schedule`) or follows stages (`staged_schedule`): like k6's
 ramping-arrival-rate, each stage goes linearly from the previous stage's target rate (at first
