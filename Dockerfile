@@ -2,47 +2,84 @@
 #
 #   docker build --target cpu -t inferstream:0.1.0-cpu .
 #   docker build --target gpu -t inferstream:0.1.0-gpu .
+#   (labels: --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD))
 #
 # builder: builds the model repository (needs the `models` extra, torch CPU-only) and the
 # inferstream wheel; cpu / gpu: the runtime images (no torch), each installing the wheel with its
-# onnxruntime extra and copying the repository from the builder.
+# onnxruntime extra and the Triton client (so every backend imports), and copying the repository
+# from the builder. Every pip install takes constraints.txt: the versions CI and setup.sh use.
+# pip's cache lives in a BuildKit cache mount, so rebuilds reuse downloads and no layer keeps it.
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/inferstream/inferstream
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+COPY constraints.txt ./
 # torch from the CPU-only index first, so the `models` extra finds it satisfied.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -c constraints.txt --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY streams ./streams
 COPY agents ./agents
 COPY topics ./topics
 COPY models ./models
-RUN pip install ".[models]" && python -m models.build --repository /src/models/repository \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -c constraints.txt ".[models]" && python -m models.build --repository /src/models/repository \
  && pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+ARG VERSION
+ARG REVISION
+ARG SOURCE
+LABEL org.opencontainers.image.title="inferstream (cpu)" \
+      org.opencontainers.image.description="Kafka-native inference platform: worker and HTTP bridge, onnxruntime on CPU" \
+      org.opencontainers.image.source=$SOURCE \
+      org.opencontainers.image.revision=$REVISION \
+      org.opencontainers.image.version=$VERSION \
+      org.opencontainers.image.licenses=MIT
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     INFERSTREAM_MODEL_REPOSITORY=/app/models/repository \
-    INFERSTREAM_STATE_DIR=/tmp/inferstream
+    INFERSTREAM_STATE_DIR=/tmp/inferstream \
+    INFERSTREAM_METRICS_PORT=9100 \
+    HEALTHCHECK_URL=http://127.0.0.1:9100/metrics
 RUN useradd --system --uid 10001 --user-group --create-home inferstream
 WORKDIR /app
-COPY --from=builder /wheels /wheels
-RUN pip install "$(ls /wheels/inferstream-*.whl)[cpu]" && rm -rf /wheels
+COPY constraints.txt /tmp/constraints.txt
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install -c /tmp/constraints.txt "$(ls /wheels/inferstream-*.whl)[cpu,triton]" && rm /tmp/constraints.txt
 COPY --from=builder --chown=10001:10001 /src/models/repository /app/models/repository
 USER 10001
 EXPOSE 8000 9100
+# The default command is the worker, whose only HTTP port is its metrics server; the bridge
+# (CMD ["bridge"]) sets HEALTHCHECK_URL=http://127.0.0.1:8000/v2/health/live.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=3)"]
 ENTRYPOINT ["inferstream"]
 CMD ["worker"]
 
 # ---------------------------------------------------------------------------------------------
 FROM nvidia/cuda:12.9.1-cudnn-runtime-ubuntu22.04 AS gpu
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ARG VERSION
+ARG REVISION
+ARG SOURCE
+LABEL org.opencontainers.image.title="inferstream (gpu)" \
+      org.opencontainers.image.description="Kafka-native inference platform: worker and HTTP bridge, onnxruntime on CUDA" \
+      org.opencontainers.image.source=$SOURCE \
+      org.opencontainers.image.revision=$REVISION \
+      org.opencontainers.image.version=$VERSION \
+      org.opencontainers.image.licenses=MIT
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     INFERSTREAM_MODEL_REPOSITORY=/app/models/repository \
-    INFERSTREAM_STATE_DIR=/tmp/inferstream
+    INFERSTREAM_STATE_DIR=/tmp/inferstream \
+    INFERSTREAM_METRICS_PORT=9100 \
+    HEALTHCHECK_URL=http://127.0.0.1:9100/metrics
 # Ubuntu 22.04 ships Python 3.10; 3.11 comes from the deadsnakes PPA.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
@@ -54,10 +91,14 @@ RUN apt-get update \
  && python3.11 -m venv /opt/venv
 RUN useradd --system --uid 10001 --user-group --create-home inferstream
 WORKDIR /app
-COPY --from=builder /wheels /wheels
-RUN pip install "$(ls /wheels/inferstream-*.whl)[gpu]" && rm -rf /wheels
+COPY constraints.txt /tmp/constraints.txt
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install -c /tmp/constraints.txt "$(ls /wheels/inferstream-*.whl)[gpu,triton]" && rm /tmp/constraints.txt
 COPY --from=builder --chown=10001:10001 /src/models/repository /app/models/repository
 USER 10001
 EXPOSE 8000 9100
+# As in the cpu image: the worker's metrics port by default; the bridge overrides HEALTHCHECK_URL.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=3)"]
 ENTRYPOINT ["inferstream"]
 CMD ["worker"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install inferstream with everything the local stack, the model builds and the
-# tests need. Re-running is cheap: it reinstalls only when pyproject.toml changed. Says what it is
+# tests need, at the versions constraints.txt pins (the ones the images and CI install). Re-running
+# is cheap: it reinstalls only when pyproject.toml or constraints.txt changed. Says what it is
 # doing, step by step; pip's own output goes to .venv/setup.log (shown when a step fails).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 EXTRAS=${INFERSTREAM_EXTRAS:-cpu,stack,models,triton,dev}
-stamp=".venv/.inferstream-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS//,/-}"
+stamp=".venv/.inferstream-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${EXTRAS//,/-}"
 if [ ! -f "$stamp" ]; then
   STEP_LOG=.venv/setup.log
   : > "$STEP_LOG"
@@ -35,7 +36,7 @@ if [ ! -f "$stamp" ]; then
   quietly .venv/bin/python -m pip install --upgrade pip
   done_step
   step "installing inferstream with its extras ($EXTRAS): about 1-4 min on a first run"
-  quietly .venv/bin/python -m pip install -e ".[$EXTRAS]"
+  quietly .venv/bin/python -m pip install -c constraints.txt -e ".[$EXTRAS]"
   done_step
   rm -f .venv/.inferstream-* && touch "$stamp"
 fi

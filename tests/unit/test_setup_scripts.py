@@ -18,7 +18,8 @@ PIP_NOISE = """WARNING: Location 'file:///opt/pypi/simple/x/' is ignored
 
 
 def _project(tmp_path: Path, venv: str, pip_status: int) -> Path:
-    for script in ("infra/local/setup.sh", "infra/local/steps.sh", "infra/triton/setup.sh", "pyproject.toml"):
+    for script in ("infra/local/setup.sh", "infra/local/steps.sh", "infra/triton/setup.sh", "pyproject.toml",
+                   "constraints.txt"):
         (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / script, tmp_path / script)
     python = tmp_path / venv / "bin" / "python"
