@@ -29,7 +29,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "infra" / "prometheus" / "prometheus.yml"
 K8S = ROOT / "infra" / "k8s"
-KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "prod"]
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "staging", K8S / "overlays" / "prod"]
 ENDPOINT_VARS = ["INFERSTREAM_KAFKA_BOOTSTRAP", "INFERSTREAM_S3_ENDPOINT", "INFERSTREAM_POSTGRES_DSN",
                  "INFERSTREAM_REDIS_URL"]
 DEFAULT_BRIDGE_PORT = Settings.model_fields["bridge_port"].default
@@ -239,6 +239,9 @@ def test_kustomization_references_exist(directory):
         # each patch names an object the base defines
         base = {(d["kind"], d["metadata"]["name"]) for p, d in _k8s_docs() if p.parent == K8S / "base"}
         for p in kustomization.get("patches", []):
+            if "path" not in p:  # an inline JSON patch names its target
+                assert (p["target"]["kind"], p["target"]["name"]) in base
+                continue
             patch = yaml.safe_load((directory / p["path"]).read_text())
             assert (patch["kind"], patch["metadata"]["name"]) in base
 
@@ -252,7 +255,10 @@ def test_k8s_base_objects():
             assert c["livenessProbe"] and c["readinessProbe"]
             refs = {next(iter(e.values()))["name"] for e in c["envFrom"]}
             assert refs == {"inferstream-config", "inferstream-secrets"}
-    secret = _base_objects("Secret")["inferstream-secrets"]["stringData"]
+    assert not _base_objects("Secret"), "no Secret is applied: the ExternalSecret makes it"
+    external = _base_objects("ExternalSecret")["inferstream-secrets"]["spec"]
+    secret = {entry["secretKey"] for entry in external["data"]}
+    assert external["target"]["name"] == "inferstream-secrets"
     assert {"INFERSTREAM_S3_ACCESS_KEY", "INFERSTREAM_S3_SECRET_KEY", "INFERSTREAM_POSTGRES_DSN",
             "INFERSTREAM_JWT_HS_SECRET", "INFERSTREAM_API_KEY_PEPPER"} <= set(secret)
     hpa = _base_objects("HorizontalPodAutoscaler")["inferstream-bridge"]
@@ -328,8 +334,8 @@ def _module(name: str) -> ModuleType:
 
 # -- rendered overlays: kubectl kustomize -------------------------------------------------------
 
-NAMESPACE = "inferstream"
-OVERLAYS = ["dev", "prod"]
+OVERLAYS = ["dev", "staging", "prod"]
+NAMESPACES = {overlay: f"inferstream-{overlay}" for overlay in OVERLAYS}
 # Kinds without a namespace; every other rendered object must carry metadata.namespace.
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume",
                   "StorageClass", "PriorityClass", "IngressClass", "RuntimeClass", "ValidatingWebhookConfiguration",
@@ -372,22 +378,28 @@ def test_kubectl_is_the_pinned_one():
 def test_overlay_renders_the_whole_app(overlay):
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in _render(overlay))
     assert kinds == sorted([
-        ("Namespace", NAMESPACE), ("ConfigMap", "inferstream-config"), ("Secret", "inferstream-secrets"),
+        ("Namespace", NAMESPACES[overlay]), ("ServiceAccount", "inferstream"), ("ConfigMap", "inferstream-config"),
+        ("ExternalSecret", "inferstream-secrets"),
         ("Service", "inferstream-bridge"), ("Service", "inferstream-worker-metrics"),
         ("Deployment", "inferstream-bridge"), ("Deployment", "inferstream-worker"),
+        ("Ingress", "inferstream-bridge"),
+        ("PodDisruptionBudget", "inferstream-bridge"), ("PodDisruptionBudget", "inferstream-worker"),
+        ("NetworkPolicy", "default-deny"), ("NetworkPolicy", "inferstream-bridge"),
+        ("NetworkPolicy", "inferstream-worker"),
         ("HorizontalPodAutoscaler", "inferstream-bridge"), ("ScaledObject", "inferstream-worker"),
     ])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_objects_are_namespaced(overlay):
-    assert NAMESPACE in _rendered(overlay, "Namespace")
+    namespace = NAMESPACES[overlay]
+    assert namespace in _rendered(overlay, "Namespace")
     for doc in _render(overlay):
         where = f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] in CLUSTER_SCOPED:
             assert "namespace" not in doc["metadata"], f"{where} is cluster-scoped"
         else:
-            assert doc["metadata"].get("namespace") == NAMESPACE, f"{where}: namespace not set"
+            assert doc["metadata"].get("namespace") == namespace, f"{where}: namespace not set"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -415,6 +427,7 @@ def test_rendered_deployments_have_probes_and_resources(overlay):
 def test_rendered_references_exist(overlay):
     """ConfigMaps and Secrets that the pods name, and the pods that Services select, are rendered."""
     config_maps, secrets = set(_rendered(overlay, "ConfigMap")), set(_rendered(overlay, "Secret"))
+    secrets |= {e["spec"]["target"]["name"] for e in _rendered(overlay, "ExternalSecret").values()}
     deployments = _rendered(overlay, "Deployment")
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
@@ -491,6 +504,8 @@ def test_prod_worker_requests_a_gpu_and_dev_none():
 NOT_IN_KUBERNETES_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"):
         "KEDA CRD: no schema in kubernetes-validate; see test_rendered_autoscalers_target_the_deployments",
+    ("external-secrets.io/v1", "ExternalSecret"):
+        "External Secrets CRD: no schema in kubernetes-validate; see test_k8s_base_objects",
 }
 
 
@@ -518,7 +533,8 @@ def test_rendered_objects_match_kubernetes_schemas(overlay):
             except kv.SchemaNotFoundError as exc:
                 pytest.fail(f"{overlay}: {exc.message}; a custom resource goes in NOT_IN_KUBERNETES_SCHEMAS")
         checked.append(what)
-    assert len(checked) == 8 and left_out == ["ScaledObject/inferstream-worker"], (checked, left_out)
+    assert len(checked) == 14, checked
+    assert sorted(left_out) == ["ExternalSecret/inferstream-secrets", "ScaledObject/inferstream-worker"], left_out
 
 
 def test_schema_check_rejects_a_broken_deployment():
