@@ -250,3 +250,33 @@ def test_triton_serves_the_image_repository_and_is_registered():
     assert "8001" in triton["expose"]
     assert register["environment"]["INFERSTREAM_TRITON_HOSTS"] == '["triton"]'
     assert int(command[command.index("--max-batch-size") + 1]) == MODELS[command[2]].max_batch_size
+
+
+# -- Makefile ------------------------------------------------------------------------------------
+
+
+def _make(*args: str) -> str:
+    result = subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=True)
+    return result.stdout
+
+
+def test_make_help_lists_every_target():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][\w-]*):(?!=)", makefile, re.M))
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+    assert {"help", "image", "deploy", "coverage", "clean"} <= targets == phony
+    listed = {line.split()[0] for line in _make("help").splitlines() if line.strip()}
+    assert listed == targets
+    assert _make() == _make("help")  # the default goal
+
+
+def test_make_image_and_deploy_commands():
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    image = _make("-n", "image", "TARGET=gpu")
+    assert "docker build --target gpu --build-arg VERSION=" + version in image
+    assert f"-t inferstream:{version}-gpu ." in image
+    deploy = _make("-n", "deploy")
+    assert ".venv/bin/kubectl apply -k infra/k8s/overlays/staging" in deploy
+    assert (ROOT / "infra" / "k8s" / "overlays" / "staging" / "kustomization.yaml").is_file()
+    assert "overlays/prod" in _make("-n", "deploy", "OVERLAY=prod")
