@@ -16,6 +16,8 @@ ARG SOURCE=https://github.com/inferstream/inferstream
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11.13-slim-bookworm AS builder
+# --build-arg MODELS_BUILD_ARGS=--gpu: Triton configs with GPU instance groups (models/build.py).
+ARG MODELS_BUILD_ARGS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY constraints.txt ./
@@ -28,7 +30,7 @@ COPY agents ./agents
 COPY topics ./topics
 COPY models ./models
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt ".[models]" && python -m models.build --repository /src/models/repository \
+    pip install -c constraints.txt ".[models]" && python -m models.build --repository /src/models/repository $MODELS_BUILD_ARGS \
  && pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------

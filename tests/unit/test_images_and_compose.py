@@ -125,6 +125,15 @@ def test_runtime_images_carry_oci_labels_from_build_args(stage):
     assert re.search(rf"^ARG VERSION={re.escape(version)}$", DOCKERFILE.read_text(), re.M)
 
 
+def test_the_gpu_build_flag_reaches_the_model_build():
+    (build_run,) = [i for i in _instructions("builder") if "python -m models.build" in i]
+    assert "python -m models.build --repository /src/models/repository $MODELS_BUILD_ARGS " in build_run
+    assert 'ARG MODELS_BUILD_ARGS=""' in _instructions("builder")
+    args = _services()["worker"]["build"]["args"]
+    assert args["MODELS_BUILD_ARGS"] == "${MODELS_BUILD_ARGS:-}"
+    assert "MODELS_BUILD_ARGS" in _env_example()
+
+
 # -- constraints ---------------------------------------------------------------------------------
 
 
