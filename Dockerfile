@@ -21,9 +21,10 @@ ARG MODELS_BUILD_ARGS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY constraints.txt ./
-# torch from the CPU-only index first, so the `models` extra finds it satisfied.
+# torch from the CPU-only index first, so the `models` extra finds it satisfied. An extra index:
+# torch's own dependencies come from PyPI at the pinned versions; only that index has +cpu.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+    pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
 COPY pyproject.toml README.md ./
 COPY streams ./streams
 COPY agents ./agents
