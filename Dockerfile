@@ -49,7 +49,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
     INFERSTREAM_MODEL_REPOSITORY=/app/models/repository \
     INFERSTREAM_STATE_DIR=/tmp/inferstream \
     INFERSTREAM_METRICS_PORT=9100 \
-    HEALTHCHECK_URL=http://127.0.0.1:9100/metrics
+    HEALTHCHECK_URL=http://127.0.0.1:9100/healthz
 RUN useradd --system --uid 10001 --user-group --create-home inferstream
 WORKDIR /app
 COPY constraints.txt /tmp/constraints.txt
@@ -58,8 +58,9 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=bind,from=builder,so
 COPY --from=builder --chown=10001:10001 /src/models/repository /app/models/repository
 USER 10001
 EXPOSE 8000 9100
-# The default command is the worker, whose only HTTP port is its metrics server; the bridge
-# (CMD ["bridge"]) sets HEALTHCHECK_URL=http://127.0.0.1:8000/v2/health/live.
+# The default command is the worker, whose only HTTP port is its metrics server: /healthz there
+# fails once its event loop is stuck. The bridge (CMD ["bridge"]) sets
+# HEALTHCHECK_URL=http://127.0.0.1:8000/v2/health/live.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=3)"]
 ENTRYPOINT ["inferstream"]
@@ -82,7 +83,7 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
     INFERSTREAM_MODEL_REPOSITORY=/app/models/repository \
     INFERSTREAM_STATE_DIR=/tmp/inferstream \
     INFERSTREAM_METRICS_PORT=9100 \
-    HEALTHCHECK_URL=http://127.0.0.1:9100/metrics
+    HEALTHCHECK_URL=http://127.0.0.1:9100/healthz
 # Ubuntu 22.04 ships Python 3.10; 3.11 comes from the deadsnakes PPA.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
@@ -100,7 +101,7 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=bind,from=builder,so
 COPY --from=builder --chown=10001:10001 /src/models/repository /app/models/repository
 USER 10001
 EXPOSE 8000 9100
-# As in the cpu image: the worker's metrics port by default; the bridge overrides HEALTHCHECK_URL.
+# As in the cpu image: the worker's /healthz by default; the bridge overrides HEALTHCHECK_URL.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=3)"]
 ENTRYPOINT ["inferstream"]

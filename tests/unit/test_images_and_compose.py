@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from models.build import MODELS
+from streams.telemetry import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -105,11 +106,26 @@ def test_runtime_healthcheck_probes_the_worker_metrics_port_unless_overridden(st
     env = _stage_env(stage)
     (healthcheck,) = [i for i in _instructions(stage) if i.startswith("HEALTHCHECK ")]
     assert "os.environ['HEALTHCHECK_URL']" in healthcheck
-    assert env["HEALTHCHECK_URL"] == f"http://127.0.0.1:{env['INFERSTREAM_METRICS_PORT']}/metrics"
+    assert env["HEALTHCHECK_URL"] == f"http://127.0.0.1:{env['INFERSTREAM_METRICS_PORT']}/healthz"
     assert re.search(r'^CMD \["worker"\]', _stages()[stage], re.M)  # the default command it fits
     bridge = _services()["bridge"]
     port = bridge["ports"][0].rsplit(":", 1)[-1]
     assert bridge["environment"]["HEALTHCHECK_URL"] == f"http://127.0.0.1:{port}/v2/health/live"
+
+
+def test_the_worker_healthcheck_path_fails_while_the_event_loop_stands_still():
+    path = "/" + _stage_env("cpu")["HEALTHCHECK_URL"].split("/", 3)[3]
+    liveness = metrics.LoopLiveness()
+    app = metrics.metrics_app(liveness)
+
+    def status() -> str:
+        statuses: list[str] = []
+        b"".join(app({"PATH_INFO": path, "REQUEST_METHOD": "GET"}, lambda s, headers: statuses.append(s)))
+        return statuses[0]
+
+    assert status().startswith("503")
+    liveness.beat()
+    assert status().startswith("200")
 
 
 @pytest.mark.parametrize("stage", RUNTIME_STAGES)
