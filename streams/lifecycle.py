@@ -3,15 +3,16 @@ idempotent, and `async with` for a caller that owns the object."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Self
 
 
-class Service:
-    async def start(self) -> None:
-        raise NotImplementedError
+class Service(ABC):
+    @abstractmethod
+    async def start(self) -> None: ...
 
-    async def stop(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def stop(self) -> None: ...
 
     async def __aenter__(self) -> Self:
         await self.start()

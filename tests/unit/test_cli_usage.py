@@ -13,6 +13,7 @@ import sys
 import pytest
 import typer
 from support.cli_process import run_cli_sync
+from support.load_targets import InstantTarget
 from typer.testing import CliRunner
 
 from infra.local import cli as dev_cli
@@ -173,20 +174,10 @@ def test_compact_log_lines():
     assert compact("plain text\n") == "plain text"
 
 
-class _Target:
+class _Target(InstantTarget):
     """A load target that answers at once, every third request with an error."""
 
-    specs = ()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        return None
-
-    async def send(self, index: int) -> load.Reply:
-        await asyncio.sleep(0)
-        return load.Reply(load.ERROR if index % 3 == 2 else load.OK, "X")
+    error_every = 3
 
 
 def test_load_reports_counts_while_it_runs():

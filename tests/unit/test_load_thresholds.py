@@ -4,7 +4,6 @@ scenario, stages and thresholds), so the two cannot drift apart."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shlex
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import typer
 from rich.console import Console
+from support.load_targets import InstantTarget
 from typer.testing import CliRunner
 
 from streams.cli import app as cli
@@ -71,23 +71,10 @@ def test_verdict_table_shows_limits_values_and_results():
     assert re.search(r"latency p99 ms\s+│\s+<= 90\s+│\s+12.5\s+│\s+PASS", text), text
 
 
-class _HalfFailing:
+class _HalfFailing(InstantTarget):
     """A bridge target that answers at once, every other request with an error."""
 
-    specs = ()
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        return None
-
-    async def send(self, index: int) -> load.Reply:
-        await asyncio.sleep(0)
-        return load.Reply(ERROR if index % 2 else OK, "X")
+    error_every = 2
 
 
 def run_load_command(monkeypatch, tmp_path: Path, *thresholds: str):
