@@ -4,15 +4,31 @@ how many workers to run."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from streams.cli.common import CommandGroup, console, get_settings
+from streams.cli.common import CommandGroup, console, fail, get_settings
 from streams.cli.ports import refuse_taken, service_ports
 
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
 app = CommandGroup()
+
+
+def refuse_to_serve(settings: Settings, services: tuple[str, ...], workers: int = 1) -> None:
+    """Refuse, once and before any process starts, what every process would refuse on its own:
+    a taken port, or a placeholder secret with auth required (a supervisor would otherwise
+    restart its workers until its restart limit)."""
+    from streams.settings import refuse_placeholder_secrets
+
+    refuse_taken(service_ports(settings, services, workers))
+    try:
+        refuse_placeholder_secrets(settings)
+    except ValueError as e:
+        fail(str(e))
 
 
 @app.command()
@@ -21,7 +37,7 @@ def worker(
 ) -> None:
     """Run a worker (intake, inference and sink agents) in the foreground."""
     settings = get_settings()
-    refuse_taken(service_ports(settings, ("worker",), workers))
+    refuse_to_serve(settings, ("worker",), workers)
     if workers > 1:
         from streams.ops.scaling import run_workers
 
@@ -53,5 +69,5 @@ def bridge() -> None:
     from streams.bridge.app import run_bridge
 
     settings = get_settings()
-    refuse_taken(service_ports(settings, ("bridge",)))
+    refuse_to_serve(settings, ("bridge",))
     run_bridge(settings)

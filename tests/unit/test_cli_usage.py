@@ -17,6 +17,7 @@ from support.load_targets import InstantTarget
 from typer.testing import CliRunner
 
 from infra.local import cli as dev_cli
+from infra.local.stack import free_port
 from streams.cli import app as cli
 from streams.cli import keys
 from streams.cli.ports import Port, port_problem
@@ -144,6 +145,17 @@ def test_worker_refuses_a_taken_metrics_port_before_starting():
         done = run_cli_sync("worker", "--workers", "2", env={"INFERSTREAM_METRICS_PORT": str(port)}, timeout=30)
     assert done.code == 2 and len(done.lines) == 1, done.output
     assert f"port {port} (worker metrics) is taken" in done.output and "INFERSTREAM_METRICS_PORT" in done.output
+
+
+@pytest.mark.parametrize("command", [("worker", "--workers", "2"), ("bridge",)])
+def test_serving_refuses_a_placeholder_secret_once_before_starting(command):
+    """With auth required, a placeholder pepper is refused in one line, before any worker process
+    starts (a supervisor would otherwise restart its workers until its limit)."""
+    env = {"INFERSTREAM_AUTH_REQUIRED": "true", "INFERSTREAM_API_KEY_PEPPER": "CHANGE_ME",
+           "INFERSTREAM_METRICS_PORT": "0", "INFERSTREAM_BRIDGE_PORT": str(free_port())}
+    done = run_cli_sync(*command, env=env, timeout=30)
+    assert done.code == 2 and len(done.lines) == 1, done.output
+    assert "INFERSTREAM_API_KEY_PEPPER is shorter than" in done.output, done.output
 
 
 def test_port_problem_names_a_taken_port_and_a_port_set_twice():
