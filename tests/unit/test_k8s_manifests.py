@@ -7,6 +7,7 @@ trigger on what they render. No cluster here; the tools come with the `dev` extr
 from __future__ import annotations
 
 import functools
+import json
 import re
 import subprocess
 import sys
@@ -171,6 +172,9 @@ def test_network_policies(target):
     dns = {"kube-system": {53}}
     assert _egress_peers(bridge) == {**stores, **dns}
     assert _egress_peers(worker) == {**stores, **dns, "triton": {8000, 8001}}
+    # Triton backends may name only hosts in the namespace that the worker may reach.
+    triton_hosts = json.loads(config["INFERSTREAM_TRITON_HOSTS"])  # as pydantic-settings reads a list
+    assert triton_hosts and {host.split(".")[1] for host in triton_hosts} == {"triton"}
     bridge_port = int(config["INFERSTREAM_BRIDGE_PORT"])
     assert _ingress_sources(bridge) == {"ingress-nginx": {bridge_port}, "monitoring": {bridge_port}}
     assert _ingress_sources(worker) == {"monitoring": {int(config["INFERSTREAM_METRICS_PORT"])}}
