@@ -15,7 +15,8 @@ ARG REVISION=unknown
 ARG SOURCE=https://github.com/inferstream/inferstream
 
 # ---------------------------------------------------------------------------------------------
-FROM python:3.11.13-slim-bookworm AS builder
+# Runs natively, not under QEMU: its ONNX files, Triton configs and pure wheel fit any platform.
+FROM --platform=$BUILDPLATFORM python:3.11.13-slim-bookworm AS builder
 # --build-arg MODELS_BUILD_ARGS=--gpu: Triton configs with GPU instance groups (models/build.py).
 ARG MODELS_BUILD_ARGS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1

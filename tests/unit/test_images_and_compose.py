@@ -31,7 +31,8 @@ CREDENTIAL = re.compile(r"PASSWORD|SECRET|PEPPER|ACCESS_KEY|ADMIN_USER", re.I)
 def _stages() -> dict[str, str]:
     """Each Dockerfile stage's text by its name."""
     parts = re.split(r"^(?=FROM\s)", DOCKERFILE.read_text(), flags=re.M)
-    return {re.match(r"FROM\s+\S+\s+AS\s+(\S+)", p, re.I).group(1): p for p in parts if p.startswith("FROM")}
+    return {re.match(r"FROM\s+(?:--platform=\S+\s+)?\S+\s+AS\s+(\S+)", p, re.I).group(1): p
+            for p in parts if p.startswith("FROM")}
 
 
 def _instructions(stage: str) -> list[str]:
@@ -99,6 +100,15 @@ def test_every_pip_install_takes_the_constraints_and_a_cache_mount():
         assert re.search(r"pip install -c \S*constraints\.txt ", instruction), instruction
         assert "--mount=type=cache,target=/root/.cache/pip" in instruction, instruction
     assert "PIP_NO_CACHE_DIR" not in DOCKERFILE.read_text()  # the cache mount is never in a layer
+
+
+def test_only_the_builder_runs_on_the_build_platform():
+    """The builder's outputs (models, a pure wheel) fit any platform, so a multi-platform build runs it
+    natively; each runtime stage is built for its target platform."""
+    froms = {stage: text.splitlines()[0] for stage, text in _stages().items()}
+    assert set(froms) == {"builder", *RUNTIME_STAGES}
+    assert froms["builder"].startswith("FROM --platform=$BUILDPLATFORM ")
+    assert not any("--platform" in froms[stage] for stage in RUNTIME_STAGES)
 
 
 @pytest.mark.parametrize("stage", RUNTIME_STAGES)
