@@ -297,7 +297,7 @@ def test_k8s_overlays():
 def test_dockerfile_stages_and_entrypoint():
     text = DOCKERFILE.read_text()
     stages = dict((m.group(2).lower(), m.group(1)) for m in
-                  re.finditer(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.M | re.I))
+                  re.finditer(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)\s+AS\s+(\S+)", text, re.M | re.I))
     assert {"builder", "cpu", "gpu"} <= set(stages)
     for image in stages.values():
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
