@@ -49,7 +49,7 @@ LABEL org.opencontainers.image.title="inferstream (cpu)" \
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     INFERSTREAM_MODEL_REPOSITORY=/app/models/repository \
     INFERSTREAM_STATE_DIR=/tmp/inferstream \
-    INFERSTREAM_METRICS_PORT=9100 \
+    INFERSTREAM_METRICS_PORT=9100 INFERSTREAM_METRICS_HOST=0.0.0.0 \
     HEALTHCHECK_URL=http://127.0.0.1:9100/healthz
 RUN useradd --system --uid 10001 --user-group --create-home inferstream
 WORKDIR /app
@@ -83,7 +83,7 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     INFERSTREAM_MODEL_REPOSITORY=/app/models/repository \
     INFERSTREAM_STATE_DIR=/tmp/inferstream \
-    INFERSTREAM_METRICS_PORT=9100 \
+    INFERSTREAM_METRICS_PORT=9100 INFERSTREAM_METRICS_HOST=0.0.0.0 \
     HEALTHCHECK_URL=http://127.0.0.1:9100/healthz
 # Ubuntu 22.04 ships Python 3.10; 3.11 comes from the deadsnakes PPA.
 RUN apt-get update \

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     # a request after a quiet spell is not held by a long poll. `long-poll` (Apache Kafka): idle
     # consumers long-poll and the broker answers when a record arrives; no wakes are sent.
     kafka_idle_mode: Literal["wake", "long-poll"] = "wake"
+    # A worker that stops heartbeating leaves its consumer group after this long. Apache Kafka
+    # refuses less than its `group.min.session.timeout.ms` (6 s by default); Tansu delays a new
+    # group's first join by about half of it.
+    kafka_session_timeout_s: float = Field(default=6.0, ge=1, le=300)
     app_id: str = "inferstream"
     topic_prefix: str = "inferstream"
     request_partitions: int = 4
@@ -158,6 +162,9 @@ class Settings(BaseSettings):
     # > 0: the worker serves its Prometheus metrics on this port's /metrics (KEDA scales on the
     # consumer lag there); with `--workers N` each process takes the next port.
     metrics_port: int = 0
+    # Where /metrics and /healthz listen: loopback unless a scraper or probe comes from outside
+    # (the images set 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
     # Only one worker of a group needs to export the group's consumer lag.
     metrics_lag: bool = True
     # `worker --workers N` restarts a worker that died, unless it died more often in a minute.

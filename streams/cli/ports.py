@@ -65,5 +65,6 @@ def service_ports(settings: Settings, services: tuple[str, ...], workers: int = 
     if "bridge" in services:
         ports.append(Port(settings.bridge_port, "HTTP bridge", "INFERSTREAM_BRIDGE_PORT", settings.bridge_host))
     if "worker" in services and settings.metrics_port > 0:
-        ports += [Port(settings.metrics_port + i, "worker metrics", "INFERSTREAM_METRICS_PORT") for i in range(workers)]
+        ports += [Port(settings.metrics_port + i, "worker metrics", "INFERSTREAM_METRICS_PORT", settings.metrics_host)
+                  for i in range(workers)]
     return ports

@@ -126,7 +126,8 @@ class _QuietHandler(WSGIRequestHandler):
         """Probes come every few seconds: no access line each."""
 
 
-def serve(port: int, liveness: LoopLiveness) -> None:
-    """Serve /metrics and /healthz on 0.0.0.0:`port` from a daemon thread."""
-    server = make_server("0.0.0.0", port, metrics_app(liveness), _ThreadingServer, handler_class=_QuietHandler)
+def serve(host: str, port: int, liveness: LoopLiveness) -> WSGIServer:
+    """Serve /metrics and /healthz on `host`:`port` from a daemon thread."""
+    server = make_server(host, port, metrics_app(liveness), _ThreadingServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

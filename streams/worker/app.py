@@ -142,7 +142,7 @@ def serve_metrics(app: faust.App, pipeline: Pipeline, settings: Settings) -> Non
     async def mark_loop_alive() -> None:
         liveness.beat()
 
-    metrics.serve(settings.metrics_port, liveness)
+    metrics.serve(settings.metrics_host, settings.metrics_port, liveness)
 
 
 class PipelineConnections(mode.Service):

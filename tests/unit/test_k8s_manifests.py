@@ -106,7 +106,9 @@ def test_pods_meet_the_restricted_profile(target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_probes(target):
     worker, bridge = _container(target, "inferstream-worker"), _container(target, "inferstream-bridge")
-    metrics_port = int(_objects(target, "ConfigMap")["inferstream-config"]["data"]["INFERSTREAM_METRICS_PORT"])
+    config = _objects(target, "ConfigMap")["inferstream-config"]["data"]
+    metrics_port = int(config["INFERSTREAM_METRICS_PORT"])
+    assert config["INFERSTREAM_METRICS_HOST"] == "0.0.0.0"  # the kubelet probes the pod's IP
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         # The worker's /healthz fails while its event loop is stuck; /metrics would not.
         assert worker[probe]["httpGet"] == {"path": "/healthz", "port": metrics_port}, probe

@@ -1,7 +1,12 @@
 """The worker's /healthz: 200 while its event loop turns, 503 before the first turn and once the
-loop is stuck, without I/O (a fake clock, and the WSGI app called directly)."""
+loop is stuck, without I/O (a fake clock, and the WSGI app called directly); and where the
+metrics server listens."""
 
-from streams.telemetry.metrics import LoopLiveness, metrics_app
+import urllib.request
+
+from infra.local.stack import free_port
+from streams.settings import Settings
+from streams.telemetry.metrics import LoopLiveness, metrics_app, serve
 
 
 class Clock:
@@ -45,3 +50,17 @@ def test_healthz_answers_from_the_loop_and_other_paths_serve_the_metrics():
     assert _get(app, "/healthz")[0] == "503 Service Unavailable"
     status, body = _get(app, "/metrics")
     assert status == "200 OK" and b"inferstream_requests_total" in body
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise():
+    """/metrics and /healthz are for a local scraper unless INFERSTREAM_METRICS_HOST opens them
+    (the images do, for Prometheus and the kubelet)."""
+    settings = Settings(metrics_port=free_port())
+    server = serve(settings.metrics_host, settings.metrics_port, LoopLiveness())
+    try:
+        assert server.server_address == ("127.0.0.1", settings.metrics_port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
