@@ -30,17 +30,18 @@ from infra.local.harness import Service
 from streams.kafka.fetch_wait import wait_longer_when_behind
 from streams.settings import Settings
 from streams.worker.app import (
-    HEARTBEAT_INTERVAL_S,
     LINGER_S,
     MAX_BATCH_BYTES,
     MAX_FETCH_BYTES,
     MAX_POLL_RECORDS,
-    SESSION_TIMEOUT_S,
+    heartbeat_interval_s,
 )
 
 # The worker's consumer and producer settings, so only the pipeline differs.
 LINGER_MS = int(LINGER_S * 1000)
-SESSION_TIMEOUT_MS, HEARTBEAT_MS = SESSION_TIMEOUT_S * 1000, HEARTBEAT_INTERVAL_S * 1000
+DEFAULTS = Settings()
+SESSION_TIMEOUT_MS = int(DEFAULTS.kafka_session_timeout_s * 1000)
+HEARTBEAT_MS = int(heartbeat_interval_s(DEFAULTS) * 1000)
 YIELD_EVERY = 64  # as bench.e2e's burst
 READY_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 3.0

@@ -37,7 +37,9 @@ def model_repository() -> Path:
 def stack_settings(tmp_path_factory, model_repository) -> Iterator[Settings]:
     """One stack for the whole session; each test gets its own topics and consumer groups."""
     settings = isolated_settings(
-        tmp_path_factory.mktemp("stack"), uuid.uuid4().hex[:8], model_repository=model_repository
+        tmp_path_factory.mktemp("stack"), uuid.uuid4().hex[:8], model_repository=model_repository,
+        # Tansu delays a new group's first join by about half the session timeout: 1 s, not 3 s.
+        kafka_session_timeout_s=2,
     )
     stack = LocalStack(settings)
     stack.up()

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from streams.gate.gatekeeper import Gatekeeper
 from streams.kafka.admin import ensure_topics
 from streams.kafka.faust_take import IdleFreeStream
-from streams.kafka.faust_tuning import LeanMonitor, tune_transport
+from streams.kafka.faust_tuning import LeanMonitor, LeanTableManager, QuickExitWorker, tune_transport
 from streams.kafka.fetch_wait import IdlePolicy, wake_channel
 from streams.kafka.transport import broker_url
 from streams.registry.records import ModelRegistry
@@ -70,11 +70,15 @@ class WorkerApp(faust.App):
 
 
 # The worker's Kafka client settings (bench/floor.py measures a plain client with the same).
-SESSION_TIMEOUT_S, HEARTBEAT_INTERVAL_S = 6, 1  # Faust's 60 s default makes each group join wait ~30 s
+HEARTBEAT_INTERVAL_S = 1  # at most; a third of the session timeout below 3 s
 MAX_POLL_RECORDS = 2000
 MAX_FETCH_BYTES = 4 * 1024 * 1024
 LINGER_S = 0.005
 MAX_BATCH_BYTES = 256 * 1024
+
+
+def heartbeat_interval_s(settings: Settings) -> float:
+    return min(HEARTBEAT_INTERVAL_S, settings.kafka_session_timeout_s / 3)
 
 
 # Registers the worker's agents on its app (`agents.register_agents`; the CLI passes it in, so the
@@ -98,8 +102,9 @@ def create_app(settings: Settings, serve: list[str], register_agents: RegisterAg
         store="memory://",
         datadir=str(settings.state_dir / "faust" / "{conf.id}"),
         topic_partitions=settings.model_partitions,
-        broker_session_timeout=SESSION_TIMEOUT_S,
-        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        # Faust's 60 s default session timeout makes each group join on Tansu wait ~30 s.
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=heartbeat_interval_s(settings),
         # On stop, let in-flight batches finish and be acknowledged before the agents are
         # cancelled: a cancelled take_events batch is acknowledged by Faust's own `finally`,
         # and the final commit would then skip events that were never processed.
@@ -113,6 +118,7 @@ def create_app(settings: Settings, serve: list[str], register_agents: RegisterAg
         producer_max_request_size=settings.max_message_bytes + 64 * 1024,
         producer_acks=-1,
         web_enabled=False,
+        TableManager=LeanTableManager,  # no 1 s wait for tables at start (the worker has none)
         Monitor=LeanMonitor,  # no per-event statistics for web views that are not served
         Stream=IdleFreeStream,  # take_events without wakes while nothing is buffered (streams.kafka.faust_take)
     )
@@ -200,8 +206,7 @@ def run_worker(settings: Settings, register_agents: RegisterAgents) -> None:
         serve_metrics(app, pipeline, settings)
     # Our logging stays (Faust would replace it with colored text), and no banner or terminal
     # spinner is mixed into it (the spinner would also set the root logger to DEBUG).
-    worker = faust.Worker(app, PipelineConnections(pipeline), Presence(app, pipeline, settings),
-                          loglevel=settings.log_level, override_logging=False,
-                          quiet=True)
+    worker = QuickExitWorker(app, PipelineConnections(pipeline), Presence(app, pipeline, settings),
+                             loglevel=settings.log_level, override_logging=False, quiet=True)
     worker.spinner = None
     worker.execute_from_commandline()

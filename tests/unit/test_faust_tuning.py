@@ -22,11 +22,15 @@ from faust.types import TP
 from streams.kafka.faust_tuning import (
     DRAIN_SOURCE_SHA256,
     FAUST_VERSION,
+    TABLES_START_SOURCE_SHA256,
     EagerDrain,
     LeanMonitor,
+    LeanTableManager,
+    QuickExitWorker,
     drain_source_sha256,
     eager_drain,
     run_until_wait,
+    source_sha256,
     tune_transport,
 )
 from streams.kafka.transport import broker_url
@@ -293,11 +297,43 @@ def test_the_lean_monitor_keeps_only_when_a_stream_last_took_an_event() -> None:
     assert not hasattr(message, "time_in")
 
 
-async def test_the_worker_app_uses_the_tuned_consumer_and_monitor(tmp_path: Path) -> None:
+def test_the_table_manager_start_is_faust_s_without_its_sleep() -> None:
+    from faust.tables import TableManager
+
+    assert source_sha256(TableManager.on_start) == TABLES_START_SOURCE_SHA256, (
+        "faust's TableManager.on_start changed: carry the changes over to LeanTableManager.on_start, then "
+        "update TABLES_START_SOURCE_SHA256")
+    def code(function: Any) -> list[str]:
+        return [line.strip() for line in inspect.getsource(function).splitlines() if '"""' not in line]
+
+    theirs, ours = code(TableManager.on_start), code(LeanTableManager.on_start)
+    assert [line for line in theirs if line not in ours] == ["await self.sleep(1.0)"]
+    assert ours[-1:] == theirs[-1:] == ["await self.recovery.start()"]
+
+
+async def test_the_quick_exit_worker_runs_its_loop_once_more_without_waiting(monkeypatch) -> None:
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float, *args: Any) -> Any:
+        waits.append(delay)
+        return await real_sleep(0, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    await QuickExitWorker._sentinel_task(None)  # type: ignore[arg-type]
+    assert waits == [0]
+
+
+@pytest.mark.parametrize(("session_s", "heartbeat_s"), [(6.0, 1.0), (2.0, 2 / 3)])
+async def test_the_worker_app_uses_the_tuned_consumer_monitor_tables_and_session(
+        tmp_path: Path, session_s: float, heartbeat_s: float) -> None:
     from agents import register_agents
     from streams.worker.app import create_app
 
-    app, _ = create_app(Settings(state_dir=tmp_path), ["tiny"], register_agents)
+    app, _ = create_app(Settings(state_dir=tmp_path, kafka_session_timeout_s=session_s), ["tiny"], register_agents)
     assert isinstance(app.consumer, EagerDrain)
     assert isinstance(app.monitor, LeanMonitor)
+    assert isinstance(app.tables, LeanTableManager)
     assert eager_drain(eager_drain(type(app.consumer))) is type(app.consumer)
+    assert app.conf.broker_session_timeout == session_s
+    assert app.conf.broker_heartbeat_interval == pytest.approx(heartbeat_s)
