@@ -291,6 +291,22 @@ async def test_workers_option_runs_a_group_restarts_a_dead_worker_and_stops_on_s
     assert "restarting it in 1 s" in log and "it died too often, stopping all workers" in log
 
 
+@pytest.mark.timeout(120)
+async def test_workers_told_to_stop_while_starting_stop_cleanly(topics_ready, tmp_path):
+    """SIGTERM right after the supervisor spawned its workers: they are still importing, with no
+    handler yet, and die of the signal; the supervisor still reports a clean stop."""
+    proc = cli_popen("worker", "--workers", "2", settings=topics_ready,
+                     stdout=open(tmp_path / "supervisor.log", "ab"), stderr=subprocess.STDOUT)
+    workers: list[int] = []
+    try:
+        workers = await _two_children(proc)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0, (tmp_path / "supervisor.log").read_text()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        _kill(proc, workers)
+
+
 async def _two_children(proc: subprocess.Popen, other_than: tuple[int, ...] = ()) -> list[int]:
     """The supervisor's two worker pids once it has two, none of them in `other_than`."""
     return await wait_for(lambda: _children(proc.pid), timeout=30, interval=0.2,
