@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 from collections.abc import Callable
 
 import faust
@@ -29,6 +32,11 @@ from streams.telemetry.tracing import setup_tracing
 from streams.worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+# A crashed worker that has not stopped this long after its crash exits at once: faust's stop can
+# hang after a crash (its final commit awaits the consumer's thread, which the crash may already
+# have stopped). Whatever it had not acknowledged is read again either way.
+CRASH_STOP_DEADLINE_S = 10.0
 
 
 async def bootstrap_registry(settings: Settings) -> list[str]:
@@ -62,11 +70,28 @@ class WorkerApp(faust.App):
         await super()._on_agent_error(agent, exc)
         log.critical("agent %s crashed (%r); stopping the worker so that its events are read again",
                      agent.name, exc)
+        exit_unless_stopped_within(CRASH_STOP_DEADLINE_S)
         await self.crash(exc)
 
     def _new_transport(self) -> faust.types.TransportT:
         # Consumers drain fetched records without faust's per-event wait_first (streams.kafka.faust_tuning).
         return tune_transport(super()._new_transport())
+
+
+def exit_unless_stopped_within(seconds: float, code: int = 1) -> None:
+    """End the process with `code` in `seconds` unless it has ended by then. A daemon thread: an
+    event loop that hangs cannot hold it, and it does not keep a process that ends in time."""
+
+    def exit_now() -> None:
+        log.critical("the worker did not stop within %.0f s of its crash; exiting", seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 # The worker's Kafka client settings (bench/floor.py measures a plain client with the same).

@@ -23,11 +23,15 @@ pytestmark = pytest.mark.integration
 FAULTS = Path(__file__).parent / "faults"
 
 
-async def test_a_crashed_agent_acknowledges_nothing_it_took(start_worker, settings, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_hangs", [False, True], ids=["stops", "stop-hangs"])
+async def test_a_crashed_agent_acknowledges_nothing_it_took(start_worker, settings, tmp_path, monkeypatch, stop_hangs):
+    """...and its worker ends, even when stopping hangs: past CRASH_STOP_DEADLINE_S it exits."""
     marker = f"crash-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("PYTHONPATH", str(FAULTS))
     monkeypatch.setenv("INFERSTREAM_FAULT_CRASH_MARKER", marker)
     monkeypatch.setenv("INFERSTREAM_FAULT_ONCE_FILE", str(tmp_path / "crashed"))
+    if stop_hangs:
+        monkeypatch.setenv("INFERSTREAM_FAULT_STOP_HANGS", "1")
     worker = start_worker()
     async with InferenceClient(settings) as client:
         await wait_ready(client, worker)
@@ -41,7 +45,11 @@ async def test_a_crashed_agent_acknowledges_nothing_it_took(start_worker, settin
         await wait_for(lambda: worker.proc.poll() is not None, timeout=60, interval=0.2,
                        what="the worker stopping after its agent crashed")
         assert (tmp_path / "crashed").exists(), worker.log()[-3000:]
+        assert worker.proc.returncode != 0
+        if stop_hangs:  # without the fault, stopping after a crash may hang too (a race in faust)
+            assert "did not stop within" in worker.log(), worker.log()[-3000:]
         monkeypatch.delenv("INFERSTREAM_FAULT_CRASH_MARKER")
+        monkeypatch.delenv("INFERSTREAM_FAULT_STOP_HANGS", raising=False)
         start_worker()  # reads again what the crashed one took but never finished
         results = await asyncio.gather(*(client.wait(r, w) for r, w in pending))
     errors = {i: r.header.error for i, r in enumerate(results) if r.header.status != Status.OK}

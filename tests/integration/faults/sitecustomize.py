@@ -21,6 +21,18 @@ if marker and once:
 
     common.to_messages = to_messages
 
+# INFERSTREAM_FAULT_STOP_HANGS=1: the consumer's final commit, when the worker stops, never returns
+# (as when a crash has already stopped the consumer's thread).
+if os.environ.get("INFERSTREAM_FAULT_STOP_HANGS"):
+    import asyncio
+
+    from faust.transport import consumer as faust_consumer
+
+    async def commit_forever(self, *args, **kwargs):
+        await asyncio.Event().wait()
+
+    faust_consumer.Consumer.commit_and_end_transactions = commit_forever
+
 # INFERSTREAM_FAULT_BUG_MARKER=<text>: a request whose id contains it meets a bug inside the
 # intake's step (its deadline check raises), always.
 bug = os.environ.get("INFERSTREAM_FAULT_BUG_MARKER")
