@@ -18,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support.cli_process import cli_popen, run_cli
 from support.metrics import scrape, summed
+from support.presence import wait_until_live
 from support.waiting import wait_for
 
 from infra.local import ROOT
@@ -268,6 +269,9 @@ async def test_workers_option_runs_a_group_restarts_a_dead_worker_and_stops_on_s
             os.kill(workers[0], signal.SIGKILL)
             restarted = await _two_children(proc, other_than=(workers[0],))
             assert workers[1] in restarted and proc.poll() is None
+            # Stopped once both have started: a worker stopped halfway through faust's start can hang
+            # until the supervisor kills it (its consumer thread still starting).
+            await wait_until_live(settings, restarted)
             await asyncio.wait_for(client.infer("tiny", tiny_input(), timeout=90), 100)
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 60) == 0
