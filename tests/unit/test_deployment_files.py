@@ -20,12 +20,12 @@ from types import ModuleType
 
 import pytest
 import yaml
+from support.dockerfile import DOCKERFILE, base_images
 
 from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "infra" / "prometheus" / "prometheus.yml"
 K8S = ROOT / "infra" / "k8s"
 KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "staging", K8S / "overlays" / "prod"]
@@ -296,8 +296,7 @@ def test_k8s_overlays():
 
 def test_dockerfile_stages_and_entrypoint():
     text = DOCKERFILE.read_text()
-    stages = dict((m.group(2).lower(), m.group(1)) for m in
-                  re.finditer(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)\s+AS\s+(\S+)", text, re.M | re.I))
+    stages = base_images()
     assert {"builder", "cpu", "gpu"} <= set(stages)
     for image in stages.values():
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.dockerfile import DOCKERFILE, stages
 
 from models.build import MODELS
 from streams.telemetry import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 CONSTRAINTS = ROOT / "constraints.txt"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -28,16 +28,9 @@ INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 CREDENTIAL = re.compile(r"PASSWORD|SECRET|PEPPER|ACCESS_KEY|ADMIN_USER", re.I)
 
 
-def _stages() -> dict[str, str]:
-    """Each Dockerfile stage's text by its name."""
-    parts = re.split(r"^(?=FROM\s)", DOCKERFILE.read_text(), flags=re.M)
-    return {re.match(r"FROM\s+(?:--platform=\S+\s+)?\S+\s+AS\s+(\S+)", p, re.I).group(1): p
-            for p in parts if p.startswith("FROM")}
-
-
 def _instructions(stage: str) -> list[str]:
     """The stage's instructions, continuation lines joined and comments left out."""
-    lines = [line for line in _stages()[stage].splitlines() if not line.lstrip().startswith("#")]
+    lines = [line for line in stages()[stage].splitlines() if not line.lstrip().startswith("#")]
     return [i.strip() for i in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines() if i.strip()]
 
 
@@ -94,7 +87,7 @@ def test_runtime_images_install_every_backend_with_the_constraints(stage, extras
 
 
 def test_every_pip_install_takes_the_constraints_and_a_cache_mount():
-    installs = [i for stage in _stages() for i in _instructions(stage) if "pip install" in i]
+    installs = [i for stage in stages() for i in _instructions(stage) if "pip install" in i]
     assert len(installs) == 4
     for instruction in installs:
         assert re.search(r"pip install -c \S*constraints\.txt ", instruction), instruction
@@ -105,7 +98,7 @@ def test_every_pip_install_takes_the_constraints_and_a_cache_mount():
 def test_only_the_builder_runs_on_the_build_platform():
     """The builder's outputs (models, a pure wheel) fit any platform, so a multi-platform build runs it
     natively; each runtime stage is built for its target platform."""
-    froms = {stage: text.splitlines()[0] for stage, text in _stages().items()}
+    froms = {stage: text.splitlines()[0] for stage, text in stages().items()}
     assert set(froms) == {"builder", *RUNTIME_STAGES}
     assert froms["builder"].startswith("FROM --platform=$BUILDPLATFORM ")
     assert not any("--platform" in froms[stage] for stage in RUNTIME_STAGES)
@@ -117,7 +110,7 @@ def test_runtime_healthcheck_probes_the_worker_metrics_port_unless_overridden(st
     (healthcheck,) = [i for i in _instructions(stage) if i.startswith("HEALTHCHECK ")]
     assert "os.environ['HEALTHCHECK_URL']" in healthcheck
     assert env["HEALTHCHECK_URL"] == f"http://127.0.0.1:{env['INFERSTREAM_METRICS_PORT']}/healthz"
-    assert re.search(r'^CMD \["worker"\]', _stages()[stage], re.M)  # the default command it fits
+    assert re.search(r'^CMD \["worker"\]', stages()[stage], re.M)  # the default command it fits
     bridge = _services()["bridge"]
     port = bridge["ports"][0].rsplit(":", 1)[-1]
     assert bridge["environment"]["HEALTHCHECK_URL"] == f"http://127.0.0.1:{port}/v2/health/live"
@@ -140,7 +133,7 @@ def test_the_worker_healthcheck_path_fails_while_the_event_loop_stands_still():
 
 @pytest.mark.parametrize("stage", RUNTIME_STAGES)
 def test_runtime_images_carry_oci_labels_from_build_args(stage):
-    labels = dict(re.findall(r"org\.opencontainers\.image\.(\w+)=(\"[^\"]*\"|\S+)", _stages()[stage]))
+    labels = dict(re.findall(r"org\.opencontainers\.image\.(\w+)=(\"[^\"]*\"|\S+)", stages()[stage]))
     assert OCI_LABELS <= set(labels), labels
     for key, arg in (("source", "SOURCE"), ("revision", "REVISION"), ("version", "VERSION")):
         assert labels[key] == f"${arg}"

